@@ -1,0 +1,30 @@
+"""tokenprune: one-call token merging and pruning for Vision Transformers, with exact undo.
+
+>>> patch = tokenprune.apply(model, "tome", r=8)   # or flops=0.5
+>>> logits = model(images)
+>>> patch.state.log                                 # tokens in/out per layer
+>>> patch.remove()                                  # original modules back
+"""
+
+from tokenprune import adapters as _adapters  # noqa: F401  (registers adapters)
+from tokenprune import methods as _methods  # noqa: F401  (registers methods)
+from tokenprune.api import Patch, apply, disabled, get_patch
+from tokenprune.measure.flops import FlopsReport, count_flops
+from tokenprune.registry import methods, register_adapter, register_method
+from tokenprune.state import LayerLog, TokenState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlopsReport",
+    "LayerLog",
+    "Patch",
+    "TokenState",
+    "apply",
+    "count_flops",
+    "disabled",
+    "get_patch",
+    "methods",
+    "register_adapter",
+    "register_method",
+]

@@ -1,0 +1,165 @@
+"""The one-call API: ``apply`` a method to a model, ``remove`` it, or run ``disabled`` for a while."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenprune import registry
+from tokenprune.config import ReductionConfig
+from tokenprune.core.schedule import resolve_schedule, solve_flops_schedule
+from tokenprune.methods.base import Method
+from tokenprune.state import TokenState
+
+_PATCH_ATTR = "_tokenprune_patch"
+
+
+class Runtime:
+    """What the installed wrappers share: the method, the schedule and this forward's state.
+
+    Adapters call :meth:`begin` when a forward enters the first layer; it makes a fresh
+    :class:`TokenState` and resolves the schedule for that forward's token count.
+    """
+
+    def __init__(self, method: Method, config: ReductionConfig, depth: int, num_protected: int) -> None:
+        self.method = method
+        self.config = config
+        self.depth = depth
+        self.num_protected = num_protected
+        self.enabled = True
+        self.schedule_spec: int | list[int] = config.r
+        self.schedule: list[int] = [0] * depth
+        self.state: TokenState | None = None
+        self._resolved: dict[int, list[int]] = {}
+
+    def schedule_for(self, num_tokens: int) -> list[int]:
+        """Per-layer removal counts for a forward entering the first layer with ``num_tokens``."""
+        if num_tokens not in self._resolved:
+            self._resolved[num_tokens] = resolve_schedule(
+                self.schedule_spec, self.depth, num_tokens, self.num_protected, self.method.max_removable
+            )
+        return self._resolved[num_tokens]
+
+    def begin(self, x: torch.Tensor) -> TokenState:
+        """Start a forward on ``x`` ``(B, N, C)``: fresh state, schedule for ``N``."""
+        self.schedule = self.schedule_for(x.shape[1])
+        self.state = TokenState.start(x, self.num_protected, self.config.trace_source)
+        return self.state
+
+
+class Patch:
+    """A method applied to a model. ``remove()`` puts the original modules back exactly.
+
+    Attributes:
+        model: The patched model (patched in place).
+        method: Registered method name.
+        config: The validated method config.
+        schedule: Per-layer removal counts at the model's input size (None if the size is only known
+            at forward time).
+    """
+
+    def __init__(
+        self, model: nn.Module, method: str, config: ReductionConfig, adapter: Any, runtime: Runtime
+    ):
+        self.model = model
+        self.method = method
+        self.config = config
+        self.adapter = adapter
+        self.runtime = runtime
+        self.schedule: list[int] | None = None
+        self._removed = False
+
+    @property
+    def state(self) -> TokenState | None:
+        """Token bookkeeping of the most recent patched forward (None before the first)."""
+        return self.runtime.state
+
+    def remove(self) -> nn.Module:
+        """Restore the original modules and methods; returns the model."""
+        if self._removed:
+            raise RuntimeError("this patch was already removed")
+        self.adapter.uninstall()
+        delattr(self.model, _PATCH_ATTR)
+        self._removed = True
+        return self.model
+
+    def __repr__(self) -> str:
+        return f"Patch(method={self.method!r}, model={type(self.model).__name__}, schedule={self.schedule})"
+
+
+def apply(model: nn.Module, method: str, **options: Any) -> Patch:
+    """Patch ``model`` in place with a token-reduction ``method``.
+
+    Args:
+        model: A supported model (see ``tokenprune.adapters``).
+        method: A registered method name (``tokenprune.methods()``).
+        **options: The method's config fields, e.g. ``r=8`` or ``flops=0.5`` (+ ``input_size`` for
+            dynamic-size models).
+
+    Returns:
+        The :class:`Patch`; call ``patch.remove()`` to undo.
+
+    Raises:
+        ValueError: Unknown method, impossible schedule or budget.
+        TypeError: Unsupported model or unknown option.
+        RuntimeError: The model is already patched.
+    """
+    if getattr(model, _PATCH_ATTR, None) is not None:
+        raise RuntimeError(
+            f"model is already patched with {getattr(model, _PATCH_ATTR).method!r}; call patch.remove() first"
+        )
+    entry = registry.get_method(method)
+    config = entry.config_cls.from_dict(options)
+    adapter_cls = registry.find_adapter(model)
+    method_impl: Method = entry.method_cls(config)
+    adapter = adapter_cls(model)
+    if method_impl.needs_class_token and not adapter.has_class_token:
+        raise ValueError(
+            f"method {method!r} scores tokens by class-token attention, but this model has no class token; "
+            f"methods that work without one: {[m for m in registry.methods() if m != method]}"
+        )
+    runtime = Runtime(method_impl, config, adapter.depth, adapter.num_protected)
+    schedule = None
+    if config.flops is not None:
+        num_tokens = adapter.num_tokens(config.input_size)
+        schedule = solve_flops_schedule(
+            config.flops,
+            adapter.depth,
+            num_tokens,
+            adapter.num_protected,
+            method_impl.max_removable,
+            lambda s: adapter.analytic_flops(num_tokens, s, method_impl)["total"],
+        )
+        runtime.schedule_spec = schedule
+    elif adapter.has_static_size or config.input_size is not None:
+        # Validate now so an impossible r fails at apply time, not at the first forward.
+        schedule = runtime.schedule_for(adapter.num_tokens(config.input_size))
+    adapter.install(runtime)
+    patch = Patch(model, method, config, adapter, runtime)
+    patch.schedule = schedule
+    setattr(model, _PATCH_ATTR, patch)
+    return patch
+
+
+def get_patch(model: nn.Module) -> Patch | None:
+    """The active patch of ``model``, or None."""
+    return getattr(model, _PATCH_ATTR, None)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the original (unreduced) path inside the block; a no-op for an unpatched model."""
+    patch = get_patch(model)
+    if patch is None:
+        yield model
+        return
+    previous = patch.runtime.enabled
+    patch.runtime.enabled = False
+    try:
+        yield model
+    finally:
+        patch.runtime.enabled = previous

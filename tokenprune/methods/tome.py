@@ -1,0 +1,37 @@
+"""``tome``: Token Merging (Bolya et al., 2023) by bipartite soft matching on attention keys."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenprune.config import ToMeConfig
+from tokenprune.core.merge import bipartite_soft_matching, reduce_tokens
+from tokenprune.methods.base import LayerContext, Method
+from tokenprune.registry import register_method
+from tokenprune.state import TokenState
+
+
+class ToMe(Method):
+    """Merge the ``r`` most similar A-B token pairs per layer, size-weighted, in spatial order."""
+
+    name = "tome"
+    needs = frozenset({"keys"})
+
+    def max_removable(self, reducible: int) -> int:
+        # Only set-A tokens (every other reducible token) can be merged away.
+        return reducible // 2
+
+    def reduce(self, x: torch.Tensor, state: TokenState, r: int, ctx: LayerContext) -> torch.Tensor:
+        src, dst, kept = bipartite_soft_matching(ctx.key_metric(), r, state.num_protected)
+        return reduce_tokens(x, state, kept, src, dst)
+
+    def overhead_flops(
+        self, num_tokens: int, num_protected: int, r: int, num_heads: int, head_dim: int
+    ) -> float:
+        # (Na x D) @ (D x Nb) similarity of the head-averaged keys of the reducible tokens.
+        reducible = num_tokens - num_protected
+        set_a = (reducible + 1) // 2
+        return 2.0 * set_a * (reducible - set_a) * head_dim
+
+
+register_method("tome", ToMeConfig, ToMe)
