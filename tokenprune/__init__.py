@@ -12,6 +12,7 @@ from tokenprune.api import Patch, apply, disabled, get_patch
 from tokenprune.measure.flops import FlopsReport, count_flops
 from tokenprune.registry import methods, register_adapter, register_method
 from tokenprune.state import LayerLog, TokenState
+from tokenprune.zoo import available_models, load_model
 
 __version__ = "0.1.0"
 
@@ -21,9 +22,11 @@ __all__ = [
     "Patch",
     "TokenState",
     "apply",
+    "available_models",
     "count_flops",
     "disabled",
     "get_patch",
+    "load_model",
     "methods",
     "register_adapter",
     "register_method",

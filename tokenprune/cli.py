@@ -1,0 +1,192 @@
+"""Command line: ``tokenprune bench | eval | sweep | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenprune.registry import methods
+
+
+def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["r=8", "prop_attn=false", "r=[1,2]"]`` -> options; values are JSON where they parse, else strings."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(raw.lower() if raw.lower() in ("true", "false", "null") else raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Method options from ``--set`` plus ``--flops``/``--input-size`` shortcuts."""
+    options = parse_set(args.set or [])
+    if getattr(args, "flops", None) is not None:
+        options["flops"] = args.flops
+    return options
+
+
+def build_model(name: str, img_size: int | None) -> tuple[torch.nn.Module, int]:
+    """A model by zoo name, else a timm architecture with random weights (enough for speed and FLOPs)."""
+    try:
+        from tokenprune import zoo
+
+        if name in zoo.available_models():
+            model, _ = zoo.load_model(name)
+            return model.eval(), img_size or 224
+    except ImportError:
+        pass
+    import timm
+
+    kwargs = {"img_size": img_size} if img_size else {}
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as error:  # timm: "Unknown model (...)"
+        raise SystemExit(f"unknown model {name!r}: not a tokenprune zoo name nor a timm architecture ({error})")
+    size = img_size or model.patch_embed.img_size[0]
+    return model.eval(), size
+
+
+def _write_json(data: Any, out: str | None) -> None:
+    text = json.dumps(data, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+
+
+def _load_for_eval(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Any, str]:
+    """Model, its transform, the dataset (None: bundled examples) and a description of the data."""
+    from tokenprune import zoo
+    from tokenprune.data import load_dataset
+    from tokenprune.measure.sweep import resolve_data_root
+
+    model, size = build_model(args.model, args.img_size)
+    transform = zoo.build_transform(size)
+    root = resolve_data_root(args.data)
+    if root is None:
+        return model, transform, None, "bundled example photos (agreement with the unreduced model)"
+    if args.model not in zoo.available_models():
+        raise SystemExit(f"accuracy on a dataset needs a trained zoo model ({zoo.available_models()}), got {args.model!r}")
+    entry = zoo.get_entry(args.model)
+    dataset = load_dataset(entry.dataset, "val", root=root, transform=transform, limit=args.limit)
+    return model, transform, dataset, f"{entry.dataset} val at {root}" + (f", limit {args.limit}" if args.limit else "")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from tokenprune.measure.accuracy import distributed_context
+    from tokenprune.measure.sweep import evaluate_setting
+
+    rank, _ = distributed_context()
+    model, transform, dataset, data = _load_for_eval(args)
+    result = evaluate_setting(
+        model, transform, args.method, method_options(args), dataset, args.batch_size, args.bench_rounds
+    )
+    result.update({"model": args.model, "data": data, "limit": args.limit})
+    if rank == 0:
+        _write_json(result, args.out)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from tokenprune.measure.accuracy import distributed_context
+    from tokenprune.measure.sweep import evaluate_setting, sweep_settings, write_sweep_outputs
+
+    rank, _ = distributed_context()
+    model, transform, dataset, data = _load_for_eval(args)
+    out_dir = Path(args.out)
+    settings = sweep_settings(args.methods.split(","), [float(b) for b in args.flops.split(",")])
+    rows = []
+    for method, budget in tqdm(settings, desc="sweep", disable=rank != 0):
+        options = {**parse_set(args.set or []), "flops": budget}
+        try:
+            row = evaluate_setting(model, transform, method, options, dataset, args.batch_size, args.bench_rounds)
+        except ValueError as error:  # e.g. a budget this method cannot reach: recorded, not fatal
+            row = {"method": method, "error": str(error)}
+        row.update({"budget": budget, "model": args.model, "data": data, "limit": args.limit})
+        rows.append(row)
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{method}_{budget}.json").write_text(json.dumps(row, indent=2) + "\n")
+    if rank == 0:
+        metric = "top1" if dataset is not None else "top1_agreement"
+        write_sweep_outputs(rows, out_dir, metric, f"{args.model}: {metric} vs FLOPs ({data})")
+        sys.stdout.write((out_dir / "table.md").read_text())
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from tokenprune.measure.bench import compare_throughput
+
+    model, size = build_model(args.model, args.img_size)
+    images = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    result = compare_throughput(model, args.method, images, rounds=args.rounds, **method_options(args))
+    result["model"] = args.model
+    _write_json(result, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="zoo name or timm architecture")
+        p.add_argument("--method", default="tome", choices=methods())
+        p.add_argument("--flops", type=float, help="FLOPs budget, fraction of the unreduced model in (0, 1]")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option, repeatable")
+        p.add_argument("--img-size", type=int, help="input side (default: the model's)")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--out", help="write the JSON result here too")
+        p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+
+    bench = sub.add_parser("bench", help="images/s patched vs unpatched, measured side by side")
+    common(bench)
+    bench.add_argument("--rounds", type=int, default=5)
+    bench.set_defaults(func=cmd_bench)
+
+    def data_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", help="dataset root holding <dataset>/val/... (default: $TOKENPRUNE_DATA; "
+                       "neither: bundled example photos, agreement with the unreduced model)")
+        p.add_argument("--limit", type=int, help="deterministic class-balanced subset of N images")
+        p.add_argument("--bench-rounds", type=int, default=3, help="side-by-side speed rounds (0: skip)")
+
+    evaluate = sub.add_parser("eval", help="accuracy (or agreement), GFLOPs and images/s of one setting")
+    common(evaluate)
+    data_args(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    sweep = sub.add_parser("sweep", help="methods x FLOPs budgets: JSON per run, Pareto PNG, markdown table")
+    sweep.add_argument("--model", required=True, help="zoo name or timm architecture")
+    sweep.add_argument("--methods", default="none,tome,evit,random")
+    sweep.add_argument("--flops", default="1,0.8,0.65,0.5,0.4,0.35", help="comma-separated budgets")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="option for every method")
+    sweep.add_argument("--img-size", type=int)
+    sweep.add_argument("--batch-size", type=int, default=32)
+    sweep.add_argument("--out", required=True, help="output directory")
+    data_args(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+        raise SystemExit(f"tokenprune {args.command}: {error}") from error
+
+
+if __name__ == "__main__":
+    main()

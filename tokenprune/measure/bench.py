@@ -1,0 +1,83 @@
+"""Throughput benchmarks: patched vs unpatched, interleaved in one run so machine noise hits both alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tokenprune.api import apply
+from tokenprune.measure.flops import measure_flops
+
+
+def _time_once(model: nn.Module, images: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(images)
+    return time.perf_counter() - start
+
+
+def compare_throughput(
+    model: nn.Module,
+    method: str,
+    images: torch.Tensor,
+    rounds: int = 5,
+    warmup: int = 1,
+    progress: bool = True,
+    **options: Any,
+) -> dict:
+    """Images/s of ``model`` unpatched and patched with ``method(**options)``, measured alternately.
+
+    Each round times one unpatched and one patched forward of the whole batch (the patch is applied and
+    removed around its forward, so "unpatched" is the original model). Medians over rounds are reported,
+    and the speedup is the ratio of the medians.
+
+    Args:
+        model: An eval-mode supported model.
+        method: Method name.
+        images: One batch ``(B, 3, H, W)``.
+        rounds: Timed rounds (each: one unpatched + one patched forward).
+        warmup: Untimed rounds first.
+        progress: Show a tqdm bar.
+        **options: Method options (``r=...`` or ``flops=...``).
+
+    Returns:
+        A JSON-ready dict with FLOPs per image, images/s and the speedup.
+    """
+    batch = images.shape[0]
+    base_flops = measure_flops(model, images[:1])
+    patch = apply(model, method, **options)
+    schedule = patch.schedule
+    reduced_flops = measure_flops(model, images[:1])
+    patch.remove()
+    times: dict[str, list[float]] = {"unpatched": [], "patched": []}
+    with torch.inference_mode():
+        for step in tqdm(range(warmup + rounds), desc=f"bench {method} {options}", disable=not progress):
+            unpatched = _time_once(model, images)
+            patch = apply(model, method, **options)
+            patched = _time_once(model, images)
+            patch.remove()
+            if step >= warmup:
+                times["unpatched"].append(unpatched)
+                times["patched"].append(patched)
+    median_unpatched = statistics.median(times["unpatched"])
+    median_patched = statistics.median(times["patched"])
+    return {
+        "method": method,
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()},
+        "schedule": schedule,
+        "batch_size": batch,
+        "input_size": list(images.shape[-2:]),
+        "threads": torch.get_num_threads(),
+        "gflops_per_image_unpatched": base_flops / 1e9,
+        "gflops_per_image_patched": reduced_flops / 1e9,
+        "flops_ratio": reduced_flops / base_flops,
+        "images_per_s_unpatched": batch / median_unpatched,
+        "images_per_s_patched": batch / median_patched,
+        "speedup": median_unpatched / median_patched,
+        "seconds_unpatched": times["unpatched"],
+        "seconds_patched": times["patched"],
+    }
