@@ -175,7 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", required=True, help="output directory")
     data_args(sweep)
     sweep.set_defaults(func=cmd_sweep)
+
+    demo = sub.add_parser("demo", help="Gradio app: original vs reduced model side by side (needs the [demo] extra)")
+    demo.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--model", default="auto", help="'auto' (zoo model, else its backbone), zoo name or timm arch")
+    demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    try:
+        from tokenprune.demo import launch
+    except ImportError as error:
+        raise SystemExit(f"tokenprune demo needs gradio: pip install 'tokenprune[demo]' ({error})") from error
+    launch(host=args.host, port=args.port, model_name=args.model)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

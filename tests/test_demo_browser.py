@@ -1,0 +1,230 @@
+"""The Gradio demo, driven in a real browser (Debian's headless Chromium via Playwright), plus its helpers.
+
+The browser test starts ``python -m tokenprune.cli demo`` on a free localhost port, picks an example,
+checks both result panels (different GFLOPs), moves the token-map layer slider, uploads a text file
+(error box, results cleared), then uploads a real photo (the app still works), and that the page never
+asked for anything outside localhost. It skips only when /usr/bin/chromium (``apt-get install chromium``)
+or the ``playwright`` package is missing; ``playwright install`` is never needed.
+
+The screenshot goes to the test's tmp dir; ``TOKENPRUNE_UPDATE_SCREENSHOT=1`` also writes ``docs/demo.png``
+(the README's picture), so an ordinary run leaves the work tree clean. ``TOKENPRUNE_DEMO_MODEL`` picks the
+model (default ``auto``: the zoo model, else its backbone with an untrained head).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokenprune import demo
+from tokenprune.measure.accuracy import example_images
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+LOCAL_PREFIXES = ("http://127.0.0.1:", "ws://127.0.0.1:", "data:", "blob:", "about:")
+
+
+# ------------------------------------------------------------------------------------ helpers, no browser
+
+
+def test_read_image_rejects_bad_input_clearly(tmp_path: Path) -> None:
+    with pytest.raises(demo.InputError, match="No image yet"):
+        demo.read_image(None)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture\n")
+    with pytest.raises(demo.InputError, match=r"notes\.txt is not an image"):
+        demo.read_image(text)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(demo.InputError, match=r"empty\.png is not an image"):
+        demo.read_image(empty)
+    huge = tmp_path / "huge.png"
+    Image.new("1", (7000, 6000)).save(huge)  # 42 MP, a few KB on disk; only its header is read
+    with pytest.raises(demo.InputError, match=r"7000×6000 pixels = 42\.0 megapixels"):
+        demo.read_image(huge)
+
+
+def test_read_image_downscales_large_photos(tmp_path: Path) -> None:
+    wide = tmp_path / "wide.jpg"
+    Image.new("RGB", (3000, 1500), (200, 100, 50)).save(wide)
+    image = demo.read_image(wide)
+    assert image.mode == "RGB" and image.size == (demo.MAX_SIDE, demo.MAX_SIDE // 2)
+    assert demo.read_image(example_images()[0]).mode == "RGB"
+
+
+def test_token_map_groups_merged_and_dropped_patches() -> None:
+    # 1 protected token + a 2x2 grid; current tokens: [cls, {p0, p1}, {p3}]; p2 was dropped.
+    source = torch.tensor(
+        [[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 1]],
+        dtype=torch.float32,
+    )
+    groups = demo.groups_from_source(source, num_protected=1, grid=(2, 2))
+    assert groups.tolist() == [[1, 1], [-1, 2]]
+    crop = np.zeros((4, 4, 3), dtype=np.uint8)
+    crop[:2, :2] = (200, 0, 0)  # p0 red
+    crop[:2, 2:] = (0, 0, 100)  # p1 blue
+    crop[2:, 2:] = (0, 250, 0)  # p3 green
+    picture = demo.render_token_map(crop, groups, cell=10)
+    assert picture.shape == (20, 20, 3)
+    assert picture[5, 5].tolist() == [100, 0, 50]  # p0 and p1 share their average colour
+    assert picture[5, 15].tolist() == [100, 0, 50]
+    assert picture[15, 5].tolist() == list(demo.DROPPED_RGB)  # dropped
+    assert np.abs(picture[15, 15].astype(int) - [0, 250, 0]).max() <= 10  # a token of its own: the image
+    assert picture[0, 5].tolist() == list(demo.EDGE_RGB) or picture[9, 5].tolist() == list(demo.EDGE_RGB)
+
+
+# --------------------------------------------------------------------------------------------- browser
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the demo exited with {process.returncode} before serving:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the demo did not serve {url} within {timeout:.0f}s:\n{log.read_text()[-4000:]}")
+
+
+def _gflops(text: str) -> float:
+    match = re.search(r"([0-9.]+) GFLOPs", text)
+    assert match, f"no GFLOPs figure in {text!r}"
+    return float(match.group(1))
+
+
+@pytest.fixture
+def sync_api():
+    """Playwright's sync API, or a skip saying what is missing."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's Chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)")
+    return pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+
+@pytest.fixture
+def demo_url(sync_api, tmp_path: Path):
+    """A demo server on a free localhost port, stopped afterwards."""
+    port = _free_port()
+    log = tmp_path / "demo.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "tokenprune.cli", "demo", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--model", os.environ.get("TOKENPRUNE_DEMO_MODEL", "auto")]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_serving(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_demo_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
+    expect = sync_api.expect
+    timeout = 120_000  # ms: a CPU run is a few seconds, but CI machines can be busy
+
+    outside: list[str] = []
+
+    def local_only(route) -> None:
+        url = route.request.url
+        if url.startswith(LOCAL_PREFIXES):
+            route.continue_()
+        else:  # the page must work offline: record and refuse anything else
+            outside.append(url)
+            route.abort()
+
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("this is not an image\n")
+    photo = next(p for p in example_images() if p.stem == "chelsea")
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(timeout)
+            page.route("**/*", local_only)
+            page.goto(demo_url, wait_until="domcontentloaded")
+            examples = page.locator("#tp-examples button[aria-label^='Thumbnail']")
+            expect(examples).to_have_count(len(example_images()), timeout=timeout)
+            orig_stats, red_stats = page.locator("#tp-orig-stats"), page.locator("#tp-red-stats")
+            error = page.locator("#tp-error")
+
+            # 0. Run with no image: a clear message, nothing else.
+            page.locator("#tp-run").click()
+            expect(error).to_contain_text("No image yet", timeout=timeout)
+
+            # 1. An example: both panels render, with different GFLOPs.
+            examples.nth(0).click()
+            expect(red_stats).to_contain_text("GFLOPs", timeout=timeout)
+            expect(orig_stats).to_contain_text("GFLOPs", timeout=timeout)
+            original, reduced = _gflops(orig_stats.inner_text()), _gflops(red_stats.inner_text())
+            assert reduced < original, (original, reduced)
+            for label in ("#tp-orig-label", "#tp-red-label"):
+                expect(page.locator(label)).to_contain_text("%", timeout=timeout)
+            expect(page.locator("#tp-map img")).to_be_visible(timeout=timeout)
+            expect(page.locator("#tp-map-caption")).to_contain_text("tokens", timeout=timeout)
+            expect(error).to_have_text(re.compile(r"^\s*$"), timeout=timeout)
+
+            # 2. A text file: a clear message in the page, stale results cleared.
+            page.locator("#tp-upload input[type=file]").set_input_files(str(text_file))
+            expect(error).to_contain_text("notes.txt is not an image", timeout=timeout)
+            expect(red_stats).not_to_contain_text("GFLOPs", timeout=timeout)
+
+            # 3. The app still works: a real photo through the same upload box, then the layer slider.
+            page.locator("#tp-upload input[type=file]").set_input_files(str(photo))
+            expect(red_stats).to_contain_text("GFLOPs", timeout=timeout)
+            expect(error).to_have_text(re.compile(r"^\s*$"), timeout=timeout)
+            assert _gflops(red_stats.inner_text()) < _gflops(orig_stats.inner_text())
+            layer = page.locator("#tp-layer input[type=number]")
+            layer.fill("6")
+            layer.press("Enter")
+            expect(page.locator("#tp-map-caption")).to_contain_text("After layer 6", timeout=timeout)
+            expect(page.locator("#tp-map img")).to_be_visible(timeout=timeout)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#tp-map img, #tp-orig-image img')]"
+                ".every(img => img.complete && img.naturalWidth > 0)"
+            )
+
+            shot = tmp_path / "demo.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert outside == [], f"the page tried to reach outside localhost: {outside}"
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("TOKENPRUNE_UPDATE_SCREENSHOT") == "1":
+        (REPO / "docs").mkdir(exist_ok=True)
+        shutil.copyfile(shot, REPO / "docs" / "demo.png")
