@@ -31,7 +31,7 @@ class Runtime:
         self.depth = depth
         self.num_protected = num_protected
         self.enabled = True
-        self.schedule_spec: int | list[int] = config.r
+        self.schedule_spec: int | list[int] = getattr(config, "r", 0)  # VLM configs have no r
         self.schedule: list[int] = [0] * depth
         self.state: TokenState | None = None
         self._resolved: dict[int, list[int]] = {}
@@ -124,7 +124,16 @@ def apply(model: nn.Module, method: str, **options: Any) -> Patch:
         )
     runtime = Runtime(method_impl, config, adapter.depth, adapter.num_protected)
     schedule = None
-    if config.flops is not None:
+    if hasattr(adapter, "resolve_schedule"):
+        # Vision-language adapters: token counts are only known per prompt; the adapter checks the method and
+        # solves any FLOPs budget itself at each prefill.
+        schedule = adapter.resolve_schedule(runtime)
+    elif getattr(method_impl, "vlm_only", False):
+        raise TypeError(
+            f"method {method!r} reduces visual tokens inside a vision-language model (e.g. "
+            f"LlavaForConditionalGeneration); {type(model).__name__} is not one"
+        )
+    elif config.flops is not None:
         num_tokens = adapter.num_tokens(config.input_size)
         schedule = solve_flops_schedule(
             config.flops,

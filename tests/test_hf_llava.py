@@ -1,0 +1,468 @@
+"""LLaVA (transformers 5.x) with ``fastv`` and ``aim``: visual tokens removed for real inside the LLM.
+
+Tiny random-weight models built from configs (CLIP 32px / patch 8 -> 16 visual tokens per image; Llama or
+Qwen2 text model, hidden 64, 4 layers, GQA 4/2 heads, vocab 200): nothing is downloaded.
+
+The first tests are the exactness properties (zero reduction == unpatched, bit-exact; remove() restores).
+Then the removal itself is checked against an independent reference: the unpatched HF layers run by hand on
+the kept tokens with their original positions (and, for FastV's selection, HF's own eager attention maps),
+prefill and every decode step of ``generate()``. Tolerances: bit-exact where nothing is reduced;
+1e-5 (float32) for reference / batch-vs-single / decode comparisons.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as hf
+from timm.models.vision_transformer import VisionTransformer
+
+import tokenprune
+
+IMAGE, TOKENS, IMG_ID, PAD = 32, 16, 199, 0
+ZERO = {
+    "fastv": {"keep": 1.0},
+    "aim": {"merge_keep": 1.0, "prune_start": 1.0, "prune_end": 1.0},
+}
+REDUCING = {
+    "fastv": {"k": 2, "keep": 0.5},
+    "aim": {"merge_keep": 0.5, "prune_start": 0.25, "prune_end": 0.75},
+}
+# Visual tokens entering each of the 4 layers and LLM sequence lengths for one 16-token image + 7 text tokens.
+EXPECTED_VISUAL = {"fastv": [16, 16, 8, 8], "aim": [8, 8, 4, 0]}
+EXPECTED_TOKENS = {"fastv": [23, 23, 15, 15], "aim": [15, 15, 11, 7]}
+
+
+def build(text: str = "llama", attn: str = "sdpa") -> hf.LlavaForConditionalGeneration:
+    """A fresh eval-mode tiny LLaVA (same weights for a given text family)."""
+    torch.manual_seed(0)
+    vision = hf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE, patch_size=8
+    )
+    text_cls = {"llama": hf.LlamaConfig, "qwen2": hf.Qwen2Config}[text]
+    # A larger init than the default makes attention peaky, so token rankings are far from ties.
+    text_config = text_cls(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=200,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+    )
+    config = hf.LlavaConfig(
+        vision_config=vision,
+        text_config=text_config,
+        image_token_id=IMG_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=PAD,
+    )
+    model = hf.LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def prompt(before: list[int], after: list[int], images: int = 1) -> list[int]:
+    """Token ids: ``before`` text, ``images`` image placeholders runs separated by token 3, ``after`` text."""
+    ids = list(before)
+    for i in range(images):
+        ids += ([3] if i else []) + [IMG_ID] * TOKENS
+    return ids + list(after)
+
+
+PROMPTS = [prompt([1, 5, 6], [7, 8, 9, 10]), prompt([1, 11], [12, 13, 14, 15, 16, 17])]
+
+
+def pixels(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def batch(prompts: list[list[int]], side: str = "left") -> dict:
+    """Padded ``input_ids``/``attention_mask`` and generate-style ``position_ids`` for a list of prompts."""
+    width = max(map(len, prompts))
+    ids, mask = [], []
+    for p in prompts:
+        pad = [PAD] * (width - len(p))
+        ids.append(pad + p if side == "left" else p + pad)
+        mask.append([0] * len(pad) + [1] * len(p) if side == "left" else [1] * len(p) + [0] * len(pad))
+    mask = torch.tensor(mask)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return {"input_ids": torch.tensor(ids), "attention_mask": mask, "position_ids": positions}
+
+
+def single(p: list[int]) -> dict:
+    return {"input_ids": torch.tensor([p])}
+
+
+def greedy(model, inputs: dict, steps: int = 5, **kwargs):
+    inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
+    return model.generate(**inputs, max_new_tokens=steps, do_sample=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------- exactness first
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_zero_reduction_is_bit_exact(method, text):
+    model = build(text)
+    inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        expected_tokens = greedy(model, inputs)
+        patch = tokenprune.apply(model, method, **ZERO[method])
+        got = model(**inputs).logits
+        tokens = greedy(model, inputs)
+    assert torch.equal(got, expected)
+    assert torch.equal(tokens, expected_tokens)
+    length = len(PROMPTS[0])
+    assert patch.state.tokens_per_layer() == [(length, length)] * 4
+    assert not patch.state.reduced
+    assert patch.schedule == [1.0] * 4
+    patch.remove()
+
+
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_remove_restores_modules_and_outputs(method):
+    model = build()
+    inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
+    module_types = [(name, type(m)) for name, m in model.named_modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        expected_tokens = greedy(model, inputs)
+        hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]  # HF adds its own lazily
+        patch = tokenprune.apply(model, method, **REDUCING[method])
+        reduced = model(**inputs).logits
+        greedy(model, inputs)
+        assert patch.remove() is model
+        restored = model(**inputs).logits
+        restored_tokens = greedy(model, inputs)
+    assert reduced.shape[1] < expected.shape[1]
+    assert torch.equal(restored, expected) and torch.equal(restored_tokens, expected_tokens)
+    assert [(name, type(m)) for name, m in model.named_modules()] == module_types
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
+    assert not hasattr(model, "_tokenprune_patch")
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_disabled_runs_the_original(method):
+    model = build()
+    inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        tokenprune.apply(model, method, **REDUCING[method])
+        with tokenprune.disabled(model):
+            got = model(**inputs).logits
+    assert torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------- the schedule, for real
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_sequence_and_cache_lengths_follow_the_schedule(method):
+    model = build()
+    inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
+    patch = tokenprune.apply(model, method, **REDUCING[method])
+    with torch.no_grad():
+        out = model(**inputs)
+    state = patch.state
+    lengths = EXPECTED_TOKENS[method]
+    assert state.visual_per_layer() == [[v] for v in EXPECTED_VISUAL[method]]
+    assert [tokens_in for tokens_in, _ in state.tokens_per_layer()] == lengths
+    assert [tokens_out for _, tokens_out in state.tokens_per_layer()] == lengths[1:] + lengths[-1:]
+    assert [layer.keys.shape[-2] for layer in out.cache.layers] == lengths  # each layer caches what it saw
+    assert out.logits.shape[1] == lengths[-1] == state.num_tokens
+    # Text is untouchable: every text position is still there, in order.
+    text = [i for i, t in enumerate(PROMPTS[0]) if t != IMG_ID]
+    index = state.index[0].tolist()
+    assert [i for i in index if PROMPTS[0][i] != IMG_ID] == text and index == sorted(index)
+
+
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_generate_continues_on_the_compact_cache(method):
+    model = build()
+    inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
+    patch = tokenprune.apply(model, method, **REDUCING[method])
+    steps = 6
+    with torch.no_grad():
+        out = greedy(model, inputs, steps, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == len(PROMPTS[0]) + steps
+    fed = steps - 1  # the last generated token is never fed back
+    assert [layer.keys.shape[-2] for layer in out.cache.layers] == [n + fed for n in EXPECTED_TOKENS[method]]
+    assert patch.state.generated == fed
+
+
+# ----------------------------------------------------------------------------- against an independent reference
+def _llm_inputs(model, run) -> dict:
+    """The kwargs the text model received during ``run()`` (after tokenprune's entry hook, if patched)."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"], positions=kwargs.get("position_ids"))
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def _by_hand(model, embeds: torch.Tensor, positions: torch.Tensor, slots: list[torch.Tensor]) -> torch.Tensor:
+    """The original HF layers run on ``slots[l]`` (indices into ``embeds``) at layer ``l``, positions kept."""
+    lm = model.model.language_model
+    hidden, current = embeds, torch.arange(embeds.shape[1])
+    with torch.no_grad():
+        for layer, block in enumerate(lm.layers):
+            block = getattr(block, "base_layer", block)
+            hidden = hidden[:, torch.searchsorted(current, slots[layer])]
+            current = slots[layer]
+            pos = positions[:, current]
+            n = len(current)
+            causal = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+            hidden = block(
+                hidden, attention_mask=causal, position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos
+            )
+        return model.lm_head(lm.norm(hidden))
+
+
+def test_fastv_keeps_the_tokens_hf_eager_attention_ranks_highest():
+    model = build(attn="eager")
+    inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
+    with torch.no_grad():
+        attention = model(**inputs, output_attentions=True).attentions[1][0].mean(dim=0)[-1]  # layer k-1, last row
+    visual = (inputs["input_ids"][0] == IMG_ID).nonzero().squeeze(1)
+    expected = visual[attention[visual].topk(TOKENS // 2).indices].sort().values
+    model.set_attn_implementation("sdpa")
+    patch = tokenprune.apply(model, "fastv", k=2, keep=0.5)
+    with torch.no_grad():
+        model(**inputs)
+    kept = patch.state.index_in[2][0]
+    assert torch.equal(kept[torch.isin(kept, visual)], expected)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("fastv", {"k": 2, "keep": 0.5}),
+        ("fastv", {"k": 1, "keep": 0.25}),
+        ("aim", {"merge_keep": 0.5, "prune_start": 0.25, "prune_end": 0.75}),
+        ("aim", {"merge_keep": 0.5, "prune_start": 0.25, "prune_end": 0.75, "merge_positions": "original"}),
+        ("aim", {"merge_keep": 1.0, "prune_start": 0.5, "prune_end": 0.5}),
+    ],
+)
+def test_prefill_and_every_decode_step_match_the_reference(method, options, attn):
+    """Prefill logits and each decode step's logits == the unpatched layers run by hand on the kept tokens.
+
+    Decode steps check the compact KV cache, its masks and the rotary positions of new tokens (the caller's
+    positions, minus what merging compacted away).
+    """
+    model = build("qwen2" if method == "aim" else "llama", attn)
+    inputs = dict(single(PROMPTS[1]), pixel_values=pixels(1))
+    patch = tokenprune.apply(model, method, **options)
+    seen = _llm_inputs(model, lambda: model(**inputs))
+    with torch.no_grad():
+        prefill = model(**inputs).logits
+    state = patch.state
+    embeds, positions = seen["embeds"], seen["positions"]
+    if positions is None:
+        positions = torch.arange(embeds.shape[1])[None]
+    slots = [torch.searchsorted(state.index_in[0][0], index[0]) for index in state.index_in]
+    torch.testing.assert_close(_by_hand(model, embeds, positions, slots), prefill, rtol=0, atol=1e-5)
+
+    steps = 4
+    with torch.no_grad():
+        out = greedy(model, inputs, steps, return_dict_in_generate=True, output_logits=True)
+    new = out.sequences[0, inputs["input_ids"].shape[1] :]
+    lm = model.model.language_model
+    for step in range(steps):
+        grown = torch.cat([embeds, lm.embed_tokens(new[:step])[None]], dim=1)
+        grown_positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(step)[None]], dim=1)
+        extra = torch.arange(embeds.shape[1], embeds.shape[1] + step)
+        reference = _by_hand(model, grown, grown_positions, [torch.cat([s, extra]) for s in slots])
+        torch.testing.assert_close(reference[0, -1], out.logits[step][0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_sdpa_and_eager_agree(method):
+    results = []
+    for attn in ("sdpa", "eager"):
+        model = build(attn=attn)
+        patch = tokenprune.apply(model, method, **REDUCING[method])
+        with torch.no_grad():
+            results.append((model(**single(PROMPTS[0]), pixel_values=pixels(1)).logits, patch.state.index))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-5)
+    assert torch.equal(results[0][1], results[1][1])
+
+
+# ----------------------------------------------------------------------------- batches
+def _rows_per_sample(logits: torch.Tensor, state, b: int, offset: int) -> tuple[torch.Tensor, list[int]]:
+    valid = state.valid[b]
+    return logits[b][valid], [i - offset for i in state.index[b][valid].tolist()]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_padded_batch_equals_samples_run_alone(method, side):
+    model = build()
+    prompts = PROMPTS
+    images = pixels(2)
+    patch = tokenprune.apply(model, method, **REDUCING[method])
+    with torch.no_grad():
+        batched = model(**batch(prompts, side), pixel_values=images).logits
+        state = patch.state
+        width = max(map(len, prompts))
+        for b, p in enumerate(prompts):
+            alone = model(**single(p), pixel_values=images[b : b + 1]).logits[0]
+            offset = width - len(p) if side == "left" else 0
+            rows, index = _rows_per_sample(batched, state, b, offset)
+            assert index == patch.state.index[0].tolist()
+            torch.testing.assert_close(rows, alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_batched_generate_equals_samples_alone(method):
+    model = build()
+    images = pixels(2)
+    patch = tokenprune.apply(model, method, **REDUCING[method])
+    with torch.no_grad():
+        batched = greedy(model, batch(PROMPTS), 5, pixel_values=images)
+        width = max(map(len, PROMPTS))
+        for b, p in enumerate(PROMPTS):
+            alone = greedy(model, single(p), 5, pixel_values=images[b : b + 1])
+            assert batched[b, width:].tolist() == alone[0, len(p) :].tolist()
+    assert patch.state.generated == 4
+
+
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_samples_with_different_image_counts(method):
+    """Different visual counts per sample: shorter samples are left-filled with masked slots."""
+    model = build()
+    prompts = [prompt([1, 5], [7, 8, 9], images=2), prompt([1, 5, 6, 4], [7, 8])]
+    images = pixels(3)
+    patch = tokenprune.apply(model, method, **REDUCING[method])
+    with torch.no_grad():
+        batched = model(**batch(prompts), pixel_values=images).logits
+        state = patch.state
+        counts = state.visual_per_layer()
+        width = max(map(len, prompts))
+        firsts = [images[:2], images[2:]]
+        for b, p in enumerate(prompts):
+            alone = model(**single(p), pixel_values=firsts[b]).logits[0]
+            assert [c[0] for c in patch.state.visual_per_layer()] == [c[b] for c in counts]
+            rows, index = _rows_per_sample(batched, state, b, width - len(p))
+            assert index == patch.state.index[0].tolist()
+            torch.testing.assert_close(rows, alone, rtol=0, atol=1e-5)
+    assert counts[0] == ([32, 16] if method == "fastv" else [16, 8])  # two images vs one
+    if method == "aim":  # each image is merged on its own (never across images): 2 x 8 tokens holding 16
+        patch.remove()
+        patch = tokenprune.apply(model, "aim", merge_keep=0.5, prune_start=1.0, prune_end=1.0)
+        with torch.no_grad():
+            model(**batch(prompts), pixel_values=images)
+        state = patch.state
+        sizes = state.size[0][state.visual[0]]
+        first_image = state.index[0][state.visual[0]] < prompts[0].index(3) + (width - len(prompts[0]))
+        assert first_image.sum() == 8 and len(sizes) == 16
+        assert sizes[first_image].sum() == sizes[~first_image].sum() == TOKENS
+
+
+# ----------------------------------------------------------------------------- FLOPs budgets
+@pytest.mark.parametrize("method, budget", [("fastv", 0.75), ("aim", 0.5)])
+def test_flops_budget_is_a_fraction_of_llm_prefill(method, budget):
+    model = build()
+    inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
+    patch = tokenprune.apply(model, method, flops=budget)
+    assert patch.schedule is None  # solved per prompt
+    with torch.no_grad():
+        model(**inputs)
+    adapter, state = patch.adapter, patch.state
+    length = len(PROMPTS[0])
+    rows = 1 if method == "fastv" else 4  # the last token / the text after the image
+
+    def llm(table):
+        return sum(row["flops"] for row in table["layers"])
+
+    full = llm(adapter.analytic_flops(length, [0] * 4))
+    schedule = [tokens_in - tokens_out for tokens_in, tokens_out in state.tokens_per_layer()]
+    reduced = llm(adapter.analytic_flops(state.tokens_per_layer()[0][0], schedule, rows=rows))
+    # One visual token more or less moves the cost by ~1/23 of a layer: the closest reachable budget.
+    assert abs(reduced / full - budget) < 0.03
+    assert state.reduced
+
+
+def test_unreachable_flops_budget_names_the_valid_range():
+    model = build()
+    tokenprune.apply(model, "fastv", k=2, flops=0.3)  # k=2 of 4 layers always see all 16 visual tokens
+    with pytest.raises(ValueError, match=r"valid budgets are in \[0\.6"), torch.no_grad():
+        model(**single(PROMPTS[0]), pixel_values=pixels(1))
+
+
+def test_analytic_flops_count_vision_tower_projector_and_llm():
+    model = build()
+    adapter = tokenprune.apply(model, "fastv", keep=1.0).adapter
+    table = adapter.analytic_flops(len(PROMPTS[0]), [0] * 4)
+    assert table["embed"] > 0 and table["head"] == 2.0 * len(PROMPTS[0]) * 64 * 200
+    assert table["total"] == pytest.approx(table["embed"] + table["head"] + sum(r["flops"] for r in table["layers"]))
+    assert adapter.num_tokens() == TOKENS
+
+
+# ----------------------------------------------------------------------------- errors
+def test_other_attention_implementations_are_refused():
+    model = build()
+    model.model.language_model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="sdpa"):
+        tokenprune.apply(model, "fastv")
+    model = build()
+    tokenprune.apply(model, "fastv")
+    model.model.language_model.config._attn_implementation = "flex_attention"  # switched after apply
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"), torch.no_grad():
+        model(**single(PROMPTS[0]), pixel_values=pixels(1))
+
+
+def test_unsupported_models_and_methods_raise_with_the_supported_ones():
+    text_only = hf.LlamaForCausalLM(
+        hf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    )
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        tokenprune.apply(text_only, "fastv")
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    with pytest.raises(TypeError, match="vision-language"):
+        tokenprune.apply(vit, "aim")
+    with pytest.raises(TypeError, match=r"\['aim', 'fastv'\]"):
+        tokenprune.apply(build(), "tome", r=2)
+
+
+def test_config_errors():
+    model = build()
+    with pytest.raises(TypeError, match="valid"):
+        tokenprune.apply(model, "fastv", r=3)
+    with pytest.raises(ValueError, match="either keep or flops"):
+        tokenprune.apply(model, "fastv", keep=0.5, flops=0.5)
+    with pytest.raises(ValueError, match="1 <= k <= 3"):
+        tokenprune.apply(model, "fastv", k=4)
+    with pytest.raises(ValueError, match="prune_end"):
+        tokenprune.apply(model, "aim", prune_start=0.8, prune_end=0.5)
+    with pytest.raises(ValueError, match="merge_keep"):
+        tokenprune.apply(model, "aim", merge_keep=0.0)
+    assert not hasattr(model, "_tokenprune_patch")
+
+
+def test_labels_are_refused_while_reducing():
+    model = build()
+    inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
+    tokenprune.apply(model, "fastv", keep=0.5)
+    with pytest.raises(NotImplementedError, match="labels"), torch.no_grad():
+        model(**inputs, labels=inputs["input_ids"])
+    with tokenprune.disabled(model), torch.no_grad():
+        assert model(**inputs, labels=inputs["input_ids"]).loss is not None
+
+
+def test_static_cache_is_refused():
+    model = build()
+    tokenprune.apply(model, "fastv", keep=0.5)
+    with pytest.raises(NotImplementedError, match="DynamicCache"), torch.no_grad():
+        greedy(model, dict(single(PROMPTS[0]), pixel_values=pixels(1)), 2, cache_implementation="static")

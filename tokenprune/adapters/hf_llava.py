@@ -1,0 +1,233 @@
+"""Adapter for Hugging Face ``LlavaForConditionalGeneration`` (transformers 5.x, unforked).
+
+``tokenprune.apply(llava, "fastv", k=2, keep=0.5)`` / ``tokenprune.apply(llava, "aim", merge_keep=0.25)`` (or
+``flops=0.4``: fraction of the LLM prefill FLOPs, solved per prompt) patches the model in place; ``forward`` and
+``generate()`` keep their signatures. What this file owns (the language-model side is
+:mod:`tokenprune.adapters.hf_decoder`, shared with other VLM families):
+
+* **Visual spans per sample** from ``input_ids == config.image_token_id`` (or, for ``inputs_embeds`` calls,
+  embeddings equal to the image token's), read by a forward pre-hook on ``model.model`` (``LlavaModel``) before
+  it scatters the image features into the placeholders. Every image is its own span (a run of placeholders
+  is split every ``tokens_per_image``), so merging never mixes two images; batches may mix prompts, images
+  per prompt and left or right padding.
+* The vision tower and projector run unchanged (their FLOPs are counted in :meth:`analytic_flops`).
+* ``labels`` are refused while reducing (logits are shorter than the labels; run that call inside
+  ``tokenprune.disabled(model)``).
+
+The vision tower itself is not reduced here: a ViT method on ``llava.model.vision_tower`` would hand the LLM
+fewer features than placeholders (see ``hf_encoder``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenprune.adapters.base import Adapter, linear_macs
+from tokenprune.adapters.hf_decoder import DecoderReducer, check_attn_implementation
+from tokenprune.methods.vlm_configs import VisualTokenMethod
+from tokenprune.registry import register_adapter
+
+
+def _is_llava(model: Any) -> bool:
+    module = sys.modules.get("transformers")
+    if module is None or not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        return False
+    llava = getattr(module, "LlavaForConditionalGeneration", None)
+    return llava is not None and isinstance(model, llava)
+
+
+def visual_segments(visual: torch.Tensor, tokens_per_image: int | None) -> torch.Tensor:
+    """``(B, L)`` image id of every visual token (unique per batch), -1 for text.
+
+    A run of consecutive visual tokens is split into images of ``tokens_per_image`` tokens (the last piece may
+    be shorter if the run is not a multiple); None keeps each run whole.
+    """
+    batch, length = visual.shape
+    positions = torch.arange(length, device=visual.device).expand(batch, length)
+    starts = visual.clone()
+    starts[:, 1:] &= ~visual[:, :-1]
+    run_start = torch.where(starts, positions, -1).cummax(dim=1).values
+    run_id = starts.long().cumsum(dim=1)
+    piece = (positions - run_start) // tokens_per_image if tokens_per_image else torch.zeros_like(positions)
+    ids = (run_id * (length + 1) + piece) + torch.arange(batch, device=visual.device)[:, None] * (length + 1) ** 2
+    return torch.where(visual, ids, -1)
+
+
+class HFLlavaAdapter(Adapter):
+    """``LlavaForConditionalGeneration`` with a Llama/Qwen2/Mistral-layout text model."""
+
+    description = "transformers LlavaForConditionalGeneration (vision-language methods: fastv, aim)"
+    has_static_size = True
+    has_class_token = False
+    num_protected = 0
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.llava = model.model
+        self.language_model = self.llava.language_model
+        self.vision_tower = self.llava.vision_tower
+        self.projector = self.llava.multi_modal_projector
+        check_attn_implementation(self.language_model.config, type(model).__name__)
+        layers = self.language_model.layers
+        for index, layer in enumerate(layers):
+            attn = getattr(layer, "self_attn", None)
+            missing = [n for n in ("self_attn", "mlp") if not hasattr(layer, n)]
+            missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "head_dim", "scaling") if not hasattr(attn, n)]
+            if missing:
+                raise TypeError(
+                    f"language-model layer {index} ({type(layer).__name__}) of {type(model).__name__} is not the "
+                    f"decoder layout tokenprune knows (Llama/Qwen2/Mistral, transformers 5.x): missing {missing}"
+                )
+        text_config = self.language_model.config
+        if "sliding_attention" in (getattr(text_config, "layer_types", None) or []):
+            raise NotImplementedError(
+                f"{type(model).__name__}'s language model uses sliding-window attention layers; tokenprune "
+                "removes visual tokens in full-attention decoders only"
+            )
+        self.depth = len(layers)
+        self.num_heads = text_config.num_attention_heads
+        self.head_dim = layers[0].self_attn.head_dim
+        self.reducer: DecoderReducer | None = None
+        self._handles: list[Any] = []
+
+    # ----------------------------------------------------------------- what apply() asks
+    def resolve_schedule(self, runtime: Any) -> list[float] | None:
+        """Check the method against this model; the per-layer visual fractions (None for a FLOPs budget)."""
+        method = runtime.method
+        if not isinstance(method, VisualTokenMethod):
+            from tokenprune.registry import methods
+
+            raise TypeError(
+                f"method {method.name!r} reduces ViT token sequences; {type(self.model).__name__} takes the "
+                "vision-language methods (they remove visual tokens inside the language model): "
+                f"{[m for m in methods() if m in ('fastv', 'aim')]}"
+            )
+        method.validate(self.depth)
+        if getattr(runtime.config, "flops", None) is not None:
+            return None
+        return list(method.plan_for(self.depth).fractions)
+
+    def tokens_per_image(self) -> int:
+        """Visual tokens one image contributes (patches, + the class token under the ``full`` strategy)."""
+        vision = self.model.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        full = self.model.config.vision_feature_select_strategy == "full"
+        return patches + (1 if full else 0)
+
+    def num_tokens(self, input_size: tuple[int, int] | None = None) -> int:
+        return self.tokens_per_image()
+
+    # ----------------------------------------------------------------- install / uninstall
+    def install(self, runtime: Any) -> None:
+        self.reducer = DecoderReducer(self.language_model, runtime, type(self.model).__name__)
+        self.reducer.install()
+        self._handles = [
+            self.llava.register_forward_pre_hook(self._find_visual, with_kwargs=True),
+            self.llava.register_forward_hook(self._forget_visual, always_call=True),
+            self.model.register_forward_pre_hook(self._check_labels, with_kwargs=True),
+        ]
+
+    def uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.reducer is not None:
+            self.reducer.uninstall()
+            self.reducer = None
+
+    def _check_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        runtime = self.reducer.runtime
+        if kwargs.get("labels") is not None and runtime.enabled:
+            method = runtime.method
+            if getattr(runtime.config, "flops", None) is not None or not method.plan_for(self.depth).is_identity:
+                raise NotImplementedError(
+                    "labels are not supported while visual tokens are reduced (the logits have one row per kept "
+                    "token, see patch.state.index); run that call inside tokenprune.disabled(model)"
+                )
+
+    def _find_visual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None:
+            visual = input_ids == self.model.config.image_token_id
+        elif kwargs.get("inputs_embeds") is not None:
+            embeds = kwargs["inputs_embeds"]
+            token = torch.full((), self.model.config.image_token_id, dtype=torch.long, device=embeds.device)
+            visual = (embeds == self.llava.get_input_embeddings()(token)).all(dim=-1)
+        else:
+            return
+        self.reducer.pending_visual = (visual, visual_segments(visual, self.tokens_per_image()))
+
+    def _forget_visual(self, module: nn.Module, args: tuple, kwargs: Any, output: Any = None) -> None:
+        if self.reducer is not None:
+            self.reducer.pending_visual = None
+
+    # ----------------------------------------------------------------- FLOPs (2 x MAC)
+    def vision_flops(self) -> float:
+        """Vision tower + projector FLOPs for one image."""
+        config = self.vision_tower.config
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # CLIP / SigLIP layout
+        patches = (config.image_size // config.patch_size) ** 2
+        tokens = patches + (1 if hasattr(tower.embeddings, "class_embedding") else 0)
+        flops = 2.0 * patches * tower.embeddings.patch_embedding.weight.numel()
+        heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+        for layer in tower.encoder.layers:
+            flops += 2.0 * tokens * (linear_macs(layer.self_attn) + linear_macs(layer.mlp))
+            flops += 4.0 * tokens * tokens * heads * head_dim
+        return flops + 2.0 * self.tokens_per_image() * linear_macs(self.projector)
+
+    def embed_flops(self, num_tokens: int) -> float:
+        return self.vision_flops()
+
+    def layer_flops(self, layer: int, tokens_in: int, tokens_out: int) -> float:
+        # A layer runs whole on its input; removal happens after it (its MLP sees tokens_in too).
+        return self._reducer_like().layer_flops(layer, tokens_in)
+
+    def head_flops(self, num_tokens: int) -> float:
+        return 2.0 * num_tokens * linear_macs(self.model.lm_head)
+
+    def analytic_flops(
+        self, num_tokens: int, schedule: list[int], method: Any = None, rows: int = 1, num_images: int = 1
+    ) -> dict:
+        """Per-layer FLOPs of one prompt: ``num_tokens`` entering the LLM, ``schedule[l]`` removed after layer ``l``.
+
+        ``embed`` is vision tower + projector for ``num_images`` images, ``head`` the LM head on every output
+        row, ``method_flops`` the scoring of ``rows`` query rows at each removing layer.
+        """
+        reducer = self._reducer_like()
+        table, tokens = [], num_tokens
+        for layer, removed in enumerate(schedule):
+            overhead = reducer.score_flops(rows, tokens) if removed > 0 else 0.0
+            flops = reducer.layer_flops(layer, tokens) + overhead
+            table.append(
+                {
+                    "layer": layer,
+                    "tokens_in": tokens,
+                    "tokens_out": tokens - removed,
+                    "flops": flops,
+                    "method_flops": overhead,
+                }
+            )
+            tokens -= removed
+        embed, head = num_images * self.vision_flops(), self.head_flops(tokens)
+        return {"embed": embed, "head": head, "total": embed + head + sum(r["flops"] for r in table), "layers": table}
+
+    def _reducer_like(self) -> DecoderReducer:
+        if self.reducer is not None:
+            return self.reducer
+        return DecoderReducer(self.language_model, _NoRuntime(), type(self.model).__name__)
+
+
+class _NoRuntime:
+    """Stand-in runtime for FLOPs tables of an unpatched model."""
+
+    method = None
+    config = None
+    enabled = False
+    state = None
+
+
+register_adapter(_is_llava, HFLlavaAdapter, HFLlavaAdapter.description)

@@ -1,0 +1,44 @@
+"""``fastv``: FastV (Chen et al., 2024), "An Image is Worth 1/2 Tokens After Layer 2".
+
+After layer ``k`` (FastV's K), keep the ``keep`` fraction of visual tokens that the last prompt token attends
+to most (attention averaged over heads, from layer ``k - 1``); later layers, and their KV cache, hold only the
+kept visual tokens. Text is never removed.
+
+Unlike FastV's reference code, the attention row is one extra ``(1 x D) @ (D x N)`` product per head on the
+layer's own (rotary-embedded) queries and keys, so the model keeps its fused attention, and the tokens are
+removed for real instead of masked (see ``tokenprune.adapters.hf_decoder``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenprune.methods.vlm_configs import FastVConfig, VisualPlan, VisualTokenMethod
+from tokenprune.registry import register_method
+
+
+class FastV(VisualTokenMethod):
+    """Top-``keep`` visual tokens by the last token's attention, once, after layer ``k``."""
+
+    name = "fastv"
+    query_rows = "last"
+    budget_parameter = "keep"
+
+    def validate(self, depth: int) -> None:
+        if not 1 <= self.config.k < depth:
+            raise ValueError(
+                f"fastv k={self.config.k} is out of range for a language model of {depth} layers: "
+                f"1 <= k <= {depth - 1} (k layers see every visual token)"
+            )
+
+    def plan_for(self, depth: int, value: float | None = None) -> VisualPlan:
+        keep = self.config.keep if value is None else value
+        k = self.config.k
+        return VisualPlan(1.0, tuple(1.0 if layer < k else keep for layer in range(depth)))
+
+    def importance(self, ctx) -> torch.Tensor:
+        rows, row_valid = ctx.last_rows()  # (B, 1): the last prompt token of every sample
+        return ctx.attention_rows(rows, row_valid)[:, 0]  # (B, N)
+
+
+register_method("fastv", FastVConfig, FastV)
