@@ -18,6 +18,7 @@ import transformers as hf
 from timm.models.vision_transformer import VisionTransformer
 
 import tokenprune
+from tokenprune.measure.flops import measure_flops
 
 IMAGE, TOKENS, IMG_ID, PAD = 32, 16, 199, 0
 ZERO = {
@@ -194,6 +195,26 @@ def test_generate_continues_on_the_compact_cache(method):
     assert patch.state.generated == fed
 
 
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_inputs_embeds_and_no_cache_calls_reduce_the_same(method):
+    """Visual spans are found from embeddings too; a forward without a cache removes the same tokens."""
+    model = build()
+    inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
+    patch = tokenprune.apply(model, method, **REDUCING[method])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        index = patch.state.index
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        from_embeds = model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"]).logits
+        assert torch.equal(patch.state.index, index)
+        uncached = model(**inputs, use_cache=False)
+        assert uncached.cache is None and torch.equal(patch.state.index, index)
+        hidden = model(**inputs, output_hidden_states=True).hidden_states  # one entry per layer, shrinking
+    torch.testing.assert_close(from_embeds, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(uncached.logits, expected, rtol=0, atol=1e-6)
+    assert hidden[-1].shape[1] == expected.shape[1] < hidden[0].shape[1]
+
+
 # ----------------------------------------------------------------------------- against an independent reference
 def _llm_inputs(model, run) -> dict:
     """The kwargs the text model received during ``run()`` (after tokenprune's entry hook, if patched)."""
@@ -324,16 +345,17 @@ def test_padded_batch_equals_samples_run_alone(method, side):
             torch.testing.assert_close(rows, alone, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["fastv", "aim"])
-def test_batched_generate_equals_samples_alone(method):
+@pytest.mark.parametrize("method, beams", [("fastv", 1), ("aim", 1), ("aim", 3)])
+def test_batched_generate_equals_samples_alone(method, beams):
+    """Left-padded batch (beam search reorders the compact cache too) == every prompt generated alone."""
     model = build()
     images = pixels(2)
     patch = tokenprune.apply(model, method, **REDUCING[method])
     with torch.no_grad():
-        batched = greedy(model, batch(PROMPTS), 5, pixel_values=images)
+        batched = greedy(model, batch(PROMPTS), 5, pixel_values=images, num_beams=beams)
         width = max(map(len, PROMPTS))
         for b, p in enumerate(PROMPTS):
-            alone = greedy(model, single(p), 5, pixel_values=images[b : b + 1])
+            alone = greedy(model, single(p), 5, pixel_values=images[b : b + 1], num_beams=beams)
             assert batched[b, width:].tolist() == alone[0, len(p) :].tolist()
     assert patch.state.generated == 4
 
@@ -380,18 +402,34 @@ def test_flops_budget_is_a_fraction_of_llm_prefill(method, budget):
     with torch.no_grad():
         model(**inputs)
     adapter, state = patch.adapter, patch.state
-    length = len(PROMPTS[0])
-    rows = 1 if method == "fastv" else 4  # the last token / the text after the image
 
     def llm(table):
         return sum(row["flops"] for row in table["layers"])
 
-    full = llm(adapter.analytic_flops(length, [0] * 4))
-    schedule = [tokens_in - tokens_out for tokens_in, tokens_out in state.tokens_per_layer()]
-    reduced = llm(adapter.analytic_flops(state.tokens_per_layer()[0][0], schedule, rows=rows))
+    full = llm(adapter.analytic_flops(len(PROMPTS[0]), [0] * 4))
     # One visual token more or less moves the cost by ~1/23 of a layer: the closest reachable budget.
-    assert abs(reduced / full - budget) < 0.03
+    assert abs(llm(adapter.flops_for(state)) / full - budget) < 0.03
     assert state.reduced
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("fastv", REDUCING["fastv"]), ("fastv", {"flops": 0.8}), ("aim", REDUCING["aim"]), ("aim", {"merge_keep": 0.3})],
+)
+def test_analytic_flops_equal_the_flop_counter(method, options):
+    """Vision tower + projector + merging + every LLM layer (+ scoring) + LM head, as torch counts them."""
+    model = build()
+    inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
+    unpatched = measure_flops(model, **inputs)
+    assert tokenprune.apply(model, "fastv", keep=1.0).adapter.analytic_flops(len(PROMPTS[0]), [0] * 4)[
+        "total"
+    ] == pytest.approx(unpatched, rel=1e-12)
+    model._tokenprune_patch.remove()
+    patch = tokenprune.apply(model, method, **options)
+    measured = measure_flops(model, **inputs)
+    table = patch.adapter.flops_for(patch.state)
+    assert table["total"] == pytest.approx(measured, rel=1e-12) and measured < unpatched
+    assert [row["tokens_in"] for row in table["layers"]] == [n for n, _ in patch.state.tokens_per_layer()]
 
 
 def test_unreachable_flops_budget_names_the_valid_range():

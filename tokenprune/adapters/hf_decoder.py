@@ -212,6 +212,9 @@ class DecoderState:
         visual_in: Per layer, ``(B,)`` visual tokens that entered it.
         index_in: Per layer, the ``index`` of the tokens that entered it.
         scored_rows: Per layer, query rows scored there (0: no pruning).
+        spans: Per sample, visual tokens of each image (before merging).
+        text: Per sample, real text tokens.
+        rows: Per sample, query rows its importance reads at a pruning layer.
         generated: Tokens decoded on top of this prefill's cache so far.
     """
 
@@ -227,6 +230,9 @@ class DecoderState:
     visual_in: list[torch.Tensor] = field(default_factory=list)
     index_in: list[torch.Tensor] = field(default_factory=list)
     scored_rows: list[int] = field(default_factory=list)
+    spans: list[list[int]] = field(default_factory=list)
+    text: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
     generated: int = 0
     merged: bool = False
     version: int = 0  # removals inside the LLM so far in this forward
@@ -454,6 +460,36 @@ class DecoderReducer:
                 total += self.score_flops(rows, text + count)
         return total
 
+    def sample_flops(self, state: DecoderState, sample: int = 0) -> dict:
+        """Analytic FLOPs of one sample of a prefill: merging before the LLM and each LLM layer.
+
+        Returns:
+            ``{"merge", "layers": [{"layer", "tokens_in", "tokens_out", "flops", "method_flops"}]}``: the
+            sample's own tokens (no padding or fill), ``method_flops`` the scoring at a removing layer.
+        """
+        plan, text, rows = state.plans[sample], state.text[sample], state.rows[sample]
+        channels = self.lm.config.hidden_size
+        merge = sum(
+            self.method.merge_flops(n, self.method.merged_count(n, plan.merge_keep), channels)
+            for n in state.spans[sample]
+        )
+        visual = [counts[sample] for counts in state.targets_list]
+        table = []
+        for layer, count in enumerate(visual):
+            after = visual[layer + 1] if layer + 1 < len(visual) else count
+            overhead = self.score_flops(rows, text + count) if after < count else 0.0
+            flops = self.layer_flops(layer, text + count) + overhead
+            table.append(
+                {
+                    "layer": layer,
+                    "tokens_in": text + count,
+                    "tokens_out": text + after,
+                    "flops": flops,
+                    "method_flops": overhead,
+                }
+            )
+        return {"merge": merge, "layers": table}
+
     # ------------------------------------------------------------------------- planning
     def plan(self, spans: list[int], text: int, rows: int) -> VisualPlan:
         """The plan of one sample with visual ``spans`` (tokens per image), ``text`` tokens, scoring ``rows``."""
@@ -592,6 +628,8 @@ class DecoderReducer:
         targets_list = [[counts[layer] for counts in per_sample] for layer in range(self.depth)]
         targets = torch.tensor(targets_list, dtype=torch.long, device=device).reshape(self.depth, batch)
         fwd.state = DecoderState(index, valid, visual, size, length, plans, targets, targets_list, merged=merge)
+        fwd.state.spans = [[n for _, _, n in spans] for spans in spans_per_sample]
+        fwd.state.text, fwd.state.rows = text, rows
         fwd.all_valid = bool(valid.all())
         fwd.active = merge or any(self._prunes(fwd.state, layer) for layer in range(self.depth))
         self.runtime.state = fwd.state

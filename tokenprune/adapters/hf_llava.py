@@ -215,6 +215,22 @@ class HFLlavaAdapter(Adapter):
         embed, head = num_images * self.vision_flops(), self.head_flops(tokens)
         return {"embed": embed, "head": head, "total": embed + head + sum(r["flops"] for r in table), "layers": table}
 
+    def flops_for(self, state: Any, sample: int = 0) -> dict:
+        """Analytic FLOPs (2 x MAC) of one sample of a reduced forward, from ``patch.state``.
+
+        ``embed``: vision tower and projector for the sample's images, plus merging before the LLM;
+        ``layers``: each LLM layer on the sample's tokens (+ the scoring product where tokens are removed);
+        ``head``: the LM head on every output row. For a single unpadded prompt, ``total`` equals what
+        ``torch.utils.flop_counter`` measures for ``model(**inputs)``.
+        """
+        table = self._reducer_like().sample_flops(state, sample)
+        images = len(state.spans[sample])
+        embed = images * self.vision_flops() + table["merge"]
+        head = self.head_flops(table["layers"][-1]["tokens_out"])
+        layers = table["layers"]
+        total = embed + head + sum(row["flops"] for row in layers)
+        return {"embed": embed, "merge": table["merge"], "head": head, "total": total, "layers": layers}
+
     def _reducer_like(self) -> DecoderReducer:
         if self.reducer is not None:
             return self.reducer

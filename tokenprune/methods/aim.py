@@ -65,6 +65,13 @@ class AIM(VisualTokenMethod):
             x = reduce_tokens(x, state, kept, src, dst)  # size-weighted average, order preserved
         return state.index, x, state.size.squeeze(-1)
 
+    def merge_flops(self, tokens: int, keep: int, channels: int) -> float:
+        flops = 0.0
+        while tokens > keep:  # the (Na x C) @ (C x Nb) similarity of every round
+            flops += 2.0 * ((tokens + 1) // 2) * (tokens // 2) * channels
+            tokens -= min(tokens - keep, tokens // 2)
+        return flops
+
     def importance(self, ctx) -> torch.Tensor:
         rows, row_valid = ctx.text_rows()  # (B, T): text tokens that can see an image
         probs = ctx.attention_rows(rows, row_valid)  # (B, T, N), zero for invalid rows

@@ -195,6 +195,10 @@ class VisualTokenMethod(Method):
         """Tokens one image of ``tokens`` visual tokens keeps after merging (at least one if it merges)."""
         return tokens if merge_keep >= 1.0 else max(1, count(merge_keep, tokens))
 
+    def merge_flops(self, tokens: int, keep: int, channels: int) -> float:
+        """Matmul FLOPs (2 x MAC) of :meth:`merge` on one image of ``tokens`` down to ``keep`` tokens."""
+        return 0.0
+
     def merge(self, x: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Merge each of ``S`` spans of visual embeddings ``x`` ``(S, n, C)`` down to ``keep`` tokens.
 
