@@ -14,7 +14,8 @@ A VLM adapter (``hf_llava``, later Qwen2-VL, ...) finds the visual tokens of eve
   and to the keys, and lets the method score the visual tokens (``(T x D) @ (D x N)`` per head: the layer's
   attention itself stays SDPA). The top tokens per sample are kept; hidden states, ``position_embeddings``
   (cos, sin), ``position_ids`` and the attention mask of every later layer are sliced/rebuilt, so later layers
-  compute on, and cache, only the kept tokens.
+  compute on, and cache, only the kept tokens. The removing layer itself runs whole (its cache keeps every
+  token): removal acts on its output, FastV's "after layer K".
 
 Invariants:
 
@@ -34,8 +35,10 @@ Invariants:
 Supported: ``sdpa`` and ``eager`` attention (masks are built as HF builds them: boolean for SDPA, additive
 float for eager), ``DynamicCache`` of full-attention layers (or no cache). Sliding-window layers, static or
 quantized caches and other attention implementations raise. Outputs are shorter once tokens are removed:
-``logits`` has one row per kept token (``patch.state.index`` maps rows to input positions; the last row is
-always the last prompt token, so ``generate()`` is unaffected); ``labels`` are refused while reducing.
+``logits`` has one row per kept token (``patch.state.index`` maps rows to input positions; the last row stays
+the last prompt token of left-padded or unpadded prompts, so ``generate()`` is unaffected); ``labels`` are
+refused while reducing. Only a prefill (empty or no cache) is reduced: later forwards on the cache, e.g. a
+second turn, run on it unreduced.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class DecoderLayerContext:
         num_heads: Query heads ``H``.
         num_kv_heads: Key/value heads ``Hkv`` (grouped-query attention when smaller).
         head_dim: ``D``.
+        scored_rows: Query rows :meth:`attention_rows` scored (for FLOPs bookkeeping).
     """
 
     layer: int
@@ -186,12 +190,14 @@ class DecoderLayerContext:
         k = self.keys.view(batch, n, kv_heads, dim).transpose(1, 2)  # (B, Hkv, N, D)
         k = self.rope(k, k, cos, sin)[0]
         q = q.float().view(batch, kv_heads, heads // kv_heads, t, dim)
-        logits = (q @ k.float().unsqueeze(2).transpose(-1, -2)) * self.scale  # (B, Hkv, G, T, N)
-        logits = logits.reshape(batch, heads, t, n)
+        k = k.float().transpose(-1, -2)  # (B, Hkv, D, N)
         positions = torch.arange(n, device=rows.device)
         allowed = self.valid[:, None, :] & (positions[None, None, :] <= rows[:, :, None])  # (B, T, N)
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-        probs = logits.softmax(dim=-1).mean(dim=1)  # (B, T, N)
+        probs = torch.zeros(batch, t, n, device=rows.device)
+        for group in range(kv_heads):  # one key/value head at a time bounds memory to (B, G, T, N)
+            logits = (q[:, group] @ k[:, group, None]) * self.scale  # (B, G, T, N)
+            probs += logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).sum(dim=1)
+        probs /= heads
         return torch.where((row_valid & allowed.any(dim=-1))[..., None], probs, torch.zeros((), device=rows.device))
 
 

@@ -4,7 +4,8 @@ The original blocks are wrapped, never copied: a wrapper holds its block as ``ba
 that reduce, runs the block's own submodules around the reduction (attention residual, reduce, MLP
 residual), so LayerScale, drop-path, qk-norm and fused SDPA are whatever the block has. Keys/queries come
 from forward hooks on ``attn.q_norm``/``attn.k_norm`` (identities when qk-norm is off), so attention
-stays fused. Proportional attention is an additive float ``attn_mask`` of ``log(size)``.
+stays fused. Proportional attention is an additive float ``attn_mask`` of ``log(size)``. The wrapper flow
+is shared with the Hugging Face adapters (:mod:`tokenprune.adapters.reducing`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,19 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.base import Adapter, linear_macs
-from tokenprune.methods.base import LayerContext
+from tokenprune.adapters.reducing import (
+    PreNormParts,
+    QKCapture,
+    ReducingLayer,
+    prenorm_layer_flops,
+    prenorm_layer_macs,
+    restore_layers,
+    swap_layers,
+)
 from tokenprune.registry import register_adapter
-from tokenprune.state import LayerLog
 
-# Submodules a timm pre-norm block must have for the in-layer (attention | reduce | MLP) split.
-_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+# Submodules of a timm pre-norm block, for the in-layer (attention | reduce | MLP) split.
+_PARTS = PreNormParts("norm1", "attn", "norm2", "mlp", "ls1", "drop_path1", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "q_norm", "k_norm", "num_heads", "head_dim", "scale")
 
 
@@ -32,64 +40,29 @@ def _is_timm_vit(model: Any) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-class ReducingBlock(nn.Module):
+class ReducingBlock(ReducingLayer):
     """Wraps one timm block; removes ``runtime.schedule[layer]`` tokens between attention and MLP."""
 
     def __init__(self, base_layer: nn.Module, layer: int, runtime: Any) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.layer = layer
-        # Plain attribute (not a submodule) shared by all wrappers of one patch.
-        self.__dict__["runtime"] = runtime
-        self.captured: dict[str, torch.Tensor] = {}
-        self.capturing = False
         attn = base_layer.attn
-        self._hooks = [
-            attn.q_norm.register_forward_hook(self._capture_hook("queries")),
-            attn.k_norm.register_forward_hook(self._capture_hook("keys")),
-        ]
+        # q_norm/k_norm (identities without qk-norm) already emit (B, H, N, D).
+        capture = QKCapture(attn.q_norm, attn.k_norm)
+        super().__init__(base_layer, layer, runtime, _PARTS, capture, attn.scale)
 
-    def _capture_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if self.capturing:
-                self.captured[name] = output  # (B, H, N, D), a view: nothing is copied
+    def call_base(self, x: torch.Tensor, bias: torch.Tensor | None, args: tuple, kwargs: dict) -> torch.Tensor:
+        return self.base_layer(x, attn_mask=bias)
 
-        return hook
+    def attend(self, attn: nn.Module, h: torch.Tensor, bias: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+        return attn(h, attn_mask=bias)
 
-    def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        runtime = self.runtime
-        if not runtime.enabled:
-            return self.base_layer(x, attn_mask=attn_mask, is_causal=is_causal)
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        attn_mask = args[0] if args else kwargs.get("attn_mask")
+        is_causal = args[1] if len(args) > 1 else kwargs.get("is_causal", False)
         if attn_mask is not None or is_causal:
             raise NotImplementedError(
                 "tokenprune cannot reduce tokens under a caller-supplied attn_mask/is_causal; "
                 "run inside tokenprune.disabled(model) for that call"
             )
-        state = runtime.begin(x) if self.layer == 0 else runtime.state
-        removed = runtime.schedule[self.layer]
-        tokens_in = x.shape[1]
-        bias = state.attn_bias() if runtime.method.prop_attn else None
-        if removed == 0:
-            x = self.base_layer(x, attn_mask=bias)
-        else:
-            block = self.base_layer
-            self.capturing = True
-            try:
-                x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
-            finally:
-                self.capturing = False
-            ctx = LayerContext(
-                self.layer, self.captured.get("queries"), self.captured.get("keys"), block.attn.scale, bias
-            )
-            self.captured = {}
-            x = runtime.method.reduce(x, state, removed, ctx)
-            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        state.log.append(LayerLog(self.layer, tokens_in, x.shape[1]))
-        return x
 
 
 class TimmViTAdapter(Adapter):
@@ -101,7 +74,7 @@ class TimmViTAdapter(Adapter):
         super().__init__(model)
         blocks = model.blocks
         for index, block in enumerate(blocks):
-            missing = [p for p in _BLOCK_PARTS if not hasattr(block, p)]
+            missing = _PARTS.missing(block)
             missing += [f"attn.{p}" for p in _ATTN_PARTS if not hasattr(getattr(block, "attn", None), p)]
             if missing:
                 raise TypeError(
@@ -119,9 +92,7 @@ class TimmViTAdapter(Adapter):
         self.num_heads = attn.num_heads
         self.head_dim = attn.head_dim
         self._originals: list[nn.Module] = []
-        self._layer_macs = [
-            (linear_macs(b.attn), b.attn.num_heads * b.attn.head_dim, linear_macs(b.mlp)) for b in blocks
-        ]
+        self._layer_macs = [prenorm_layer_macs(b.attn, b.attn.num_heads * b.attn.head_dim, b.mlp) for b in blocks]
 
     # ----------------------------------------------------------------- token counts and FLOPs
     def grid_size(self, input_size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -150,9 +121,7 @@ class TimmViTAdapter(Adapter):
         return 2.0 * patches * proj.weight.numel() if isinstance(proj, nn.Conv2d) else 0.0
 
     def layer_flops(self, layer: int, tokens_in: int, tokens_out: int) -> float:
-        attn_linear, attn_dim, mlp_linear = self._layer_macs[layer]
-        # QK^T and AV: 2 * N^2 * attn_dim FLOPs each.
-        return 2.0 * tokens_in * attn_linear + 4.0 * tokens_in**2 * attn_dim + 2.0 * tokens_out * mlp_linear
+        return prenorm_layer_flops(self._layer_macs[layer], tokens_in, tokens_out)
 
     def head_flops(self, num_tokens: int) -> float:
         model = self.model
@@ -172,9 +141,7 @@ class TimmViTAdapter(Adapter):
     # ----------------------------------------------------------------- install / uninstall
     def install(self, runtime: Any) -> None:
         model = self.model
-        self._originals = list(model.blocks)
-        for index, block in enumerate(self._originals):
-            model.blocks[index] = ReducingBlock(block, index, runtime)
+        self._originals = swap_layers(model.blocks, lambda block, index: ReducingBlock(block, index, runtime))
         original_pool = model.pool
 
         def pool(x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
@@ -185,11 +152,7 @@ class TimmViTAdapter(Adapter):
 
     def uninstall(self) -> None:
         model = self.model
-        for index, original in enumerate(self._originals):
-            wrapper = model.blocks[index]
-            if isinstance(wrapper, ReducingBlock):
-                wrapper.remove_hooks()
-            model.blocks[index] = original
+        restore_layers(model.blocks, self._originals)
         model.__dict__.pop("pool", None)
         self._originals = []
 
