@@ -11,8 +11,9 @@ from tests.conftest import build
 
 def test_unknown_method_lists_registered_ones():
     model, _, _ = build("deit_tiny")
-    with pytest.raises(ValueError, match=r"unknown method 'toem'.*\['evit', 'none', 'random', 'tome'\]"):
+    with pytest.raises(ValueError, match=r"unknown method 'toem'; registered methods: ") as info:
         tokenprune.apply(model, "toem", r=2)
+    assert all(repr(name) in str(info.value) for name in ["evit", "none", "random", "tome"])
 
 
 def test_methods_lists_builtin_methods():
