@@ -8,6 +8,7 @@ and the token counts of the forward, so the totals can be checked by hand and ag
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +98,7 @@ class FlopsReport:
         return "\n".join(lines)
 
 
-def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopsReport:
+def count_flops(model: nn.Module, example_input: torch.Tensor | Mapping[str, Any]) -> FlopsReport:
     """Measure FLOPs of ``model(example_input)`` and build the per-layer analytic table.
 
     Works on patched and unpatched models; for a patched one the analytic table follows the token counts
@@ -105,11 +106,15 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopsReport:
 
     Args:
         model: Any model; the analytic table needs a supported one.
-        example_input: A batch, e.g. ``(B, 3, H, W)``.
+        example_input: A batch, e.g. ``(B, 3, H, W)``, or a dict of keyword inputs (vision-language models:
+            ``input_ids``, ``pixel_values``, ``attention_mask``), run as ``model(**example_input)``.
 
     Returns:
-        A :class:`FlopsReport` with per-image figures.
+        A :class:`FlopsReport` with per-example figures (for a vision-language model, one prompt's prefill:
+        vision tower + projector + LLM layers + LM head; the analytic table needs a batch of one prompt).
     """
+    if isinstance(example_input, Mapping):
+        return _count_flops_keyword(model, example_input)
     batch = example_input.shape[0]
     measured = measure_flops(model, example_input) / batch
     report = FlopsReport(measured=measured, batch_size=batch)
@@ -133,4 +138,27 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopsReport:
     report.layers = table["layers"]
     report.embed = table["embed"]
     report.head = table["head"]
+    return report
+
+
+def _count_flops_keyword(model: nn.Module, inputs: Mapping[str, Any]) -> FlopsReport:
+    """``count_flops`` for models called with keyword inputs (vision-language models)."""
+    first = next(v for v in inputs.values() if isinstance(v, torch.Tensor))
+    batch = first.shape[0]
+    measured = measure_flops(model, **inputs) / batch
+    report = FlopsReport(measured=measured, batch_size=batch)
+    patch = get_patch(model)
+    try:
+        adapter = patch.adapter if patch is not None else registry.find_adapter(model)(model)
+    except TypeError:
+        return report
+    if batch != 1 or not hasattr(adapter, "flops_for"):
+        return report  # per-sample token counts differ in a batch: measured only
+    if patch is not None and patch.runtime.enabled:
+        table = adapter.flops_for(patch.state, 0)
+    else:
+        num_images = int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else 0
+        table = adapter.analytic_flops(int(inputs["input_ids"].shape[1]), [0] * adapter.depth, num_images=num_images)
+    report.analytic, report.layers = table["total"], table["layers"]
+    report.embed, report.head = table["embed"], table["head"]
     return report
