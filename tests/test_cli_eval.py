@@ -69,6 +69,15 @@ def test_sweep_writes_json_table_and_pareto_plot(tmp_path, monkeypatch):
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     assert "| tome | 0.6 |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "tome_0.6.json").exists()
+    # --resume keeps finished settings (their files are not rewritten) and adds the new ones.
+    before = (tmp_path / "tome_0.6.json").stat().st_mtime_ns
+    main(["sweep", "--model", "deit_tiny_patch16_224", "--methods", "none,tome,random", "--flops", "0.6,0.7,1",
+          "--batch-size", "2", "--bench-rounds", "0", "--out", str(tmp_path), "--resume"])
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(row["method"], row["budget"]) for row in rows] == [
+        ("none", 1.0), ("tome", 0.7), ("tome", 0.6), ("random", 0.7), ("random", 0.6)
+    ]
+    assert (tmp_path / "tome_0.6.json").stat().st_mtime_ns == before
 
 
 def test_bench_writes_side_by_side_json(tmp_path):

@@ -106,21 +106,30 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     rank, _ = distributed_context()
     model, transform, dataset, data = _load_for_eval(args)
     out_dir = Path(args.out)
-    settings = sweep_settings(args.methods.split(","), [float(b) for b in args.flops.split(",")])
-    rows = []
+    methods_order = args.methods.split(",")
+    settings = sweep_settings(methods_order, [float(b) for b in args.flops.split(",")])
+    metric = "top1" if dataset is not None else "top1_agreement"
+    done: dict[tuple[str, float], dict] = {}
     for method, budget in tqdm(settings, desc="sweep", disable=rank != 0):
+        path = out_dir / f"{method}_{budget}.json"
+        if args.resume and path.exists():
+            done[method, budget] = json.loads(path.read_text())
+            continue
         options = {**parse_set(args.set or []), "flops": budget}
         try:
             row = evaluate_setting(model, transform, method, options, dataset, args.batch_size, args.bench_rounds)
         except ValueError as error:  # e.g. a budget this method cannot reach: recorded, not fatal
             row = {"method": method, "error": str(error)}
         row.update({"budget": budget, "model": args.model, "data": data, "limit": args.limit})
-        rows.append(row)
+        done[method, budget] = row
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / f"{method}_{budget}.json").write_text(json.dumps(row, indent=2) + "\n")
+            path.write_text(json.dumps(row, indent=2) + "\n")
+            # Tables and plot after every setting: an interrupted sweep still leaves readable results.
+            rows = [done[key] for key in sorted(done, key=lambda k: (methods_order.index(k[0]), -k[1]))]
+            write_sweep_outputs(rows, out_dir, metric, f"{args.model}: {metric} vs FLOPs ({data})")
     if rank == 0:
-        metric = "top1" if dataset is not None else "top1_agreement"
+        rows = [done[key] for key in sorted(done, key=lambda k: (methods_order.index(k[0]), -k[1]))]
         write_sweep_outputs(rows, out_dir, metric, f"{args.model}: {metric} vs FLOPs ({data})")
         sys.stdout.write((out_dir / "table.md").read_text())
 
@@ -173,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--img-size", type=int)
     sweep.add_argument("--batch-size", type=int, default=32)
     sweep.add_argument("--out", required=True, help="output directory")
+    sweep.add_argument("--resume", action="store_true", help="keep settings whose JSON is already in --out")
     data_args(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
