@@ -671,13 +671,17 @@ class DecoderReducer:
         if external is None:
             external = torch.arange(length, device=device).expand(batch, length)
         external = external.expand(batch, length) if external.ndim == 2 else external
-        if external.ndim != 2:
-            raise NotImplementedError("tokenprune: merging before the LLM supports 1D (per-sample) position ids")
+        compact_positions = self.runtime.config.merge_positions == "compact"
+        if external.ndim != 2 and compact_positions:  # multi-axis (M-RoPE) positions: each token keeps its own
+            raise NotImplementedError(
+                "tokenprune: merge_positions='compact' supports 1D (per-sample) position ids only; "
+                "use merge_positions='original'"
+            )
         positions = external
-        if self.runtime.config.merge_positions == "compact":
+        if compact_positions:
             positions = external - removed.long().cumsum(dim=1)
             fwd.shift = removed.sum(dim=1)
-        new_positions = torch.where(slot_valid, positions.gather(1, gather), 0)
+        new_positions = torch.where(slot_valid, gather_positions(positions, gather), 0)
         index = torch.where(slot_valid, gather, -1)
         x = x.gather(1, gather[..., None].expand(-1, -1, x.shape[-1]))
         visual = visual.gather(1, gather) & slot_valid

@@ -1,0 +1,187 @@
+"""Adapter for Hugging Face ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` (5.x).
+
+``tokenprune.apply(qwen2_vl, "fastv", k=2, keep=0.5)`` or ``tokenprune.apply(qwen2_vl, "aim", merge_keep=0.25,
+merge_positions="original")`` patches the model in place; ``forward`` and ``generate()`` keep their signatures.
+The language-model side (real removal, masks, compact KV cache, decode) is
+:mod:`tokenprune.adapters.hf_decoder`, shared with LLaVA. What this file owns:
+
+* **Visual spans per sample** from ``input_ids == config.image_token_id`` (or, for ``inputs_embeds`` calls,
+  embeddings equal to the image token's), read by a forward pre-hook on ``model.model`` (``Qwen2VLModel``)
+  before it scatters the image features. Images are told apart by ``image_grid_thw`` (each image holds
+  ``t * h * w / merge**2`` placeholders, in order); without it each run of placeholders is one image. Video
+  placeholders are left alone (treated like text).
+* **M-RoPE positions.** In transformers 5.x the text model folds the 3-axis positions (``(3, B, N)``, or
+  ``(4, B, N)`` from ``generate()`` with text positions first) into ``(cos, sin)`` and the layers use the
+  standard ``apply_rotary_pos_emb``; the shared reducer slices ``(cos, sin)``, so every kept token keeps the
+  rotary embedding of its *original* 3-axis position. Decode steps use the caller's positions (``generate()``
+  adds ``rope_deltas``), which stay right because nothing is renumbered.
+* **AIM merging** needs ``merge_positions="original"`` here: a merged token is stored at (and keeps the 3-axis
+  position of) one of the tokens of its own image. ``"compact"`` renumbers 1-D positions and has no meaning for
+  M-RoPE grids, so it is refused when merging is on (prune-only ``merge_keep=1.0`` works with either).
+* ``labels`` are refused while reducing, as for LLaVA.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenprune.adapters.base import linear_macs
+from tokenprune.adapters.hf_decoder import check_attn_implementation
+from tokenprune.adapters.hf_llava import HFLlavaAdapter, visual_segments
+from tokenprune.registry import register_adapter
+
+_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+
+def _is_qwen2_vl(model: Any) -> bool:
+    module = sys.modules.get("transformers")
+    if module is None or not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        return False
+    classes = tuple(c for c in (getattr(module, name, None) for name in _CLASSES) if c is not None)
+    return bool(classes) and isinstance(model, classes)
+
+
+def image_segments(visual: torch.Tensor, image_grid_thw: torch.Tensor | None, merge: int) -> torch.Tensor:
+    """``(B, L)`` image index of every image placeholder (in HF's row-major scatter order), -1 for text.
+
+    With ``image_grid_thw`` the placeholders are split into images of ``t * h * w / merge**2`` tokens; without
+    it (or when the counts disagree) each run of placeholders is one image.
+    """
+    if image_grid_thw is not None:
+        counts = image_grid_thw.to(visual.device).prod(dim=-1) // (merge * merge)  # (I,)
+        if int(counts.sum()) == int(visual.sum()):
+            rank = visual.flatten().long().cumsum(0) - 1  # (B * L,)
+            image = torch.searchsorted(counts.cumsum(0), rank, right=True).view_as(visual)
+            return torch.where(visual, image, -1)
+    return visual_segments(visual, None)
+
+
+class HFQwen2VLAdapter(HFLlavaAdapter):
+    """``Qwen2VLForConditionalGeneration`` (and ``Qwen2_5_VLForConditionalGeneration``), images only."""
+
+    description = "transformers Qwen2VL/Qwen2.5-VL ForConditionalGeneration (vision-language methods: fastv, aim)"
+    has_static_size = False
+
+    def __init__(self, model: nn.Module) -> None:  # noqa: D107 - not HFLlavaAdapter's layout
+        self.model = model
+        self.llava = model.model  # the ``Qwen2VLModel``: the name keeps the shared LLaVA code paths
+        self.language_model = self.llava.language_model
+        self.vision_tower = self.llava.visual
+        self.projector = self.vision_tower.merger
+        check_attn_implementation(self.language_model.config, type(model).__name__)
+        layers = self.language_model.layers
+        for index, layer in enumerate(layers):
+            attn = getattr(layer, "self_attn", None)
+            missing = [n for n in ("self_attn", "mlp") if not hasattr(layer, n)]
+            missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "head_dim", "scaling") if not hasattr(attn, n)]
+            if missing:
+                raise TypeError(
+                    f"language-model layer {index} ({type(layer).__name__}) of {type(model).__name__} is not the "
+                    f"decoder layout tokenprune knows (transformers 5.x Qwen2-VL): missing {missing}"
+                )
+        text_config = self.language_model.config
+        if "sliding_attention" in (getattr(text_config, "layer_types", None) or []):
+            raise NotImplementedError(
+                f"{type(model).__name__}'s language model uses sliding-window attention layers; tokenprune "
+                "removes visual tokens in full-attention decoders only"
+            )
+        self.depth = len(layers)
+        self.num_heads = text_config.num_attention_heads
+        self.head_dim = layers[0].self_attn.head_dim
+        self.merge_size = model.config.vision_config.spatial_merge_size
+        self.reducer = None
+        self._handles: list[Any] = []
+
+    def resolve_schedule(self, runtime: Any) -> list[float] | None:
+        schedule = super().resolve_schedule(runtime)
+        config = runtime.config
+        merges = getattr(config, "flops", None) is not None or (getattr(config, "merge_keep", None) or 1.0) < 1.0
+        if merges and getattr(config, "merge_positions", "original") == "compact":
+            raise NotImplementedError(
+                f"aim merging on {type(self.model).__name__} needs merge_positions='original' (each merged token "
+                "keeps the 3-axis M-RoPE position of a token of its own image); merge_positions='compact' "
+                "renumbers 1-D positions only. Prune-only aim (merge_keep=1.0) works with either."
+            )
+        return schedule
+
+    def tokens_per_image(self) -> int:
+        raise NotImplementedError(
+            f"{type(self.model).__name__} has dynamic resolution: visual tokens per image come from image_grid_thw"
+        )
+
+    def num_tokens(self, input_size: tuple[int, int] | None = None) -> int:
+        if input_size is None:
+            raise NotImplementedError(
+                f"{type(self.model).__name__} has dynamic resolution: give input_size=(height, width)"
+            )
+        patch = self.model.config.vision_config.patch_size * self.merge_size
+        return (input_size[0] // patch) * (input_size[1] // patch)
+
+    # ----------------------------------------------------------------- visual spans
+    def _find_visual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None:
+            visual = input_ids == self.model.config.image_token_id
+        elif kwargs.get("inputs_embeds") is not None:
+            embeds = kwargs["inputs_embeds"]
+            token = torch.full((), self.model.config.image_token_id, dtype=torch.long, device=embeds.device)
+            visual = (embeds == self.llava.get_input_embeddings()(token)).all(dim=-1)
+        else:
+            return
+        segments = image_segments(visual, kwargs.get("image_grid_thw"), self.merge_size)
+        self.reducer.pending_visual = (visual, segments)
+
+    # ----------------------------------------------------------------- FLOPs (2 x MAC)
+    def vision_flops(self, tokens: int | None = None) -> float:
+        """Vision tower + patch merger FLOPs for one image of ``tokens`` LLM tokens (``h * w / merge**2``)."""
+        if tokens is None:
+            raise NotImplementedError("Qwen2-VL vision FLOPs depend on the image size: pass its LLM token count")
+        tower = self.vision_tower
+        patches = tokens * self.merge_size**2
+        flops = 2.0 * patches * tower.patch_embed.proj.weight.numel()
+        for block in tower.blocks:
+            dim = block.attn.qkv.in_features
+            flops += 2.0 * patches * (linear_macs(block.attn) + linear_macs(block.mlp))
+            flops += 4.0 * patches * patches * dim
+        return flops + 2.0 * tokens * linear_macs(tower.merger)
+
+    def embed_flops(self, num_tokens: int) -> float:
+        return self.vision_flops(num_tokens)
+
+    def analytic_flops(
+        self, num_tokens: int, schedule: list[int], method: Any = None, rows: int = 1, num_images: int = 1
+    ) -> dict:
+        """Per-layer LLM FLOPs of one prompt, as :meth:`HFLlavaAdapter.analytic_flops`.
+
+        ``embed`` is 0: image sizes vary per prompt (:meth:`flops_for` counts the vision tower from a forward).
+        """
+        reducer = self._reducer_like()
+        table, tokens = [], num_tokens
+        for layer, removed in enumerate(schedule):
+            overhead = reducer.score_flops(rows, tokens) if removed > 0 else 0.0
+            flops = reducer.layer_flops(layer, tokens) + overhead
+            row = {"layer": layer, "tokens_in": tokens, "tokens_out": tokens - removed, "flops": flops}
+            table.append({**row, "method_flops": overhead})
+            tokens -= removed
+        head = self.head_flops(tokens)
+        return {"embed": 0.0, "head": head, "total": head + sum(r["flops"] for r in table), "layers": table}
+
+    def flops_for(self, state: Any, sample: int = 0) -> dict:
+        """Analytic FLOPs (2 x MAC) of one sample of a reduced forward, from ``patch.state``.
+
+        ``embed``: vision tower and merger for the sample's images (sizes from its visual spans), plus merging
+        before the LLM; ``layers`` and ``head`` as for LLaVA.
+        """
+        table = self._reducer_like().sample_flops(state, sample)
+        embed = sum(self.vision_flops(n) for n in state.spans[sample]) + table["merge"]
+        head = self.head_flops(table["layers"][-1]["tokens_out"])
+        layers = table["layers"]
+        total = embed + head + sum(row["flops"] for row in layers)
+        return {"embed": embed, "merge": table["merge"], "head": head, "total": total, "layers": layers}
+
+
+register_adapter(_is_qwen2_vl, HFQwen2VLAdapter, HFQwen2VLAdapter.description)
