@@ -27,19 +27,19 @@ EXPECTED_VISUAL = {"fastv": [16, 16, 8, 8], "aim": [8, 8, 4, 0]}
 EXPECTED_TOKENS = {"fastv": [24, 24, 16, 16], "aim": [16, 16, 12, 8]}
 
 
-def build(attn: str = "sdpa") -> hf.Qwen2VLForConditionalGeneration:
+def build(attn: str = "sdpa", family: str = "qwen2") -> hf.Qwen2VLForConditionalGeneration:
+    """A fresh eval-mode tiny Qwen2-VL (``family="qwen2.5"``: Qwen2.5-VL, windowed vision attention)."""
     torch.manual_seed(0)
-    config = hf.Qwen2VLConfig(
-        vision_config={
-            "depth": 1,
-            "embed_dim": 32,
-            "hidden_size": 64,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+    vision = {"depth": 1, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if family == "qwen2":
+        config_cls, model_cls = hf.Qwen2VLConfig, hf.Qwen2VLForConditionalGeneration
+        vision |= {"embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2}
+    else:
+        config_cls, model_cls = hf.Qwen2_5_VLConfig, hf.Qwen2_5_VLForConditionalGeneration
+        vision |= {"hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "window_size": 56}
+        vision |= {"fullatt_block_indexes": [0]}
+    config = config_cls(
+        vision_config=vision,
         text_config={
             "hidden_size": 64,
             "intermediate_size": 128,
@@ -56,8 +56,10 @@ def build(attn: str = "sdpa") -> hf.Qwen2VLForConditionalGeneration:
         vision_start_token_id=VSTART,
         vision_end_token_id=VEND,
         pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
     )
-    model = hf.Qwen2VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     model.set_attn_implementation(attn)
     return model
 
@@ -105,16 +107,20 @@ def greedy(model, kwargs: dict, steps: int = 5, **extra):
 def rope_positions(model, kwargs: dict) -> torch.Tensor:
     """``(3, B, L)`` the model's own M-RoPE positions of the prompt."""
     positions, _ = model.model.get_rope_index(
-        kwargs["input_ids"], kwargs["mm_token_type_ids"], kwargs["image_grid_thw"], None, kwargs["attention_mask"]
+        kwargs["input_ids"],
+        mm_token_type_ids=kwargs["mm_token_type_ids"],
+        image_grid_thw=kwargs["image_grid_thw"],
+        attention_mask=kwargs.get("attention_mask"),
     )
     return positions
 
 
 # ----------------------------------------------------------------------------- exactness first
+@pytest.mark.parametrize("family", ["qwen2", "qwen2.5"])
 @pytest.mark.parametrize("method", ["fastv", "aim"])
-def test_zero_reduction_is_bit_exact(method):
-    model = build()
-    x = inputs([0])
+def test_zero_reduction_is_bit_exact(method, family):
+    model = build(family=family)
+    x = inputs([0, 1])
     with torch.no_grad():
         expected = model(**x).logits
         expected_tokens = greedy(model, x)
@@ -122,7 +128,8 @@ def test_zero_reduction_is_bit_exact(method):
         got = model(**x).logits
         tokens = greedy(model, x)
     assert torch.equal(got, expected) and torch.equal(tokens, expected_tokens)
-    assert patch.state.tokens_per_layer() == [(len(PROMPTS[0]), len(PROMPTS[0]))] * 4 and not patch.state.reduced
+    width = max(map(len, PROMPTS))
+    assert patch.state.tokens_per_layer() == [(width, width)] * 4 and not patch.state.reduced
 
 
 @pytest.mark.parametrize("method", ["fastv", "aim"])
@@ -207,7 +214,9 @@ def _by_hand(model, embeds: torch.Tensor, positions: torch.Tensor, slots: list[t
         return model.lm_head(lm.norm(hidden))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "attn, family", [("sdpa", "qwen2"), ("eager", "qwen2"), ("sdpa", "qwen2.5")], ids=lambda v: str(v)
+)
 @pytest.mark.parametrize(
     "method, options",
     [
@@ -217,9 +226,9 @@ def _by_hand(model, embeds: torch.Tensor, positions: torch.Tensor, slots: list[t
         ("aim", {"merge_keep": 1.0, "prune_start": 0.5, "prune_end": 0.5}),
     ],
 )
-def test_prefill_and_every_decode_step_match_the_reference(method, options, attn):
+def test_prefill_and_every_decode_step_match_the_reference(method, options, attn, family):
     """Prefill and each decode step of generate() == the unpatched layers by hand at the original 3D positions."""
-    model = build(attn)
+    model = build(attn, family)
     x = inputs([1])
     x.pop("attention_mask")
     patch = tokenprune.apply(model, method, **options)
@@ -234,8 +243,7 @@ def test_prefill_and_every_decode_step_match_the_reference(method, options, attn
     hook.remove()
     state = patch.state
     first = state.index_in[0][0]  # input positions entering the LLM (after any merge)
-    positions = model.model.get_rope_index(x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"])[0]
-    positions = positions[..., first]  # (3, 1, N): original 3-axis positions of what enters the LLM
+    positions = rope_positions(model, x)[..., first]  # (3, 1, N): original 3-axis positions of what enters the LLM
     slots = [torch.searchsorted(first, index[0]) for index in state.index_in]
     embeds = seen["embeds"]
     torch.testing.assert_close(_by_hand(model, embeds, positions, slots), prefill, rtol=0, atol=1e-5)
@@ -252,6 +260,13 @@ def test_prefill_and_every_decode_step_match_the_reference(method, options, attn
         extra = torch.arange(embeds.shape[1], embeds.shape[1] + step)
         reference = _by_hand(model, grown, grown_positions, [torch.cat([s, extra]) for s in slots])
         torch.testing.assert_close(reference[0, -1], out.logits[step][0], rtol=0, atol=1e-5)
+
+    # A plain forward on the prefill's cache (no position_ids: the model numbers the new token itself).
+    with torch.no_grad():
+        first_step = model(**x)
+        token = out.sequences[:, x["input_ids"].shape[1], None]
+        second = model(input_ids=token, cache=first_step.cache, mm_token_type_ids=torch.zeros_like(token))
+    torch.testing.assert_close(second.logits[0, -1], out.logits[1][0], rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -272,9 +287,10 @@ def test_padded_batch_equals_samples_run_alone(method, side):
             torch.testing.assert_close(batched[b][valid], alone, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen2.5"])
 @pytest.mark.parametrize("method", ["fastv", "aim"])
-def test_batched_generate_equals_samples_alone(method):
-    model = build()
+def test_batched_generate_equals_samples_alone(method, family):
+    model = build(family=family)
     patch = tokenprune.apply(model, method, **REDUCING[method])
     with torch.no_grad():
         batched = greedy(model, inputs([0, 1]), 5)
@@ -295,3 +311,64 @@ def test_compact_merge_positions_are_refused_but_prune_only_aim_works():
     with torch.no_grad():
         model(**inputs([0]))
     assert patch.state.visual_per_layer() == [[16], [16], [8], [0]]
+
+
+# ----------------------------------------------------------------------------- spans, embeddings, FLOPs
+def test_images_are_split_by_grid_and_merged_separately():
+    """Two images in one prompt (16 + 8 tokens, even back to back): each is its own span, merged on its own."""
+    from tokenprune.adapters.hf_qwen2_vl import image_segments
+
+    grids = [(1, 8, 8), (1, 4, 8)]
+    ids = [1, 5] + [IMG] * 24 + [7, 8]  # no separator: only image_grid_thw tells the images apart
+    visual = torch.tensor([ids]) == IMG
+    segments = image_segments(visual, torch.tensor(grids), 2)[0]
+    assert segments[visual[0]].tolist() == [0] * 16 + [1] * 8 and (segments[~visual[0]] == -1).all()
+
+    model = build()
+    ids = torch.tensor([prompt([1, 5], [7, 8], grids)])
+    x = {
+        "input_ids": ids,
+        "mm_token_type_ids": (ids == IMG).int(),
+        "pixel_values": pixels(grids),
+        "image_grid_thw": torch.tensor(grids),
+    }
+    patch = tokenprune.apply(model, "aim", merge_keep=0.5, prune_start=1.0, prune_end=1.0, merge_positions="original")
+    with torch.no_grad():
+        model(**x)
+    state = patch.state
+    assert state.spans == [[16, 8]]
+    first = state.index[0][state.visual[0]] < ids[0].tolist().index(VEND)
+    sizes = state.size[0][state.visual[0]]
+    assert int(first.sum()) == 8 and len(sizes) == 12
+    assert sizes[first].sum() == 16 and sizes[~first].sum() == 8
+
+
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_inputs_embeds_calls_reduce_the_same(method):
+    model = build()
+    x = inputs([0])
+    patch = tokenprune.apply(model, method, **REDUCING[method])
+    with torch.no_grad():
+        expected = model(**x).logits
+        index = patch.state.index
+        ids = x.pop("input_ids")
+        embeds = model.get_input_embeddings()(ids)
+        model.model.rope_deltas = None
+        got = model(inputs_embeds=embeds, **x, position_ids=rope_positions(model, {"input_ids": ids, **x})).logits
+    assert torch.equal(patch.state.index, index)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("fastv", {"keep": 1.0}), ("fastv", REDUCING["fastv"]), ("aim", REDUCING["aim"]), ("fastv", {"flops": 0.8})],
+)
+def test_analytic_flops_equal_the_flop_counter(method, options):
+    """Vision tower + merger + merging + every LLM layer (+ scoring) + LM head, as torch counts them."""
+    model = build()
+    patch = tokenprune.apply(model, method, **options)
+    report = tokenprune.count_flops(model, inputs([0]))
+    assert report.analytic == pytest.approx(report.measured, rel=1e-12)
+    assert report.embed > 0 and [row["tokens_in"] for row in report.layers] == [
+        n for n, _ in patch.state.tokens_per_layer()
+    ]

@@ -121,9 +121,20 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
         patch = self.model.config.vision_config.patch_size * self.merge_size
         return (input_size[0] // patch) * (input_size[1] // patch)
 
-    # ----------------------------------------------------------------- visual spans
-    def _find_visual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    # ----------------------------------------------------------------- visual spans, decode positions
+    def _find_visual(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        session = self.reducer.sessions.get(cache) if cache is not None else None
+        deltas = getattr(self.llava, "rope_deltas", None)
+        if session is not None and session.merged and kwargs.get("position_ids") is None and deltas is not None:
+            # HF would number the new tokens from the compact cache's length; the caller's sequence is longer.
+            x = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+            batch, q_len = x.shape[:2]
+            steps = session.external_length + torch.arange(q_len, device=x.device)  # (q,)
+            deltas = deltas.to(x.device).repeat_interleave(batch // deltas.shape[0], dim=0)  # (B, 1)
+            kwargs["position_ids"] = (steps[None, :] + deltas)[None].expand(3, batch, q_len)
+            return args, kwargs
         if input_ids is not None:
             visual = input_ids == self.model.config.image_token_id
         elif kwargs.get("inputs_embeds") is not None:
