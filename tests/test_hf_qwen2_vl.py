@@ -38,6 +38,8 @@ def build(attn: str = "sdpa", family: str = "qwen2") -> hf.Qwen2VLForConditional
         config_cls, model_cls = hf.Qwen2_5_VLConfig, hf.Qwen2_5_VLForConditionalGeneration
         vision |= {"hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "window_size": 56}
         vision |= {"fullatt_block_indexes": [0]}
+        if family == "qwen2.5-windows":  # a windowed block after the full one: 8x8 patches -> 3x3 windows
+            vision |= {"depth": 2, "fullatt_block_indexes": [0], "window_size": 84}
     config = config_cls(
         vision_config=vision,
         text_config={
@@ -360,12 +362,18 @@ def test_inputs_embeds_calls_reduce_the_same(method):
 
 
 @pytest.mark.parametrize(
-    "method, options",
-    [("fastv", {"keep": 1.0}), ("fastv", REDUCING["fastv"]), ("aim", REDUCING["aim"]), ("fastv", {"flops": 0.8})],
+    "method, options, family",
+    [
+        ("fastv", {"keep": 1.0}, "qwen2"),
+        ("fastv", REDUCING["fastv"], "qwen2"),
+        ("aim", REDUCING["aim"], "qwen2"),
+        ("fastv", {"flops": 0.8}, "qwen2"),
+        ("fastv", REDUCING["fastv"], "qwen2.5-windows"),
+    ],
 )
-def test_analytic_flops_equal_the_flop_counter(method, options):
+def test_analytic_flops_equal_the_flop_counter(method, options, family):
     """Vision tower + merger + merging + every LLM layer (+ scoring) + LM head, as torch counts them."""
-    model = build()
+    model = build(family=family)
     patch = tokenprune.apply(model, method, **options)
     report = tokenprune.count_flops(model, inputs([0]))
     assert report.analytic == pytest.approx(report.measured, rel=1e-12)

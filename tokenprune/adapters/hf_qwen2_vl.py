@@ -95,6 +95,7 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
         self.merge_size = model.config.vision_config.spatial_merge_size
         self.reducer = None
         self._handles: list[Any] = []
+        self._grids: list[list[tuple[int, int, int]]] = []  # per sample of the last prefill: its images' grids
 
     def resolve_schedule(self, runtime: Any) -> list[float] | None:
         schedule = super().resolve_schedule(runtime)
@@ -143,21 +144,41 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
             visual = (embeds == self.llava.get_input_embeddings()(token)).all(dim=-1)
         else:
             return
-        segments = image_segments(visual, kwargs.get("image_grid_thw"), self.merge_size)
+        grid_thw = kwargs.get("image_grid_thw")
+        segments = image_segments(visual, grid_thw, self.merge_size)
         self.reducer.pending_visual = (visual, segments)
+        if grid_thw is not None and bool(visual.any()):  # per sample, the (t, h, w) of its images (for FLOPs)
+            grids = [tuple(g) for g in grid_thw.tolist()]
+            images = [sorted(set(row[row >= 0].tolist())) for row in segments.cpu()]
+            if all(0 <= i < len(grids) for ids in images for i in ids):
+                self._grids = [[grids[i] for i in ids] for ids in images]
 
     # ----------------------------------------------------------------- FLOPs (2 x MAC)
-    def vision_flops(self, tokens: int | None = None) -> float:
-        """Vision tower + patch merger FLOPs for one image of ``tokens`` LLM tokens (``h * w / merge**2``)."""
+    def vision_flops(self, tokens: int | None = None, grid: tuple[int, int, int] | None = None) -> float:
+        """Vision tower + patch merger FLOPs for one image of ``tokens`` LLM tokens (``t * h * w / merge**2``).
+
+        ``grid`` ``(t, h, w)`` (patches) is needed for Qwen2.5-VL's windowed attention blocks; without it they
+        are counted as full attention over the image (an upper bound).
+        """
         if tokens is None:
             raise NotImplementedError("Qwen2-VL vision FLOPs depend on the image size: pass its LLM token count")
-        tower = self.vision_tower
-        patches = tokens * self.merge_size**2
+        tower, merge = self.vision_tower, self.merge_size
+        patches = tokens * merge**2
+        frames = [patches] if grid is None else [grid[1] * grid[2]] * grid[0]  # attention runs per frame
+        windows = frames
+        full_blocks = getattr(tower, "fullatt_block_indexes", None)
+        if full_blocks is not None and grid is not None:  # Qwen2.5-VL: windows of `side` x `side` LLM tokens
+            side = tower.window_size // merge // tower.patch_size
+            rows, cols = grid[1] // merge, grid[2] // merge
+            chunks_h = [min(side, rows - r) for r in range(0, rows, side)]
+            chunks_w = [min(side, cols - c) for c in range(0, cols, side)]
+            windows = [a * b * merge**2 for a in chunks_h for b in chunks_w] * grid[0]
         flops = 2.0 * patches * tower.patch_embed.proj.weight.numel()
-        for block in tower.blocks:
+        for index, block in enumerate(tower.blocks):
             dim = block.attn.qkv.in_features
+            spans = frames if full_blocks is None or index in full_blocks else windows
             flops += 2.0 * patches * (linear_macs(block.attn) + linear_macs(block.mlp))
-            flops += 4.0 * patches * patches * dim
+            flops += 4.0 * dim * sum(n * n for n in spans)
         return flops + 2.0 * tokens * linear_macs(tower.merger)
 
     def embed_flops(self, num_tokens: int) -> float:
@@ -188,7 +209,10 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
         before the LLM; ``layers`` and ``head`` as for LLaVA.
         """
         table = self._reducer_like().sample_flops(state, sample)
-        embed = sum(self.vision_flops(n) for n in state.spans[sample]) + table["merge"]
+        spans = state.spans[sample]
+        grids = self._grids[sample] if sample < len(self._grids) else []
+        grids = grids if [t * h * w // self.merge_size**2 for t, h, w in grids] == spans else [None] * len(spans)
+        embed = sum(self.vision_flops(n, g) for n, g in zip(spans, grids, strict=True)) + table["merge"]
         head = self.head_flops(table["layers"][-1]["tokens_out"])
         layers = table["layers"]
         total = embed + head + sum(row["flops"] for row in layers)
