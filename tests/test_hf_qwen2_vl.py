@@ -380,3 +380,13 @@ def test_analytic_flops_equal_the_flop_counter(method, options, family):
     assert report.embed > 0 and [row["tokens_in"] for row in report.layers] == [
         n for n, _ in patch.state.tokens_per_layer()
     ]
+
+
+def test_labels_are_refused_while_reducing():
+    model = build()
+    x = inputs([0])
+    tokenprune.apply(model, "fastv", keep=0.5)
+    with pytest.raises(NotImplementedError, match="labels"), torch.no_grad():
+        model(**x, labels=x["input_ids"])
+    with tokenprune.disabled(model), torch.no_grad():
+        assert model(**x, labels=x["input_ids"]).loss is not None
