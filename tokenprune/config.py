@@ -13,8 +13,29 @@ from dataclasses import dataclass
 from typing import Any
 
 
+class ConfigOptions:
+    """Keyword-option handling every method config shares (mixed into dataclasses)."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Valid option names, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> ConfigOptions:
+        """Build from keyword options, rejecting unknown keys with the valid ones listed."""
+        unknown = sorted(set(options) - set(cls.field_names()))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for {cls.__name__}; valid: {cls.field_names()}")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view."""
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class ReductionConfig:
+class ReductionConfig(ConfigOptions):
     """Options shared by every token-reduction method.
 
     Attributes:
@@ -58,22 +79,9 @@ class ReductionConfig:
                 )
             self.input_size = tuple(size)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """Valid option names, in declaration order."""
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, options: Mapping[str, Any]) -> ReductionConfig:
-        """Build from keyword options, rejecting unknown keys with the valid ones listed."""
-        unknown = sorted(set(options) - set(cls.field_names()))
-        if unknown:
-            raise TypeError(f"unknown option(s) {unknown} for {cls.__name__}; valid: {cls.field_names()}")
-        return cls(**options)
-
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view (tuples become lists)."""
-        out = dataclasses.asdict(self)
+        out = super().to_dict()
         if out["input_size"] is not None:
             out["input_size"] = list(out["input_size"])
         return out

@@ -67,10 +67,16 @@ class HFLlavaAdapter(Adapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.llava = model.model
-        self.language_model = self.llava.language_model
-        self.vision_tower = self.llava.vision_tower
-        self.projector = self.llava.multi_modal_projector
+        llava = model.model
+        self._attach(llava, llava.vision_tower, llava.multi_modal_projector, "Llama/Qwen2/Mistral, transformers 5.x")
+
+    def _attach(self, inner: nn.Module, vision_tower: nn.Module, projector: nn.Module, layout: str) -> None:
+        """Check the text model's decoder layout and read its sizes (shared by every VLM family here)."""
+        model = self.model
+        self.llava = inner
+        self.language_model = inner.language_model
+        self.vision_tower = vision_tower
+        self.projector = projector
         check_attn_implementation(self.language_model.config, type(model).__name__)
         layers = self.language_model.layers
         for index, layer in enumerate(layers):
@@ -80,7 +86,7 @@ class HFLlavaAdapter(Adapter):
             if missing:
                 raise TypeError(
                     f"language-model layer {index} ({type(layer).__name__}) of {type(model).__name__} is not the "
-                    f"decoder layout tokenprune knows (Llama/Qwen2/Mistral, transformers 5.x): missing {missing}"
+                    f"decoder layout tokenprune knows ({layout}): missing {missing}"
                 )
         text_config = self.language_model.config
         if "sliding_attention" in (getattr(text_config, "layer_types", None) or []):

@@ -29,8 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import linear_macs
-from tokenprune.adapters.hf_decoder import check_attn_implementation
+from tokenprune.adapters.base import Adapter, linear_macs
 from tokenprune.adapters.hf_llava import HFLlavaAdapter, visual_segments
 from tokenprune.registry import register_adapter
 
@@ -67,34 +66,10 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
     has_static_size = False
 
     def __init__(self, model: nn.Module) -> None:  # noqa: D107 - not HFLlavaAdapter's layout
-        self.model = model
-        self.llava = model.model  # the ``Qwen2VLModel``: the name keeps the shared LLaVA code paths
-        self.language_model = self.llava.language_model
-        self.vision_tower = self.llava.visual
-        self.projector = self.vision_tower.merger
-        check_attn_implementation(self.language_model.config, type(model).__name__)
-        layers = self.language_model.layers
-        for index, layer in enumerate(layers):
-            attn = getattr(layer, "self_attn", None)
-            missing = [n for n in ("self_attn", "mlp") if not hasattr(layer, n)]
-            missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "head_dim", "scaling") if not hasattr(attn, n)]
-            if missing:
-                raise TypeError(
-                    f"language-model layer {index} ({type(layer).__name__}) of {type(model).__name__} is not the "
-                    f"decoder layout tokenprune knows (transformers 5.x Qwen2-VL): missing {missing}"
-                )
-        text_config = self.language_model.config
-        if "sliding_attention" in (getattr(text_config, "layer_types", None) or []):
-            raise NotImplementedError(
-                f"{type(model).__name__}'s language model uses sliding-window attention layers; tokenprune "
-                "removes visual tokens in full-attention decoders only"
-            )
-        self.depth = len(layers)
-        self.num_heads = text_config.num_attention_heads
-        self.head_dim = layers[0].self_attn.head_dim
+        Adapter.__init__(self, model)
+        inner = model.model  # the ``Qwen2VLModel``, kept as ``self.llava`` so the shared LLaVA code paths apply
+        self._attach(inner, inner.visual, inner.visual.merger, "transformers 5.x Qwen2-VL")
         self.merge_size = model.config.vision_config.spatial_merge_size
-        self.reducer = None
-        self._handles: list[Any] = []
         self._grids: list[list[tuple[int, int, int]]] = []  # per sample of the last prefill: its images' grids
 
     def resolve_schedule(self, runtime: Any) -> list[float] | None:

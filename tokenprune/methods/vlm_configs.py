@@ -18,14 +18,14 @@ positions, masks, cache bookkeeping and ``generate()``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from tokenprune.config import ConfigOptions
 from tokenprune.methods.base import Method
 
 
@@ -45,7 +45,7 @@ def _check_fraction(name: str, value: Any, low_open: bool) -> float:
 
 
 @dataclass
-class VLMReductionConfig:
+class VLMReductionConfig(ConfigOptions):
     """Options shared by the vision-language methods.
 
     There is no ``r``/``input_size``/``trace_source``: visual token counts are read from each prompt.
@@ -62,22 +62,6 @@ class VLMReductionConfig:
         if self.flops is not None:
             self.flops = _check_fraction("flops (fraction of the unreduced LLM prefill FLOPs)", self.flops, True)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """Valid option names, in declaration order."""
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, options: Mapping[str, Any]) -> VLMReductionConfig:
-        """Build from keyword options, rejecting unknown keys with the valid ones listed."""
-        unknown = sorted(set(options) - set(cls.field_names()))
-        if unknown:
-            raise TypeError(f"unknown option(s) {unknown} for {cls.__name__}; valid: {cls.field_names()}")
-        return cls(**options)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON view."""
-        return dataclasses.asdict(self)
 
 
 @dataclass
