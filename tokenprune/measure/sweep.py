@@ -75,10 +75,13 @@ def evaluate_setting(
 
 
 def sweep_settings(methods: Sequence[str], budgets: Sequence[float]) -> list[tuple[str, float]]:
-    """(method, budget) pairs: ``none`` only at 1.0, reducing methods only below 1.0."""
+    """(method, budget) pairs: ``none`` only at 1.0, reducing methods only below 1.0.
+
+    Budget-major, in the order given: an interrupted sweep has compared every method at its first budgets.
+    """
     pairs = []
-    for method in methods:
-        for budget in budgets:
+    for budget in budgets:
+        for method in methods:
             if (method == "none") == (budget >= 1.0):
                 pairs.append((method, float(budget)))
     return pairs
