@@ -155,15 +155,19 @@ class HFLlavaAdapter(Adapter):
                     "token, see patch.state.index); run that call inside tokenprune.disabled(model)"
                 )
 
-    def _find_visual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+    def visual_mask(self, input_ids: torch.Tensor | None, kwargs: dict) -> torch.Tensor | None:
+        """``(B, N)`` image-placeholder positions, from ids or (without ids) from the placeholder's embedding."""
         if input_ids is not None:
-            visual = input_ids == self.model.config.image_token_id
-        elif kwargs.get("inputs_embeds") is not None:
+            return input_ids == self.model.config.image_token_id
+        if kwargs.get("inputs_embeds") is not None:
             embeds = kwargs["inputs_embeds"]
             token = torch.full((), self.model.config.image_token_id, dtype=torch.long, device=embeds.device)
-            visual = (embeds == self.llava.get_input_embeddings()(token)).all(dim=-1)
-        else:
+            return (embeds == self.llava.get_input_embeddings()(token)).all(dim=-1)
+        return None
+
+    def _find_visual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        visual = self.visual_mask(kwargs.get("input_ids", args[0] if args else None), kwargs)
+        if visual is None:
             return
         self.reducer.pending_visual = (visual, visual_segments(visual, self.tokens_per_image()))
 

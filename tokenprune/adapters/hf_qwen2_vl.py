@@ -111,13 +111,8 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
             deltas = deltas.to(x.device).repeat_interleave(batch // deltas.shape[0], dim=0)  # (B, 1)
             kwargs["position_ids"] = (steps[None, :] + deltas)[None].expand(3, batch, q_len)
             return args, kwargs
-        if input_ids is not None:
-            visual = input_ids == self.model.config.image_token_id
-        elif kwargs.get("inputs_embeds") is not None:
-            embeds = kwargs["inputs_embeds"]
-            token = torch.full((), self.model.config.image_token_id, dtype=torch.long, device=embeds.device)
-            visual = (embeds == self.llava.get_input_embeddings()(token)).all(dim=-1)
-        else:
+        visual = self.visual_mask(input_ids, kwargs)
+        if visual is None:
             return
         grid_thw = kwargs.get("image_grid_thw")
         segments = image_segments(visual, grid_thw, self.merge_size)
