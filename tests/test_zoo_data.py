@@ -249,3 +249,16 @@ def test_shipped_vit_s14_imagenette() -> None:
         pred = model(x).argmax(1)
     acc = (pred == torch.tensor(ds.targets)).float().mean().item()
     assert acc >= 0.85, f"top-1 {acc:.2f} on 20 val images"
+
+
+def test_task_models_dispatch_to_their_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-classification models register a loader path; load_model and task_of dispatch on it."""
+    spec = zoo.TaskModel("toy-seg", "segmentation", "a toy", loader="collections:OrderedDict", cli="json")
+    monkeypatch.setitem(zoo._TASK_MODELS, spec.name, spec)
+    assert "toy-seg" in zoo.available_models() and "toy-seg" not in zoo.classifiers()
+    assert zoo.task_of("toy-seg") == "segmentation" and zoo.task_of("vit-s14-imagenette") == "classification"
+    assert zoo.load_model("toy-seg") == {"checkpoint": None}
+    with pytest.raises(ValueError, match="segmentation model"):
+        zoo.get_entry("toy-seg")
+    with pytest.raises(ValueError, match="already registered"):
+        zoo.register_task_model(spec)

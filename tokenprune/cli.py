@@ -41,7 +41,7 @@ def build_model(name: str, img_size: int | None) -> tuple[torch.nn.Module, int]:
     try:
         from tokenprune import zoo
 
-        if name in zoo.available_models():
+        if name in zoo.classifiers():
             model, _ = zoo.load_model(name)
             return model.eval(), img_size or 224
     except ImportError:
@@ -76,15 +76,26 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Any,
     root = resolve_data_root(args.data)
     if root is None:
         return model, transform, None, "bundled example photos (agreement with the unreduced model)"
-    if args.model not in zoo.available_models():
-        raise SystemExit(f"accuracy on a dataset needs a trained zoo model ({zoo.available_models()}), got {args.model!r}")
+    if args.model not in zoo.classifiers():
+        raise SystemExit(f"accuracy on a dataset needs a trained zoo model ({zoo.classifiers()}), got {args.model!r}")
     entry = zoo.get_entry(args.model)
     dataset = load_dataset(entry.dataset, "val", root=root, transform=transform, limit=args.limit)
     return model, transform, dataset, f"{entry.dataset} val at {root}" + (f", limit {args.limit}" if args.limit else "")
 
 
+def _task_cli(name: str) -> Any:
+    """The eval/sweep module of a non-classification zoo model, else None."""
+    from tokenprune import zoo
+
+    spec = zoo.task_model(name)
+    return zoo._resolve(spec.cli) if spec is not None else None
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from tokenprune.measure.accuracy import distributed_context
+
+    if (task_cli := _task_cli(args.model)) is not None:
+        return task_cli.cli_eval(args)
     from tokenprune.measure.sweep import evaluate_setting
 
     rank, _ = distributed_context()
@@ -103,6 +114,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from tokenprune.measure.accuracy import distributed_context
     from tokenprune.measure.sweep import evaluate_setting, sweep_settings, write_sweep_outputs
 
+    if (task_cli := _task_cli(args.model)) is not None:
+        return task_cli.cli_sweep(args)
     rank, _ = distributed_context()
     model, transform, dataset, data = _load_for_eval(args)
     out_dir = Path(args.out)

@@ -144,7 +144,7 @@ def _load(model_name: str) -> DemoModel:
             f"The fine-tuned checkpoint {zoo.get_entry(DEFAULT_MODEL).checkpoint} is not installed: the head is "
             "untrained, so predictions are meaningless; GFLOPs, latency and token maps are real.",
         )
-    if model_name in zoo.available_models():
+    if model_name in zoo.classifiers():
         entry = zoo.get_entry(model_name)
         model, transform = zoo.load_model(model_name)
         return DemoModel(model_name, model, transform, list(entry.class_names), entry.img_size, entry.description)

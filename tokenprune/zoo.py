@@ -77,9 +77,74 @@ _REGISTRY: dict[str, ZooEntry] = {
 }
 
 
-def available_models() -> list[str]:
-    """Names accepted by ``load_model``, sorted."""
+@dataclass(frozen=True)
+class TaskModel:
+    """A registered model of another task than image classification (segmentation, VQA, ...).
+
+    Its code lives in its own module; the zoo only knows where to find it, so importing
+    ``tokenprune`` stays light.
+
+    Attributes:
+        name: Registry name (``load_model(name)``, ``tokenprune eval --model name``).
+        task: What it does, e.g. ``"segmentation"``, ``"vqa"``.
+        description: One line for listings.
+        loader: ``"module:function"``; the function takes ``checkpoint=None`` and returns
+            what ``load_model`` returns for this model (e.g. ``(model, transform)`` or
+            ``(model, processor)``).
+        cli: Module providing ``cli_eval(args)`` and ``cli_sweep(args)`` for
+            ``tokenprune eval`` / ``tokenprune sweep`` on this model.
+    """
+
+    name: str
+    task: str
+    description: str
+    loader: str
+    cli: str
+
+
+_TASK_MODELS: dict[str, TaskModel] = {}
+
+
+def register_task_model(model: TaskModel) -> None:
+    """Adds a non-classification model to the zoo (names are unique across all tasks)."""
+    if model.name in _REGISTRY or model.name in _TASK_MODELS:
+        raise ValueError(f"model name {model.name!r} is already registered")
+    _TASK_MODELS[model.name] = model
+
+
+def task_model(name: str) -> TaskModel | None:
+    """The registration of a non-classification model, or None for classifiers and unknown names."""
+    return _TASK_MODELS.get(name)
+
+
+def task_of(name: str) -> str:
+    """``"classification"`` or the registered task of ``name``.
+
+    Raises:
+        ValueError: Unknown name; the message lists the valid ones.
+    """
+    if name in _TASK_MODELS:
+        return _TASK_MODELS[name].task
+    get_entry(name)
+    return "classification"
+
+
+def _resolve(target: str) -> Any:
+    import importlib
+
+    module, _, attribute = target.partition(":")
+    resolved = importlib.import_module(module)
+    return getattr(resolved, attribute) if attribute else resolved
+
+
+def classifiers() -> list[str]:
+    """Names of the registered image classifiers, sorted."""
     return sorted(_REGISTRY)
+
+
+def available_models() -> list[str]:
+    """Names accepted by ``load_model``, sorted (classifiers and other tasks)."""
+    return sorted([*_REGISTRY, *_TASK_MODELS])
 
 
 def get_entry(name: str) -> ZooEntry:
@@ -88,6 +153,8 @@ def get_entry(name: str) -> ZooEntry:
     Raises:
         ValueError: Unknown name; the message lists the valid ones.
     """
+    if name in _TASK_MODELS:
+        raise ValueError(f"{name!r} is a {_TASK_MODELS[name].task} model, not an image classifier")
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -193,6 +260,8 @@ def load_model(
         ZooError: The checkpoint's metadata or keys do not match exactly (no missing,
             no extra, same shapes).
     """
+    if name in _TASK_MODELS:
+        return _resolve(_TASK_MODELS[name].loader)(checkpoint=checkpoint)
     entry = get_entry(name)
     path = Path(checkpoint) if checkpoint is not None else CHECKPOINT_DIR / entry.checkpoint
     if not path.is_file():
