@@ -44,24 +44,32 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import random
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make the checkout importable
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (REPO_ROOT, REPO_ROOT / "models"):  # run as a script: the checkout and train_common importable
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from train_common import (  # noqa: E402
+    TokenCache,
+    atomic_write,
+    gather,
+    lr_factor,
+    param_groups,
+    trainable_state,
+    worker_init,
+    write_json,
+)
 
 from tokenprune import zoo  # noqa: E402
 from tokenprune.data import ImageFolderDataset, find_dataset  # noqa: E402
@@ -75,33 +83,6 @@ DEFAULT_LOG = REPO_ROOT / "models" / "logs" / f"{MODEL_NAME}.json"
 
 # ---------------------------------------------------------------------------------------
 # small utilities
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp_path)`` for a temp file next to ``path``, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
-
-
-def worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding workers must not compete with the main process' threads
 
 
 def holdout_split(labels: list[int], frac: float, seed: int) -> tuple[list[int], list[int]]:
@@ -186,200 +167,7 @@ def check_split_forward(model: torch.nn.Module, images: torch.Tensor, n_frozen: 
 
 
 # ---------------------------------------------------------------------------------------
-# token cache
-
-
-class TokenCache:
-    """float16 tokens of ``blocks[:n_frozen]`` for every image of a dataset, one or two views.
-
-    Layout: ``<dir>/manifest.json`` (what was cached, and how), ``<dir>/view{v}/chunk_{i:05d}.npy``
-    (``(n, T, C)`` float16 for images ``i*chunk .. i*chunk+n-1``; view 0 = as is,
-    view 1 = mirrored left-right), ``<dir>/chunk_seconds.jsonl`` (timing).
-    """
-
-    def __init__(self, directory: Path, dataset: ImageFolderDataset, n_frozen: int, views: int, chunk: int):
-        self.dir = directory
-        self.dataset = dataset
-        self.n_frozen = n_frozen
-        self.views = views
-        self.chunk = chunk
-        base = dataset.root.parent
-        self.manifest = {
-            "format": CACHE_FORMAT,
-            "base": WHEEL_SPEC,
-            "base_wheel_sha256": WHEEL_SHA256,
-            "img_size": 224,
-            "frozen_blocks": n_frozen,
-            "transform": repr(dataset.transform),
-            "dtype": "float16",
-            "chunk": chunk,
-            "view_meaning": {"0": "as is", "1": "mirrored left-right (torch.flip on the normalised tensor)"},
-            "files": [str(p.relative_to(base)) for p, _ in dataset.samples],
-            "labels": list(dataset.targets),
-        }
-        self.n_chunks = math.ceil(len(dataset) / chunk)
-
-    def chunk_path(self, view: int, i: int) -> Path:
-        return self.dir / f"view{view}" / f"chunk_{i:05d}.npy"
-
-    def check_manifest(self) -> None:
-        path = self.dir / "manifest.json"
-        if path.is_file():
-            old = json.loads(path.read_text())
-            if old != self.manifest:
-                diff = sorted(k for k in set(old) | set(self.manifest) if old.get(k) != self.manifest.get(k))
-                raise SystemExit(
-                    f"token cache {self.dir} was made with different settings (differs in {diff}); "
-                    "delete that folder or pass another --cache-dir"
-                )
-        else:
-            write_json(path, self.manifest)
-
-    def missing(self) -> list[tuple[int, list[int]]]:
-        """(chunk index, views still missing) for every incomplete chunk."""
-        out = []
-        for i in range(self.n_chunks):
-            views = [v for v in range(self.views) if not self.chunk_path(v, i).is_file()]
-            if views:
-                out.append((i, views))
-        return out
-
-    def build(self, model: torch.nn.Module, batch_size: int, workers: int) -> tuple[float, int]:
-        """Computes every missing chunk; returns (seconds, image-views forwarded) of this call."""
-        self.check_manifest()
-        todo = self.missing()
-        n = len(self.dataset)
-        done_images = n - sum(min(self.chunk, n - i * self.chunk) for i, _ in todo)
-        if not todo:
-            print(f"token cache complete: {self.dir}")
-            return 0.0, 0
-        views_of = dict(todo)
-        batches, owner = [], []
-        for i, _ in todo:
-            lo, hi = i * self.chunk, min(n, (i + 1) * self.chunk)
-            for s in range(lo, hi, batch_size):
-                batches.append(list(range(s, min(hi, s + batch_size))))
-                owner.append(i)
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=workers, worker_init_fn=worker_init
-        )
-        start = t_last = time.perf_counter()
-        model.eval()
-        parts: dict[int, list[list[torch.Tensor]]] = {}
-        bar = tqdm(total=n, initial=done_images, desc=f"caching {self.dataset.split} tokens", unit="img")
-        with torch.inference_mode():
-            for (images, _), i in zip(loader, owner, strict=True):
-                outs = parts.setdefault(i, [[] for _ in range(self.views)])
-                for v in views_of[i]:
-                    x = images if v == 0 else torch.flip(images, dims=[-1])
-                    outs[v].append(early_forward(model, x, self.n_frozen).float())
-                bar.update(len(images))
-                got = sum(t.shape[0] for t in outs[views_of[i][0]])
-                if got == min(self.chunk, n - i * self.chunk):
-                    for v in views_of[i]:
-                        tok = torch.cat(outs[v])
-                        peak = tok.abs().max().item()
-                        if not math.isfinite(peak) or peak > 6e4:
-                            raise RuntimeError(f"tokens of chunk {i} do not fit float16 (max abs {peak})")
-                        arr = tok.half().numpy()
-
-                        def write(tmp: str, arr: np.ndarray = arr) -> None:
-                            with open(tmp, "wb") as f:
-                                np.save(f, arr)
-
-                        atomic_write(self.chunk_path(v, i), write)
-                    del parts[i]
-                    now = time.perf_counter()
-                    with open(self.dir / "chunk_seconds.jsonl", "a") as f:
-                        rec = {"chunk": i, "views": views_of[i], "images": got, "seconds": now - t_last}
-                        f.write(json.dumps(rec) + "\n")
-                    t_last = now
-        bar.close()
-        forwarded = sum(min(self.chunk, n - i * self.chunk) * len(v) for i, v in todo)
-        return time.perf_counter() - start, forwarded
-
-    def seconds(self) -> float:
-        """Seconds spent computing the chunks, summed over all runs that built this cache."""
-        path = self.dir / "chunk_seconds.jsonl"
-        if not path.is_file():
-            return 0.0
-        return sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
-
-    def load(self) -> list[torch.Tensor]:
-        """All views as in-RAM float16 tensors ``(N, T, C)``."""
-        if self.missing():
-            raise RuntimeError(f"token cache {self.dir} is incomplete")
-        n = len(self.dataset)
-        first = np.load(self.chunk_path(0, 0), mmap_mode="r")
-        shape = (n,) + tuple(first.shape[1:])
-        out = []
-        for v in range(self.views):
-            buf = torch.empty(shape, dtype=torch.float16)
-            for i in tqdm(range(self.n_chunks), desc=f"loading cached view {v}", unit="chunk"):
-                arr = np.load(self.chunk_path(v, i))
-                lo = i * self.chunk
-                want = (min(self.chunk, n - lo),) + shape[1:]
-                if arr.shape != want or arr.dtype != np.float16:
-                    raise RuntimeError(f"{self.chunk_path(v, i)}: {arr.dtype}{arr.shape}, expected float16{want}")
-                buf[lo : lo + arr.shape[0]] = torch.from_numpy(arr)
-            out.append(buf)
-        return out
-
-
-# ---------------------------------------------------------------------------------------
 # training
-
-
-def param_groups(model: torch.nn.Module, blocks: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """AdamW groups: per trained block lr * layer_decay**(distance to the last block); weight
-    decay on matrices only; final norm at ``lr``; head at ``head_lr``."""
-    last = blocks[-1]
-    groups: dict[tuple[str, bool], dict[str, Any]] = {}
-
-    def add(tag: str, lr: float, p: torch.nn.Parameter) -> None:
-        decay = p.ndim >= 2
-        g = groups.setdefault(
-            (tag, decay),
-            {
-                "name": f"{tag}{'' if decay else '.no_decay'}",
-                "params": [],
-                "base_lr": lr,
-                "weight_decay": args.weight_decay if decay else 0.0,
-            },
-        )
-        g["params"].append(p)
-
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("head."):
-            add("head", args.head_lr, p)
-        elif name.startswith("norm."):
-            add("norm", args.lr, p)
-        else:
-            i = int(name.split(".")[1])
-            add(f"blocks.{i}", args.lr * args.layer_decay ** (last - i), p)
-    out = list(groups.values())
-    for g in out:
-        g["lr"] = g["base_lr"]
-    return out
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def gather(tokens: list[torch.Tensor], idx: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-    """Rows ``idx`` as float32, row ``j`` taken from view ``views[j]``."""
-    out = torch.empty((len(idx),) + tuple(tokens[0].shape[1:]), dtype=torch.float32)
-    for v, t in enumerate(tokens):
-        sel = (views == v).nonzero().flatten()
-        if len(sel):
-            out[sel] = t[idx[sel]].float()
-    return out
 
 
 @torch.inference_mode()
@@ -397,11 +185,6 @@ def evaluate_tokens(
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         n += len(b)
     return {"acc": correct / max(1, n), "loss": loss / max(1, n), "n": n}
-
-
-def trainable_state(model: torch.nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
-    return {k: sd[k].detach().clone() for k in keys}
 
 
 # ---------------------------------------------------------------------------------------
@@ -527,9 +310,25 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     # 1. token cache -------------------------------------------------------------------
-    cache = TokenCache(root / "tokens" / tag, train_ds, n_frozen, views, chunk=256)
+    manifest = {
+        "format": CACHE_FORMAT,
+        "base": WHEEL_SPEC,
+        "base_wheel_sha256": WHEEL_SHA256,
+        "img_size": 224,
+        "frozen_blocks": n_frozen,
+        "transform": repr(train_ds.transform),
+        "dtype": "float16",
+        "chunk": 256,
+        "view_meaning": {"0": "as is", "1": "mirrored left-right (torch.flip on the normalised tensor)"},
+        "files": [str(p.relative_to(train_ds.root.parent)) for p, _ in train_ds.samples],
+        "labels": list(train_ds.targets),
+    }
+    cache = TokenCache(root / "tokens" / tag, train_ds, views, 256, manifest)
     t0 = time.perf_counter()
-    cache_s, forwarded = cache.build(model, args.cache_batch_size, args.workers)
+    model.eval()
+    cache_s, forwarded = cache.build(
+        lambda images: early_forward(model, images, n_frozen), args.cache_batch_size, args.workers
+    )
     if forwarded:
         log["timing_s"]["cache_this_run"] = cache_s
         log["cache_image_views_per_s"] = forwarded / cache_s
@@ -540,7 +339,18 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.tensor(train_ds.targets)
 
     # 2. training ---------------------------------------------------------------------------
-    groups = param_groups(model, blocks, args)
+    last = blocks[-1]
+
+    def lr_of(name: str) -> tuple[str, float]:
+        # Per trained block lr * layer_decay**(distance to the last block); final norm at lr; head at head_lr.
+        if name.startswith("head."):
+            return "head", args.head_lr
+        if name.startswith("norm."):
+            return "norm", args.lr
+        i = int(name.split(".")[1])
+        return f"blocks.{i}", args.lr * args.layer_decay ** (last - i)
+
+    groups = param_groups(model, lr_of, args.weight_decay)
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
     steps_per_epoch = math.ceil(len(train_idx) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
