@@ -27,8 +27,10 @@ Invariants:
   shorter samples are left-filled with masked slots (``state.valid`` False, ``state.index`` -1). Padding is
   dropped by the first removal (it is masked anyway) and re-made as fill, so both left- and right-padded
   batches equal their samples run alone.
-* Text tokens are never removed. With nothing to remove (zero ratios), no tensor is touched: outputs are
-  bit-identical to the unpatched model.
+* Text tokens are never removed, nor are *structural* tokens: image-layout tokens an adapter marks (e.g.
+  LLaVA-OneVision's ``image_newline`` at each row end) are kept like text and never merged, but unlike text
+  they are not query rows of a method's importance (they are not the prompt). With nothing to remove (zero
+  ratios), no tensor is touched: outputs are bit-identical to the unpatched model.
 * A cache produced by a reduced prefill is remembered (weakly, per ``Cache`` object): every later forward with
   it, even inside ``tokenprune.disabled``, gets the per-layer masks its compact layers need.
 
@@ -55,6 +57,7 @@ from torch import nn
 from tokenprune.adapters.base import check_attn_implementation, linear_macs
 from tokenprune.methods.vlm_configs import VisualPlan, VisualTokenMethod
 from tokenprune.state import LayerLog
+
 
 def check_decoder_attention(config: Any, owner: str) -> None:
     """Raise unless the language model runs attention as ``sdpa`` or ``eager``."""
@@ -152,6 +155,7 @@ class DecoderLayerContext:
     num_kv_heads: int
     head_dim: int
     scored_rows: int = field(default=0)
+    structural: torch.Tensor | None = None  # (B, N) layout tokens: kept, never query rows
 
     def last_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, row_valid)`` ``(B, 1)``: the last real token of every sample (the one that decodes next)."""
@@ -162,7 +166,8 @@ class DecoderLayerContext:
     def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, row_valid)`` ``(B, T)``: real text tokens after a sample's first visual token."""
         after_image = self.visual.long().cumsum(dim=1) > 0
-        return compact(self.valid & ~self.visual & after_image)
+        text = self.valid & ~self.visual & after_image
+        return compact(text if self.structural is None else text & ~self.structural)
 
     def attention_rows(self, rows: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
         """Attention probabilities of the query ``rows`` ``(B, T)`` over all current tokens, head-averaged.
@@ -204,6 +209,7 @@ class DecoderState:
         valid: ``(B, N)`` real tokens.
         visual: ``(B, N)`` visual tokens.
         size: ``(B, N)`` input tokens each current token holds (merging), 0 for fill.
+        structural: ``(B, N)`` image-layout tokens (kept like text, never query rows).
         num_original: Sequence length entering the LLM.
         plans: One :class:`VisualPlan` per sample.
         targets: ``(depth, B)`` visual tokens planned to enter each layer (also as nested lists, ``targets_list``).
@@ -211,7 +217,8 @@ class DecoderState:
         visual_in: Per layer, ``(B,)`` visual tokens that entered it.
         index_in: Per layer, the ``index`` of the tokens that entered it.
         scored_rows: Per layer, query rows scored there (0: no pruning).
-        spans: Per sample, visual tokens of each image (before merging).
+        spans: Per sample, visual tokens of each span (an image, or a part of one the adapter merges on its own;
+            before merging).
         text: Per sample, real text tokens.
         rows: Per sample, query rows its importance reads at a pruning layer.
         generated: Tokens decoded on top of this prefill's cache so far.
@@ -234,6 +241,7 @@ class DecoderState:
     rows: list[int] = field(default_factory=list)
     generated: int = 0
     merged: bool = False
+    structural: torch.Tensor | None = None
     version: int = 0  # removals inside the LLM so far in this forward
 
     @property
@@ -400,7 +408,10 @@ class DecoderReducer:
                 raise TypeError(f"{type(attn).__name__} has no apply_rotary_pos_emb in its module; pass rope=")
         self.rope = rope
         self.forward_in_flight: _Forward | None = None
-        self.pending_visual: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Set by the adapter before the text model runs: ``(visual, segments)`` or ``(visual, segments,
+        # structural)``, each ``(B, L)``: visual tokens, their span id (-1: not visual; tokens sharing an id are
+        # merged together) and structural tokens.
+        self.pending_visual: tuple[torch.Tensor, ...] | None = None
         self.sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._plans: dict[tuple, VisualPlan] = {}
         self._originals: list[nn.Module] = []
@@ -598,10 +609,13 @@ class DecoderReducer:
         valid = (
             mask[:, -length:].bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
         )
+        structural = torch.zeros(batch, length, dtype=torch.bool, device=device)
         if pending is not None:
-            visual, segments = pending
+            visual, segments, *layout = pending
             visual = visual.to(device) & valid
             segments = torch.where(visual, segments.to(device), -1)
+            if layout and layout[0] is not None:
+                structural = layout[0].to(device) & valid & ~visual
         else:
             visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
             segments = torch.full((batch, length), -1, dtype=torch.long, device=device)
@@ -609,10 +623,10 @@ class DecoderReducer:
         # Plan every sample: visual spans (tokens per image), text tokens, scoring rows.
         spans_per_sample = _spans(segments)
         text = (valid & ~visual).sum(dim=1).tolist()
-        after = (visual.long().cumsum(dim=1) > 0) & valid & ~visual
+        after = (visual.long().cumsum(dim=1) > 0) & valid & ~visual & ~structural
         rows = after.sum(dim=1).tolist() if self.method.query_rows == "text" else [1] * batch
         samples = zip(spans_per_sample, text, rows, strict=True)
-        plans = [self.plan([n for _, _, n in spans], t, r) for spans, t, r in samples]
+        plans = [self.plan([len(p) for _, p in spans], t, r) for spans, t, r in samples]
         merge = any(p.merge_keep < 1.0 for p, spans in zip(plans, spans_per_sample, strict=True) if spans)
 
         index = torch.arange(length, device=device).expand(batch, length)
@@ -621,13 +635,17 @@ class DecoderReducer:
         fwd.shift = torch.zeros(batch, dtype=torch.long, device=device)
         if merge:
             x = self._embeds(kwargs)
-            x, index, valid, visual, size, kwargs = self._merge(x, kwargs, valid, visual, spans_per_sample, plans, fwd)
+            x, index, valid, visual, size, structural, kwargs = self._merge(
+                x, kwargs, valid, visual, structural, spans_per_sample, plans, fwd
+            )
         merged_counts = visual.sum(dim=1).tolist()
         per_sample = [p.visual_counts(m) for p, m in zip(plans, merged_counts, strict=True)]
         targets_list = [[counts[layer] for counts in per_sample] for layer in range(self.depth)]
         targets = torch.tensor(targets_list, dtype=torch.long, device=device).reshape(self.depth, batch)
-        fwd.state = DecoderState(index, valid, visual, size, length, plans, targets, targets_list, merged=merge)
-        fwd.state.spans = [[n for _, _, n in spans] for spans in spans_per_sample]
+        fwd.state = DecoderState(
+            index, valid, visual, size, length, plans, targets, targets_list, merged=merge, structural=structural
+        )
+        fwd.state.spans = [[len(p) for _, p in spans] for spans in spans_per_sample]
         fwd.state.text, fwd.state.rows = text, rows
         fwd.all_valid = bool(valid.all())
         fwd.active = merge or any(self._prunes(fwd.state, layer) for layer in range(self.depth))
@@ -635,21 +653,21 @@ class DecoderReducer:
         self.forward_in_flight = fwd
         return (), kwargs
 
-    def _merge(self, x, kwargs, valid, visual, spans_per_sample, plans, fwd):
+    def _merge(self, x, kwargs, valid, visual, structural, spans_per_sample, plans, fwd):
         """Merge visual spans before the LLM; returns the compacted sequence and the rewritten kwargs."""
         batch, length, _ = x.shape
         device = x.device
         keep = valid & ~visual
         x = x.clone()
         size = valid.to(x.dtype)
-        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
         for b, (spans, plan) in enumerate(zip(spans_per_sample, plans, strict=True)):
-            for _, start, n in spans:
-                groups.setdefault((n, self.method.merged_count(n, plan.merge_keep)), []).append((b, start))
+            for _, span_positions in spans:
+                n = len(span_positions)
+                groups.setdefault((n, self.method.merged_count(n, plan.merge_keep)), []).append((b, span_positions))
         for (n, target), members in groups.items():
             rows = torch.tensor([b for b, _ in members], device=device)
-            starts = torch.tensor([s for _, s in members], device=device)
-            positions = starts[:, None] + torch.arange(n, device=device)  # (S, n)
+            positions = torch.tensor([p for _, p in members], device=device)  # (S, n), ascending per span
             if target >= n:
                 keep[rows[:, None], positions] = True
                 continue
@@ -678,12 +696,13 @@ class DecoderReducer:
         index = torch.where(slot_valid, gather, -1)
         x = x.gather(1, gather[..., None].expand(-1, -1, x.shape[-1]))
         visual = visual.gather(1, gather) & slot_valid
+        structural = structural.gather(1, gather) & slot_valid
         size = torch.where(slot_valid, size.gather(1, gather), 0)
         mask = kwargs.get("attention_mask")
         kwargs["inputs_embeds"] = x
         kwargs["attention_mask"] = slot_valid.to(mask.dtype if mask is not None else torch.long)
         kwargs["position_ids"] = new_positions
-        return x, index, slot_valid, visual, size, kwargs
+        return x, index, slot_valid, visual, size, structural, kwargs
 
     # ------------------------------------------------------------------------- one prefill layer
     def _prunes(self, state: DecoderState, layer: int) -> bool:
@@ -747,6 +766,7 @@ class DecoderReducer:
             self.num_heads,
             self.num_kv_heads,
             self.head_dim,
+            structural=state.structural,
         )
         scores = self.method.importance(ctx).float()  # (B, N)
         keep = (state.valid & ~state.visual) | _top_visual(scores, state.visual, state.targets[layer + 1])
@@ -755,6 +775,7 @@ class DecoderReducer:
         hidden = hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1]))
         state.index = torch.where(slot_valid, state.index.gather(1, gather), -1)
         state.visual = state.visual.gather(1, gather) & slot_valid
+        state.structural = state.structural.gather(1, gather) & slot_valid
         state.size = torch.where(slot_valid, state.size.gather(1, gather), 0)
         state.valid = slot_valid
         state.version += 1
@@ -784,18 +805,19 @@ def _top_visual(scores: torch.Tensor, visual: torch.Tensor, target: torch.Tensor
     return visual & (ranks < target[:, None])
 
 
-def _spans(segments: torch.Tensor) -> list[list[tuple[int, int, int]]]:
-    """Per sample, ``(segment, start, length)`` of each visual segment (id -1 is text), in order."""
-    out: list[list[tuple[int, int, int]]] = [[] for _ in range(segments.shape[0])]
+def _spans(segments: torch.Tensor) -> list[list[tuple[int, list[int]]]]:
+    """Per sample, ``(segment, positions)`` of each visual span (id -1 is not visual), in order.
+
+    A span is a maximal run of one id among a sample's visual tokens: it may straddle non-visual tokens (e.g. a
+    high-resolution grid whose rows end in structural newline tokens). ``positions`` ascend.
+    """
+    out: list[list[tuple[int, list[int]]]] = [[] for _ in range(segments.shape[0])]
     cpu = segments.cpu()
     if not bool((cpu >= 0).any()):
         return out
-    differs = cpu[:, 1:] != cpu[:, :-1]
-    first = torch.ones_like(cpu, dtype=torch.bool)
-    last = torch.ones_like(cpu, dtype=torch.bool)
-    first[:, 1:], last[:, :-1] = differs, differs
-    starts = (first & (cpu >= 0)).nonzero().tolist()
-    ends = (last & (cpu >= 0)).nonzero().tolist()
-    for (b, start), (_, end) in zip(starts, ends, strict=True):
-        out[b].append((int(cpu[b, start]), start, end - start + 1))
+    for b, row in enumerate(cpu):
+        positions = (row >= 0).nonzero().squeeze(1)
+        ids, counts = torch.unique_consecutive(row[positions], return_counts=True)
+        for segment, span in zip(ids.tolist(), positions.split(counts.tolist()), strict=True):
+            out[b].append((segment, span.tolist()))
     return out

@@ -70,11 +70,21 @@ class HFLlavaAdapter(Adapter):
         llava = model.model
         self._attach(llava, llava.vision_tower, llava.multi_modal_projector, "Llama/Qwen2/Mistral, transformers 5.x")
 
-    def _attach(self, inner: nn.Module, vision_tower: nn.Module, projector: nn.Module, layout: str) -> None:
-        """Check the text model's decoder layout and read its sizes (shared by every VLM family here)."""
+    def _attach(
+        self,
+        inner: nn.Module,
+        vision_tower: nn.Module,
+        projector: nn.Module,
+        layout: str,
+        language_model: nn.Module | None = None,
+    ) -> None:
+        """Check the text model's decoder layout and read its sizes (shared by every VLM family here).
+
+        ``language_model`` defaults to ``inner.language_model`` (Idefics3/SmolVLM call theirs ``text_model``).
+        """
         model = self.model
         self.llava = inner
-        self.language_model = inner.language_model
+        self.language_model = inner.language_model if language_model is None else language_model
         self.vision_tower = vision_tower
         self.projector = projector
         check_decoder_attention(self.language_model.config, type(model).__name__)
@@ -110,7 +120,7 @@ class HFLlavaAdapter(Adapter):
             raise TypeError(
                 f"method {method.name!r} reduces ViT token sequences; {type(self.model).__name__} takes the "
                 "vision-language methods (they remove visual tokens inside the language model): "
-                f"{[m for m in methods() if m in ('fastv', 'aim')]}"
+                f"{[m for m in methods() if m in ('fastv', 'aim')]}, and 'none' (the control)"
             )
         method.validate(self.depth)
         if getattr(runtime.config, "flops", None) is not None:
@@ -176,8 +186,8 @@ class HFLlavaAdapter(Adapter):
             self.reducer.pending_visual = None
 
     # ----------------------------------------------------------------- FLOPs (2 x MAC)
-    def vision_flops(self) -> float:
-        """Vision tower + projector FLOPs for one image."""
+    def tower_flops(self) -> float:
+        """FLOPs of one ``image_size`` image through a CLIP/SigLIP/Idefics3-layout vision tower."""
         config = self.vision_tower.config
         tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # CLIP / SigLIP layout
         patches = (config.image_size // config.patch_size) ** 2
@@ -187,7 +197,21 @@ class HFLlavaAdapter(Adapter):
         for layer in tower.encoder.layers:
             flops += 2.0 * tokens * (linear_macs(layer.self_attn) + linear_macs(layer.mlp))
             flops += 4.0 * tokens * tokens * heads * head_dim
-        return flops + 2.0 * self.tokens_per_image() * linear_macs(self.projector)
+        return flops
+
+    def vision_flops(self) -> float:
+        """Vision tower + projector FLOPs for one image."""
+        return self.tower_flops() + 2.0 * self.tokens_per_image() * linear_macs(self.projector)
+
+    def sample_vision_flops(self, state: Any, sample: int) -> float:
+        """Vision FLOPs of one sample of a reduced forward (here: one :meth:`vision_flops` per visual span)."""
+        return len(state.spans[sample]) * self.vision_flops()
+
+    def flops_for_inputs(self, inputs: dict) -> dict:
+        """Analytic FLOPs table of one unreduced prompt given as ``model(**inputs)`` keyword inputs."""
+        pixels = inputs.get("pixel_values")
+        num_images = int(pixels.shape[0]) if pixels is not None else 0
+        return self.analytic_flops(int(inputs["input_ids"].shape[1]), [0] * self.depth, num_images=num_images)
 
     def embed_flops(self, num_tokens: int) -> float:
         return self.vision_flops()
@@ -234,8 +258,7 @@ class HFLlavaAdapter(Adapter):
         ``torch.utils.flop_counter`` measures for ``model(**inputs)``.
         """
         table = self._reducer_like().sample_flops(state, sample)
-        images = len(state.spans[sample])
-        embed = images * self.vision_flops() + table["merge"]
+        embed = self.sample_vision_flops(state, sample) + table["merge"]
         head = self.head_flops(table["layers"][-1]["tokens_out"])
         layers = table["layers"]
         total = embed + head + sum(row["flops"] for row in layers)

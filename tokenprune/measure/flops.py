@@ -156,6 +156,8 @@ def _count_flops_keyword(model: nn.Module, inputs: Mapping[str, Any]) -> FlopsRe
         return report  # per-sample token counts differ in a batch: measured only
     if patch is not None and patch.runtime.enabled:
         table = adapter.flops_for(patch.state, 0)
+    elif hasattr(adapter, "flops_for_inputs"):  # the adapter reads image counts/sizes from the inputs
+        table = adapter.flops_for_inputs(inputs)
     else:
         num_images = int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else 0
         table = adapter.analytic_flops(int(inputs["input_ids"].shape[1]), [0] * adapter.depth, num_images=num_images)

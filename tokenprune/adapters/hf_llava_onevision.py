@@ -1,0 +1,197 @@
+"""Adapter for Hugging Face ``LlavaOnevisionForConditionalGeneration`` (transformers 5.x, anyres tiling).
+
+``tokenprune.apply(llava_ov, "fastv", k=2, keep=0.5)`` / ``tokenprune.apply(llava_ov, "aim", merge_keep=0.25)``
+patches the model in place; ``forward`` and ``generate()`` keep their signatures. The language-model side (real
+removal, masks, compact KV cache, decode) is :mod:`tokenprune.adapters.hf_decoder`, shared with LLaVA and
+Qwen2-VL; this file owns the anyres layout of the image placeholders.
+
+LLaVA-OneVision turns one image into crops: a base crop (the whole image at ``image_size``) and, for a single
+image per prompt, tiles of a higher-resolution grid chosen from ``image_grid_pinpoints``. HF's
+``pack_image_features`` lays one image's placeholders out as::
+
+    [base grid: side x side tokens, row-major]
+    [high-res grid (tiles stitched, unpadded, maybe resized): R rows of W tokens, each row followed by newline]
+
+(a base-only image, e.g. with several images per prompt, is ``[base grid][newline]``). Every one of these
+placeholders is ``config.image_token_id``, so the layout cannot be read from the ids. A forward pre-hook on
+``model.model`` computes it from ``image_sizes`` (and ``batch_num_images``) by running HF's own
+``pack_image_features`` on constant stand-in features (base 0, tiles 1, newline 2): whatever unpadding or
+resizing HF applies, each placeholder's kind comes out exactly as HF will scatter the real features.
+
+What the reduction does with that layout:
+
+* **Newline tokens are structural**: kept like text, never merged or pruned, and not query rows of AIM's
+  text-to-visual importance. Why: ``image_newline`` is one learned vector, the same at every row end; it holds
+  no image content to rank, and it is how the LLM knows the grid's row structure. Merging it with patches
+  (cosine similarity) would blur that marker into content, and pruning rows' ends would make the remaining
+  tokens read as one long row. There is one per high-res row (a few percent of the image's tokens).
+* **AIM merges the base grid and the high-res grid of each image separately** (two spans per image, the
+  high-res span straddling its newline tokens): the two grids are the same picture at two scales, so
+  matching across them would average a coarse and a fine view of one spot into a token of neither grid.
+  Merged tokens are stored at a position of their own grid, so spatial order and every row's newline stay.
+* FastV / AIM pruning ranks the visual tokens of the whole prompt together (base and high-res alike).
+
+``generate()`` encodes the images itself and passes ``mm_encoder_outputs`` instead of ``pixel_values``: then
+the layout is read from the packed features (base grid first; newline tokens are exact copies of
+``image_newline``). With neither, each run of placeholders is one span with no structural tokens. Video
+placeholders are left alone (treated like text). ``labels`` are refused while reducing, as for LLaVA.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenprune.adapters.base import Adapter
+from tokenprune.adapters.hf_llava import HFLlavaAdapter, visual_segments
+from tokenprune.registry import register_adapter
+
+_CLASSES = ("LlavaOnevisionForConditionalGeneration",)
+# Kinds of one image's placeholders, as the stand-in values packed by HF's pack_image_features.
+BASE, HIGH_RES, NEWLINE = 0, 1, 2
+
+
+def _is_llava_onevision(model: Any) -> bool:
+    module = sys.modules.get("transformers")
+    if module is None or not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        return False
+    classes = tuple(c for c in (getattr(module, name, None) for name in _CLASSES) if c is not None)
+    return bool(classes) and isinstance(model, classes)
+
+
+class HFLlavaOnevisionAdapter(HFLlavaAdapter):
+    """``LlavaOnevisionForConditionalGeneration``, images (anyres crops and newline tokens); videos untouched."""
+
+    description = "transformers LlavaOnevisionForConditionalGeneration (anyres; vision-language methods: fastv, aim)"
+    has_static_size = False
+
+    def __init__(self, model: nn.Module) -> None:  # noqa: D107 - the same layout checks as LLaVA
+        Adapter.__init__(self, model)
+        inner = model.model  # ``LlavaOnevisionModel``
+        self._attach(inner, inner.vision_tower, inner.multi_modal_projector, "transformers 5.x LLaVA-OneVision")
+        self._crops: list[list[int]] = []  # per sample of the last prefill: crops of each of its images
+
+    # ----------------------------------------------------------------- the anyres layout
+    def tokens_per_image(self) -> int:
+        """Visual tokens of one crop (``side * side``; ``pack_image_features`` requires exactly that)."""
+        vision = self.model.config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2
+
+    def image_layouts(
+        self, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        """Per image, the kind (:data:`BASE`, :data:`HIGH_RES`, :data:`NEWLINE`) of each placeholder, and its crops.
+
+        Args:
+            image_sizes: ``(I, 2)`` original ``(height, width)`` of each image.
+            batch_num_images: ``(B,)`` images per sample; a sample with several gets base crops only (as HF).
+
+        Returns:
+            ``(kinds, crops)``: ``I`` tensors ``(tokens_i,)`` in HF's packing order, and crops per image.
+        """
+        config = self.model.config
+        crop_size = config.vision_config.image_size
+        modeling = sys.modules[type(self.llava).__module__]
+        sizes = image_sizes.cpu()
+        if batch_num_images is None:
+            tiled = [True] * len(sizes)
+        else:  # as HF's get_image_features: only a sample's sole image is tiled
+            tiled = [n == 1 for n in batch_num_images.tolist() for _ in range(n)]
+        crops = [
+            modeling.image_size_to_num_patches(size, config.image_grid_pinpoints, crop_size) if tile else 1
+            for size, tile in zip(sizes, tiled, strict=False)
+        ]
+        per_crop = self.tokens_per_image()
+        # Constant stand-ins (crops, side * side, 1) for the projected crops: base BASE, tiles HIGH_RES (bilinear
+        # resizing keeps a constant, up to rounding), newline NEWLINE; HF packs them exactly like the real ones.
+        stand_ins = [
+            torch.cat([torch.full((1, per_crop, 1), float(BASE)), torch.full((n - 1, per_crop, 1), float(HIGH_RES))])
+            for n in crops
+        ]
+        packed, _ = self.llava.pack_image_features(
+            stand_ins,
+            sizes,
+            image_newline=torch.full((1,), float(NEWLINE)),
+            vision_aspect_ratio=config.vision_aspect_ratio,
+        )
+        return [p[:, 0].round().long() for p in packed], crops
+
+    def feature_layouts(self, features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """The kind of each placeholder, read from already packed features (one ``(tokens_i, C)`` per image).
+
+        ``generate()`` encodes the images before the first forward and passes ``mm_encoder_outputs`` instead of
+        ``pixel_values``/``image_sizes``. A packed image is its base grid (``side * side`` tokens) first, then
+        the high-res grid; its newline tokens are exact copies of ``model.model.image_newline``.
+        """
+        newline = self.llava.image_newline
+        kinds = []
+        for feature in features:
+            kind = torch.full((feature.shape[0],), HIGH_RES, dtype=torch.long)
+            kind[: self.tokens_per_image()] = BASE
+            kind[(feature == newline.to(feature.device, feature.dtype)).all(dim=-1).cpu()] = NEWLINE
+            kinds.append(kind)
+        return kinds
+
+    def num_tokens(self, input_size: tuple[int, int] | None = None) -> int:
+        """Placeholders (LLM tokens) of one image of ``input_size`` ``(height, width)``, alone in its prompt."""
+        if input_size is None:
+            raise NotImplementedError(
+                f"{type(self.model).__name__} tiles images by their size (anyres): give input_size=(height, width)"
+            )
+        kinds, _ = self.image_layouts(torch.tensor([list(input_size)]))
+        return len(kinds[0])
+
+    def _find_visual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        placeholders = self.visual_mask(input_ids, kwargs)  # (B, L) every image placeholder
+        if placeholders is None:
+            return
+        visual, structural = placeholders, None
+        segments = visual_segments(placeholders, None)  # without a layout: each run of placeholders is one span
+        kinds, crops = None, []
+        if bool(placeholders.any()):  # a prefill with images: forget the last one's crops
+            self._crops = [[] for _ in range(placeholders.shape[0])]
+            image_sizes = kwargs.get("image_sizes")
+            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+            if kwargs.get("pixel_values") is not None and image_sizes is not None:
+                kinds, crops = self.image_layouts(image_sizes, kwargs.get("batch_num_images"))
+            elif encoded is not None and isinstance(encoded.pooler_output, (list, tuple)):  # e.g. from generate()
+                kinds = self.feature_layouts(encoded.pooler_output)
+                crops = [0] * len(kinds)  # the tower ran before this forward
+        if kinds:
+            flat = torch.cat(kinds).to(placeholders.device)  # (P,) in HF's masked_scatter order (row-major)
+            if flat.numel() == int(placeholders.sum()):  # otherwise HF raises on the count mismatch itself
+                image = torch.cat([torch.full_like(k, i) for i, k in enumerate(kinds)]).to(flat.device)  # (P,)
+                newline = flat == NEWLINE
+                segments = torch.full_like(placeholders, -1, dtype=torch.long)
+                segments[placeholders] = torch.where(newline, -1, 2 * image + (flat == HIGH_RES).long())
+                structural = torch.zeros_like(placeholders)
+                structural[placeholders] = newline
+                visual = placeholders & ~structural
+                owner = placeholders.nonzero()[:, 0].cpu()  # (P,) sample of every placeholder
+                first = torch.tensor([0] + [len(k) for k in kinds[:-1]]).cumsum(0)  # (I,) first placeholder
+                for sample, n in zip(owner[first].tolist(), crops, strict=True):
+                    self._crops[sample].append(n)
+        self.reducer.pending_visual = (visual, segments, structural)
+
+    # ----------------------------------------------------------------- FLOPs (2 x MAC)
+    def sample_vision_flops(self, state: Any, sample: int) -> float:
+        """Vision tower + projector on every crop of the sample's images in the last prefill.
+
+        0 when the tower did not run there (features given as ``mm_encoder_outputs``).
+        """
+        crops = self._crops[sample] if sample < len(self._crops) else []
+        return sum(crops) * self.vision_flops()
+
+    def flops_for_inputs(self, inputs: dict) -> dict:
+        """Analytic FLOPs of one unreduced prompt; the vision tower runs once per crop (from ``image_sizes``)."""
+        crops = 0
+        if inputs.get("pixel_values") is not None and inputs.get("image_sizes") is not None:
+            crops = sum(self.image_layouts(inputs["image_sizes"], inputs.get("batch_num_images"))[1])
+        return self.analytic_flops(int(inputs["input_ids"].shape[1]), [0] * self.depth, num_images=crops)
+
+
+register_adapter(_is_llava_onevision, HFLlavaOnevisionAdapter, HFLlavaOnevisionAdapter.description)
