@@ -117,6 +117,8 @@ def apply(model: nn.Module, method: str, **options: Any) -> Patch:
     adapter_cls = registry.find_adapter(model)
     method_impl: Method = entry.method_cls(config)
     adapter = adapter_cls(model)
+    if hasattr(method_impl, "check_adapter"):
+        method_impl.check_adapter(adapter)  # methods tied to one model kind (dtop: segmenters) refuse others
     if method_impl.needs_class_token and not adapter.has_class_token:
         raise ValueError(
             f"method {method!r} scores tokens by class-token attention, but this model has no class token; "

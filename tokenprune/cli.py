@@ -71,6 +71,8 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Any,
     from tokenprune.data import load_dataset
     from tokenprune.measure.sweep import resolve_data_root
 
+    if getattr(args, "split", None) not in (None, "val"):
+        raise SystemExit(f"classifiers are scored on their val split; --split {args.split!r} is not supported")
     model, size = build_model(args.model, args.img_size)
     transform = zoo.build_transform(size)
     root = resolve_data_root(args.data)
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="dataset root holding <dataset>/val/... (default: $TOKENPRUNE_DATA; "
                        "neither: bundled example photos, agreement with the unreduced model)")
         p.add_argument("--limit", type=int, help="deterministic class-balanced subset of N images")
+        p.add_argument("--split", help="split to score (default: val for classifiers, test for segmentation)")
         p.add_argument("--bench-rounds", type=int, default=3, help="side-by-side speed rounds (0: skip)")
 
     evaluate = sub.add_parser("eval", help="accuracy (or agreement), GFLOPs and images/s of one setting")

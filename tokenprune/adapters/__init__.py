@@ -13,6 +13,7 @@ from tokenprune.adapters import (  # noqa: F401
     hf_qwen2_vl,
     hf_siglip,
     hf_vit,
+    segmenter,
     timm_vit,
 )
 from tokenprune.adapters.base import Adapter

@@ -1,0 +1,90 @@
+"""``dtop``: Dynamic Token Pruning for semantic segmentation (Tang et al., ICCV 2023), early exit per token.
+
+At each stage boundary of a :class:`tokenprune.segmentation.ViTSegmenter` (``exit_after``), the boundary's
+auxiliary head grades every token still in the sequence. Tokens whose top class probability reaches
+``threshold`` exit: that aux prediction is their final one and they leave the sequence for all later
+blocks (real removal). The ``keep_top_k`` most confident tokens of each predicted class stay, so later
+blocks keep context of every class. The final head predicts the tokens that never exit, and the output
+map is reassembled in original token positions. The forward itself lives in the segmenter adapter
+(:mod:`tokenprune.adapters.segmenter`), which owns padding and masks; this module holds the options.
+
+    patch = tokenprune.apply(segmenter, "dtop", threshold=0.95, keep_top_k=5)
+    logits = segmenter(images)              # (B, K, h, w), same shape as without dtop
+    patch.state.exit_stage                  # (B, h*w): 0.. = exited at exit_after[s], S = final head
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokenprune.config import ReductionConfig
+from tokenprune.methods.base import LayerContext, Method
+from tokenprune.registry import register_method
+from tokenprune.state import TokenState
+
+
+@dataclass
+class DToPConfig(ReductionConfig):
+    """DToP early exit.
+
+    Attributes:
+        threshold: A token exits at a stage boundary when its aux head's top class probability is at
+            least this; any number > 0 (values above 1 disable exits: the exact unpruned prediction).
+        keep_top_k: Per image and class, the k most confident live tokens never exit (an int >= 0).
+    """
+
+    threshold: float = 0.95
+    keep_top_k: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (isinstance(self.r, int) and self.r) or (isinstance(self.r, list) and any(self.r)):
+            raise ValueError(
+                "method 'dtop' has no per-layer schedule r: tokens exit by confidence; set threshold (> 0) "
+                "and keep_top_k (>= 0) instead"
+            )
+        if self.flops is not None:
+            raise ValueError(
+                "method 'dtop' takes no FLOPs budget: its cost follows from threshold (> 0) and keep_top_k "
+                "(>= 0); sweep threshold to trade FLOPs for accuracy"
+            )
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise TypeError(f"threshold must be a number > 0 (max class probability to exit), got {self.threshold!r}")
+        if not self.threshold > 0 or self.threshold != self.threshold:
+            raise ValueError(
+                f"threshold must be > 0 (max class probability to exit; > 1 disables exits), got {self.threshold}"
+            )
+        self.threshold = float(self.threshold)
+        if isinstance(self.keep_top_k, bool) or not isinstance(self.keep_top_k, int) or self.keep_top_k < 0:
+            raise ValueError(
+                f"keep_top_k must be an int >= 0 (tokens per class that never exit), got {self.keep_top_k!r}"
+            )
+
+
+class DToP(Method):
+    """Early exit by aux-head confidence; runs only on segmenters with exit heads (the adapter's forward)."""
+
+    name = "dtop"
+
+    def max_removable(self, reducible: int) -> int:
+        return 0  # no per-layer schedule: exits are decided per token at the stage boundaries
+
+    def check_adapter(self, adapter: Any) -> None:
+        """Refuse models without exit heads (called by ``tokenprune.apply``)."""
+        from tokenprune.adapters.segmenter import SegmenterAdapter
+
+        if not isinstance(adapter, SegmenterAdapter):
+            raise TypeError(
+                f"method 'dtop' needs a segmenter with auxiliary exit heads "
+                f"(tokenprune.segmentation.ViTSegmenter, e.g. load_model('vit-s14-camvid')); got "
+                f"{type(adapter.model).__name__}"
+            )
+
+    def reduce(self, x: torch.Tensor, state: TokenState, r: int, ctx: LayerContext) -> torch.Tensor:
+        raise RuntimeError("dtop does not reduce inside timm blocks; the segmenter adapter runs its forward")
+
+
+register_method("dtop", DToPConfig, DToP)
