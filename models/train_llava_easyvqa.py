@@ -50,9 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="default: <cache>/train_llava_easyvqa")
     p.add_argument("--out", type=Path, default=L.MODEL_DIR, help="where the trained model files are written")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=8, help="images per step (each with all its ~10 questions)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=150)
     p.add_argument("--clip-grad", type=float, default=1.0)
@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-minutes", type=float, default=4.0)
     p.add_argument("--evals-per-epoch", type=int, default=2)
     p.add_argument("--benchmark-steps", type=int, default=0, help="time this many steps, print, exit")
+    p.add_argument(
+        "--finalize",
+        action="store_true",
+        help="stop training: write the best held-out weights found so far in run/last.pt to --out",
+    )
     p.add_argument("--limit-images", type=int, default=None, help="use only the first N train images (smoke tests)")
     return p.parse_args(argv)
 
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     last = run_dir / "last.pt"
     if last.is_file() and not args.benchmark_steps:
         state = torch.load(last, weights_only=False)
-        if state["args"] != {k: str(v) for k, v in vars(args).items()}:
+        if not args.finalize and state["args"] != {k: str(v) for k, v in vars(args).items()}:
             raise RuntimeError(f"{last} was written with other arguments: {state['args']}; delete it to start over")
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -280,6 +285,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(state, run_dir / "last.tmp")
         os.replace(run_dir / "last.tmp", last)
 
+    if args.finalize:
+        if not history:
+            raise RuntimeError(f"--finalize needs a checkpoint with at least one held-out evaluation in {last}")
+        total = step
     model.train()
     model.model.vision_tower.eval()
     last_save = time.time()

