@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,9 +15,15 @@ from tokenprune.api import apply
 from tokenprune.measure.flops import measure_flops
 
 
-def _time_once(model: nn.Module, images: torch.Tensor) -> float:
+def call(model: nn.Module, inputs: torch.Tensor | Mapping[str, Any]) -> Any:
+    """``model(inputs)`` for a tensor batch, ``model(**inputs)`` for keyword inputs (vision-language models)."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def time_call(model: nn.Module, inputs: torch.Tensor | Mapping[str, Any]) -> float:
+    """Wall seconds of one forward."""
     start = time.perf_counter()
-    model(images)
+    call(model, inputs)
     return time.perf_counter() - start
 
 
@@ -56,9 +63,9 @@ def compare_throughput(
     times: dict[str, list[float]] = {"unpatched": [], "patched": []}
     with torch.inference_mode():
         for step in tqdm(range(warmup + rounds), desc=f"bench {method} {options}", disable=not progress):
-            unpatched = _time_once(model, images)
+            unpatched = time_call(model, images)
             patch = apply(model, method, **options)
-            patched = _time_once(model, images)
+            patched = time_call(model, images)
             patch.remove()
             if step >= warmup:
                 times["unpatched"].append(unpatched)
