@@ -11,6 +11,8 @@
   prompts, batch 1, one prefill forward with the LM head on the last row only: ``total`` (vision tower +
   projector + LLM + head), ``vision`` (tower + projector, measured alone), ``llm_prefill = total - vision``.
   ``--flops`` is a fraction of the unreduced ``llm_prefill`` (as AIM counts), solved per prompt by the method.
+* **Image features**: the accuracy loop memoises the vision tower + projector output per image
+  (:func:`cached_image_features`): no method touches them, so this only skips recomputing identical numbers.
 * **Prefill time**: the same batch-1 prefill, unpatched and patched alternately on the same prompts (the patch
   applied and removed around its forward), medians; ``llm`` times the language model alone (inside
   ``model.model.language_model``, which includes AIM's merging), ``total`` the whole forward.
@@ -22,11 +24,13 @@ Methods: any vision-language method name (``aim``, ``fastv``, ``random_visual``)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +100,7 @@ def prune_only_options(model, processor, rows, budget: float) -> dict[str, Any]:
     FLOPs on the reference prompts come closest to ``budget`` (ties: the later, milder schedule)."""
     depth = model.config.text_config.num_hidden_layers
     base = flops_of(model, processor, rows)
-    best = None
+    best, lowest = None, None
     for start in range(1, depth + 1):  # layer 0 always sees every visual token (its attention scores the first cut)
         for end in range(start, depth + 1):
             options = {"merge_keep": 1.0, "prune_start": start / depth, "prune_end": end / depth}
@@ -108,6 +112,12 @@ def prune_only_options(model, processor, rows, budget: float) -> dict[str, Any]:
             key = (abs(ratio - budget), -start, -end)
             if best is None or key < best[0]:
                 best = (key, options, ratio)
+            lowest = ratio if lowest is None else min(lowest, ratio)
+    if best[2] > budget + 0.02:
+        raise ValueError(
+            f"flops budget {budget} is below what aim_prune (pruning only, layer 0 sees every visual token) reaches "
+            f"on this model: lowest {lowest:.3f}; valid budgets are in [{lowest:.3f}, 1]"
+        )
     return best[1]
 
 
@@ -181,8 +191,45 @@ def time_prefill(model, processor, rows, method: str, options: dict[str, Any], r
     return medians
 
 
-def answer_accuracy(model, processor, rows, batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
-    """Exact-match accuracy of greedy ``generate()`` answers (batches of equal prompt length: no padding)."""
+@contextmanager
+def cached_image_features(model, cache: dict[str, torch.Tensor] | None):
+    """Memoise ``LlavaModel.get_image_features`` (vision tower + projector) per image while inside.
+
+    No method here touches the tower or the projector, so their output for an image is the same in every
+    setting; the sweep computes it once per image instead of once per question and setting. Keys are the
+    sha1 of each image's ``pixel_values``; values the (144, H) projected features. ``cache=None``: no-op.
+    """
+    if cache is None:
+        yield
+        return
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    inner = model.model
+    original = inner.get_image_features
+
+    def cached(pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+        keys = [hashlib.sha1(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest() for p in pixel_values]
+        missing = [i for i, key in enumerate(keys) if key not in cache]
+        if missing:
+            out = original(pixel_values=pixel_values[missing], **kwargs)
+            for i, features in zip(missing, out.pooler_output, strict=True):
+                cache[keys[i]] = features
+        return BaseModelOutputWithPooling(pooler_output=[cache[key] for key in keys])
+
+    inner.get_image_features = cached
+    try:
+        yield
+    finally:
+        del inner.get_image_features  # back to the class's method
+
+
+def answer_accuracy(
+    model, processor, rows, batch_size: int = 32, progress: bool = True, feature_cache: dict | None = None
+) -> dict[str, Any]:
+    """Exact-match accuracy of greedy ``generate()`` answers (batches of equal prompt length: no padding).
+
+    ``feature_cache``: see :func:`cached_image_features` (None: the vision tower runs for every question).
+    """
     from tqdm.auto import tqdm
 
     from tokenprune.llava_easyvqa import answer_of, prompt
@@ -193,7 +240,8 @@ def answer_accuracy(model, processor, rows, batch_size: int = 32, progress: bool
         by_length.setdefault(len(tokenizer(prompt(row["question"]))["input_ids"]), []).append(row)
     batches = [g[i : i + batch_size] for g in by_length.values() for i in range(0, len(g), batch_size)]
     correct, per_answer = 0, {}
-    with torch.inference_mode(), tqdm(total=len(rows), desc="generate", unit="q", disable=not progress) as bar:
+    bar = tqdm(total=len(rows), desc="generate", unit="q", disable=not progress)
+    with torch.inference_mode(), cached_image_features(model, feature_cache), bar:
         for batch in batches:
             inputs = encode(processor, batch)
             out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
@@ -213,9 +261,20 @@ def answer_accuracy(model, processor, rows, batch_size: int = 32, progress: bool
 
 
 def evaluate_setting(
-    model, processor, rows, name: str, options: dict[str, Any], batch_size: int = 32, timing_rounds: int = 2
+    model,
+    processor,
+    rows,
+    name: str,
+    options: dict[str, Any],
+    batch_size: int = 32,
+    timing_rounds: int = 2,
+    feature_cache: dict | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, FLOPs and prefill time of one method setting; the model is unpatched again afterwards."""
+    """Accuracy, FLOPs and prefill time of one method setting; the model is unpatched again afterwards.
+
+    FLOPs and prefill times always run the whole model (vision tower included); ``feature_cache`` only
+    serves the accuracy loop (see :func:`cached_image_features`).
+    """
     method, options = resolve_method(name, options)
     reference = rows[:FLOPS_PROMPTS]
     base = flops_of(model, processor, reference)
@@ -243,7 +302,8 @@ def evaluate_setting(
             "flops_prompts": len(reference),
             "tokens_per_layer_first_prompt": [list(t) for t in layers],
         }
-        result.update(answer_accuracy(model, processor, rows, batch_size))
+        result.update(answer_accuracy(model, processor, rows, batch_size, feature_cache=feature_cache))
+        result["image_features_cached"] = feature_cache is not None
     finally:
         patch.remove()
     if timing_rounds > 0:
@@ -284,7 +344,9 @@ def cli_eval(args: argparse.Namespace) -> None:
         options["flops"] = args.flops
     if args.method == "random":
         args.method = "random_visual"
-    result = evaluate_setting(model, processor, rows, args.method, options, args.batch_size, args.bench_rounds)
+    result = evaluate_setting(
+        model, processor, rows, args.method, options, args.batch_size, args.bench_rounds, feature_cache={}
+    )
     result.update({"model": MODEL_NAME, "budget": args.flops, "data": _data_label(args, rows), "limit": args.limit})
     text = json.dumps(result, indent=2)
     if args.out:
@@ -308,6 +370,7 @@ def cli_sweep(args: argparse.Namespace) -> None:
     settings = sweep_settings(names, [float(b) for b in args.flops.split(",")])
     done: dict[tuple[str, float], dict] = {}
     data = _data_label(args, rows)
+    feature_cache: dict[str, torch.Tensor] = {}  # image features, shared by every setting
     for name, budget in tqdm(settings, desc="sweep"):
         path = out_dir / f"{name}_{budget}.json"
         if args.resume and path.exists():
@@ -315,7 +378,9 @@ def cli_sweep(args: argparse.Namespace) -> None:
             continue
         options = {**_options(args), **({"flops": budget} if name != "none" else {})}
         try:
-            row = evaluate_setting(model, processor, rows, name, options, args.batch_size, args.bench_rounds)
+            row = evaluate_setting(
+                model, processor, rows, name, options, args.batch_size, args.bench_rounds, feature_cache
+            )
         except ValueError as error:  # a budget this method cannot reach: recorded, not fatal
             row = {"method": name, "error": str(error)}
         row.update({"budget": budget, "model": MODEL_NAME, "data": data, "limit": args.limit})
