@@ -1,6 +1,6 @@
 """Launch the tokenprune Gradio demo: ``python demos/app.py [--host H] [--port P] [--model M]``.
 
-A thin launcher; the app lives in the package (``tokenprune/demo.py``), so ``tokenprune demo`` does the
+A thin launcher; the app lives in the package (``tokenprune/demo/``), so ``tokenprune demo`` does the
 same after ``pip install 'tokenprune[demo]'``.
 """
 
