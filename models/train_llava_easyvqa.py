@@ -10,7 +10,8 @@ Steps (all under ``<cache>/train_llava_easyvqa``, ``<cache>`` = ``$TOKENPRUNE_CA
    chunks of ``--chunk`` images (``features/``), so an interrupted run resumes.
 2. Selection split: ``--val-images`` train images (seeded) are held out with all their questions; the test split
    is never read here.
-3. Training of projector + decoder + LM head with teacher forcing on ``prompt(question) answer </s>`` (loss on the
+3. Training of projector + decoder + LM head (the projector on per-channel standardized features, folded into
+   its first linear layer for export: see ``fold_standardization_``) with teacher forcing on ``prompt(question) answer </s>`` (loss on the
    answer word and ``</s>``). The forward is LLaVA's own with the tower's output read from the cache: token
    embeddings, projected features scattered into the ``<image>`` placeholders, the language model, the LM head.
    A checkpoint (``run/last.pt``) is written every ``--checkpoint-minutes``; rerunning resumes from it.
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="default: <cache>/train_llava_easyvqa")
     p.add_argument("--out", type=Path, default=L.MODEL_DIR, help="where the trained model files are written")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=8, help="images per step (each with all its ~10 questions)")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -195,6 +196,41 @@ def llava_logits(model, ids, positions, mask, features, where):
     return model.lm_head(picked)
 
 
+def feature_statistics(features: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (C,) of the cached features of ``rows`` over all their tokens (float32)."""
+    total = torch.zeros(features.shape[-1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(rows), 256):
+        chunk = features[rows[start : start + 256]].double().flatten(0, 1)  # (n * 144, C)
+        total += chunk.sum(0)
+        squares += (chunk * chunk).sum(0)
+    count = len(rows) * features.shape[1]
+    mean = total / count
+    return mean.float(), (squares / count - mean * mean).clamp(min=1e-12).sqrt().float()
+
+
+def standardize_(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """In place, in chunks: ``(features - mean) / std`` (float16 storage)."""
+    for start in range(0, features.shape[0], 256):
+        part = features[start : start + 256]
+        part.copy_(((part.float() - mean) / std).to(part.dtype))
+    return features
+
+
+@torch.no_grad()
+def fold_standardization_(model, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Turn the projector trained on standardized features into one that takes the raw tower output.
+
+    Training reparametrization only: the tower's last-layer channels differ in scale by orders of magnitude
+    (colour lives in small ones), so the projector is trained on ``z = (x - mean) / std``. Since
+    ``W z + b = (W / std) x + (b - (W / std) mean)``, folding leaves the standard LLaVA projector.
+    """
+    linear = model.model.multi_modal_projector.linear_1
+    weight = linear.weight / std[None, :]  # (H, C)
+    linear.bias.sub_(weight @ mean)
+    linear.weight.copy_(weight)
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -251,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     answer_ids = tokenizer.convert_tokens_to_ids(answers)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     n_train, n_val = (sum(len(q) for _, q in g) for g in (train_groups, val_groups))
+    mean, std = feature_statistics(features, [r for r, _ in train_groups])
+    features = standardize_(features, mean, std)  # the projector trains on standardized input (folded at the end)
     print(f"train: {len(train_groups)} images / {n_train} questions; held-out: {len(val_groups)} / {n_val}")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -338,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
 
     model.load_state_dict(best["model"], strict=False)
+    fold_standardization_(model, mean, std)
     metadata = {
         "train_command": " ".join(
             ["python", "models/train_llava_easyvqa.py", *(argv if argv is not None else sys.argv[1:])]
@@ -347,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_questions": str(n_val),
         "heldout_first_token_acc": f"{best['val_acc']:.4f}",
         "selected_step": str(best["step"]),
+        "projector_training": "on per-channel standardized tower features (train-split statistics), folded into "
+        "linear_1 for export",
         "total_steps": str(total),
         "history": json.dumps([{k: round(v, 4) for k, v in h.items()} for h in history]),
     }

