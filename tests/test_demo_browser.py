@@ -130,11 +130,14 @@ def sync_api():
     return pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
 
-@pytest.fixture
-def demo_url(sync_api, tmp_path: Path):
-    """A demo server on a free localhost port, stopped afterwards."""
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory: pytest.TempPathFactory):
+    """A demo server on a free localhost port (one for the module's browser tests), stopped afterwards."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's Chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     port = _free_port()
-    log = tmp_path / "demo.log"
+    log = tmp_path_factory.mktemp("demo") / "demo.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "tokenprune.cli", "demo", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--model", os.environ.get("TOKENPRUNE_DEMO_MODEL", "auto")]
@@ -228,3 +231,113 @@ def test_demo_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
     if os.environ.get("TOKENPRUNE_UPDATE_SCREENSHOT") == "1":
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copyfile(shot, REPO / "docs" / "demo.png")
+
+
+def _open_page(sync_api, playwright, url: str, timeout: int, outside: list[str]):
+    """A Chromium page on the demo that refuses (and records) every request outside localhost."""
+
+    def local_only(route) -> None:
+        if route.request.url.startswith(LOCAL_PREFIXES):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.set_default_timeout(timeout)
+    page.route("**/*", local_only)
+    page.goto(url, wait_until="domcontentloaded")
+    return browser, page
+
+
+def _skip_without_tab(page, name: str, timeout: int) -> None:
+    tab = page.get_by_role("tab", name=name)
+    try:
+        tab.wait_for(timeout=timeout)
+    except Exception:
+        pytest.skip(f"the demo has no {name!r} tab (its zoo model is not installed)")
+    tab.click()
+
+
+def test_segmentation_tab_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
+    """DToP tab: an example at a low threshold renders both maps with fewer GFLOPs after early exit."""
+    expect, timeout, outside = sync_api.expect, 180_000, []
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("this is not an image\n")
+    with sync_api.sync_playwright() as playwright:
+        browser, page = _open_page(sync_api, playwright, demo_url, timeout, outside)
+        try:
+            _skip_without_tab(page, "Segmentation (DToP)", 60_000)
+            threshold = page.locator("#tp-seg-threshold input[type=number]")
+            threshold.fill("0.6")  # read when the example is clicked: many tokens exit early
+            threshold.press("Tab")
+            page.locator("#tp-seg-examples button[aria-label^='Thumbnail']").nth(0).click()
+            original, reduced = page.locator("#tp-seg-orig-stats"), page.locator("#tp-seg-red-stats")
+            expect(reduced).to_contain_text("GFLOPs", timeout=timeout)
+            expect(original).to_contain_text("GFLOPs", timeout=timeout)
+            assert _gflops(reduced.inner_text()) < _gflops(original.inner_text())
+            for image in ("#tp-seg-orig-map img", "#tp-seg-red-map img", "#tp-seg-stages img"):
+                expect(page.locator(image)).to_be_visible(timeout=timeout)
+            expect(page.locator("#tp-seg-legend")).to_contain_text("after block", timeout=timeout)
+            page.locator("#tp-seg-upload input[type=file]").set_input_files(str(text_file))
+            expect(page.locator("#tp-seg-error")).to_contain_text("notes.txt is not an image", timeout=timeout)
+            expect(reduced).not_to_contain_text("GFLOPs", timeout=timeout)
+            page.screenshot(path=str(tmp_path / "segmentation.png"), full_page=True)
+        finally:
+            browser.close()
+    assert outside == [], f"the page tried to reach outside localhost: {outside}"
+
+
+def test_vqa_tab_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
+    """VQA tab: an example question is answered by both models, the reduced one with fewer LLM GFLOPs."""
+    expect, timeout, outside = sync_api.expect, 180_000, []
+    with sync_api.sync_playwright() as playwright:
+        browser, page = _open_page(sync_api, playwright, demo_url, timeout, outside)
+        try:
+            _skip_without_tab(page, "VQA (AIM / FastV)", 60_000)
+            page.locator("#tp-vqa-examples button[aria-label^='Thumbnail']").nth(0).click()
+            original, reduced = page.locator("#tp-vqa-orig-stats"), page.locator("#tp-vqa-red-stats")
+            expect(reduced).to_contain_text("GFLOPs", timeout=timeout)
+            expect(original).to_contain_text("GFLOPs", timeout=timeout)
+            assert _gflops(reduced.inner_text()) < _gflops(original.inner_text())
+            expect(page.locator("#tp-vqa-orig-answer")).not_to_be_empty(timeout=timeout)
+            expect(page.locator("#tp-vqa-red-answer")).not_to_be_empty(timeout=timeout)
+            expect(page.locator("#tp-vqa-map img")).to_be_visible(timeout=timeout)
+            expect(page.locator("#tp-vqa-caption")).to_contain_text("Visual tokens entering LLM layer", timeout=timeout)
+            # An empty question: a clear message in the page, and the app keeps serving.
+            page.locator("#tp-vqa-q textarea").fill("   ")
+            page.locator("#tp-vqa-run").click()
+            expect(page.locator("#tp-vqa-error")).to_contain_text("Type a question", timeout=timeout)
+            page.locator("#tp-vqa-q textarea").fill("what shape is in the image?")
+            page.locator("#tp-vqa-run").click()
+            expect(reduced).to_contain_text("GFLOPs", timeout=timeout)
+            expect(page.locator("#tp-vqa-error")).to_have_text(re.compile(r"^\s*$"), timeout=timeout)
+            page.screenshot(path=str(tmp_path / "vqa.png"), full_page=True)
+        finally:
+            browser.close()
+    assert outside == [], f"the page tried to reach outside localhost: {outside}"
+
+
+def test_vqa_and_segmentation_inputs_are_checked_before_any_forward(tmp_path: Path) -> None:
+    """Empty/too long questions, unknown methods and non-images give InputError messages, not tracebacks."""
+    from types import SimpleNamespace
+
+    from tokenprune.demo.segmentation import SegmentationDemo
+    from tokenprune.demo.vqa import MAX_QUESTION_CHARS, VQADemo
+
+    config = SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=2), image_token_id=4)
+    vqa = VQADemo(SimpleNamespace(config=config), processor=None)
+    photo = str(example_images()[0])
+    with pytest.raises(demo.InputError, match="Type a question"):
+        vqa.compare(photo, "  ", "aim", 0.5)
+    with pytest.raises(demo.InputError, match=f"at most {MAX_QUESTION_CHARS}"):
+        vqa.compare(photo, "why " * 100, "aim", 0.5)
+    with pytest.raises(demo.InputError, match="choose one of aim, fastv, random_visual"):
+        vqa.compare(photo, "what color?", "tome", 0.5)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(demo.InputError, match="notes.txt is not an image"):
+        vqa.compare(str(text), "what color?", "aim", 0.5)
+    with pytest.raises(demo.InputError, match="notes.txt is not an image"):
+        SegmentationDemo(model=None, transform=None).compare(str(text), 0.95, 5)
