@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,12 +121,14 @@ def write_sweep_outputs(rows: list[dict], out_dir: Path, metric: str, title: str
             if "error" not in row and (row["method"] == method or row in reference)
         )
         if method == "none":
-            axis.scatter(*zip(*points, strict=True), marker="*", s=160, color="black", label="none (unreduced)", zorder=3)
+            axis.scatter(
+                *zip(*points, strict=True), marker="*", s=160, color="black", label="none (unreduced)", zorder=3
+            )
         else:
             axis.plot(*zip(*points, strict=True), marker="o", label=method)
     axis.set_xlabel("GFLOPs per image (measured, 2 x MAC)")
     axis.set_ylabel(f"{metric} (%)")
-    axis.set_title(title)
+    axis.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)  # long data paths would be cut off
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
