@@ -14,6 +14,7 @@ import transformers as hf
 from timm.models.vision_transformer import VisionTransformer
 
 import tokenprune
+from tokenprune.weights.hf_dinov2 import timm_to_hf_dinov2
 
 METHODS = ["none", "tome", "evit", "random"]
 SIZE, PATCH, DIM, DEPTH, HEADS = 64, 8, 64, 4, 4  # 64 patches (+ prefix), 4 layers of 4 heads
@@ -313,29 +314,6 @@ def test_siglip_attention_pool_is_size_weighted():
 
 
 # ----------------------------------------------------------------- HF DINOv2 == timm DINOv2
-def timm_to_hf_dinov2(state: dict, depth: int) -> dict:
-    """Map a timm ``VisionTransformer`` (DINOv2 layout: LayerScale, qkv bias) state dict to ``Dinov2Model``."""
-    out = {
-        "embeddings.cls_token": state["cls_token"],
-        "embeddings.position_embeddings": state["pos_embed"],
-        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
-        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
-        "layernorm.weight": state["norm.weight"],
-        "layernorm.bias": state["norm.bias"],
-    }
-    for i in range(depth):
-        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            for proj, tensor in zip("qkv", state[f"{src}attn.qkv.{kind}"].chunk(3), strict=True):
-                out[f"{dst}attention.{proj}_proj.{kind}"] = tensor
-            out[f"{dst}attention.o_proj.{kind}"] = state[f"{src}attn.proj.{kind}"]
-            for part in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
-                out[f"{dst}{part}.{kind}"] = state[f"{src}{part}.{kind}"]
-        out[f"{dst}layer_scale1.lambda1"] = state[f"{src}ls1.gamma"]
-        out[f"{dst}layer_scale2.lambda1"] = state[f"{src}ls2.gamma"]
-    return out
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_hf_dinov2_and_timm_dinov2_are_one_algorithm(attn):
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Gradio demo: original vs token-reduced models side by side (needs the ``[demo]`` extra).
 
-    tokenprune demo --port 7860            # or: python demos/app.py
-    from tokenprune.demo import build_app, launch
+tokenprune demo --port 7860            # or: python demos/app.py
+from tokenprune.demo import build_app, launch
 """
 
 from tokenprune.demo.app import build_app, launch

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenprune.demo.classification import classification_tab
-from tokenprune.demo.common import gr
+from tokenprune.demo.common import ALLOWED_DIRS, gr
 from tokenprune.measure.accuracy import EXAMPLES_DIR
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def launch(host: str = "127.0.0.1", port: int = 7860, model_name: str = "auto", 
         "share": False,
         "ssr_mode": False,
         "inbrowser": False,
-        "allowed_paths": [str(EXAMPLES_DIR)],
+        "allowed_paths": sorted({str(EXAMPLES_DIR), *ALLOWED_DIRS}),
         "max_file_size": "200mb",
     }
     options.update(launch_kwargs)

@@ -36,6 +36,7 @@ from tokenprune.demo.common import (
     TIMING_ROUNDS,
     InputError,
     error_html,
+    example_gallery,
     gr,
     read_image,
 )
@@ -521,17 +522,7 @@ def classification_tab(model_name: str = "auto") -> None:
         current = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):
-                gallery = gr.Gallery(
-                    value=[(p, Path(p).stem) for p in examples],
-                    label="Examples: click one",
-                    columns=len(examples),
-                    rows=1,
-                    height=170,
-                    allow_preview=False,
-                    interactive=False,
-                    buttons=[],
-                    elem_id="tp-examples",
-                )
+                gallery = example_gallery([(p, Path(p).stem) for p in examples], "Examples: click one", "tp-examples")
             with gr.Column(scale=2):
                 upload = gr.File(
                     label=f"…or upload a photo (JPEG/PNG/WebP, up to {MAX_MEGAPIXELS:.0f} megapixels)",

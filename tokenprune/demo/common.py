@@ -23,7 +23,21 @@ TIMING_ROUNDS = 3  # latency figures: median of this many interleaved original/r
 # One queue for every event of every tab: they run one at a time in the order the page sent them.
 QUEUE = {"concurrency_id": "tokenprune-demo", "concurrency_limit": 1}
 
-__all__ = ["MAX_MEGAPIXELS", "MAX_SIDE", "QUEUE", "TIMING_ROUNDS", "InputError", "error_html", "gr", "read_image"]
+# Folders the server may serve files from (example images); tabs add theirs through example_gallery.
+ALLOWED_DIRS: set[str] = set()
+
+__all__ = [
+    "ALLOWED_DIRS",
+    "MAX_MEGAPIXELS",
+    "MAX_SIDE",
+    "QUEUE",
+    "TIMING_ROUNDS",
+    "InputError",
+    "error_html",
+    "example_gallery",
+    "gr",
+    "read_image",
+]
 
 
 class InputError(ValueError):
@@ -73,4 +87,20 @@ def error_html(message: str) -> str:
     return (
         '<div class="tp-error" role="alert" style="border:1px solid #d9534f;background:#fdecea;color:#8a1f11;'
         f'padding:10px 14px;border-radius:6px;font-weight:600">⚠ {html.escape(message)}</div>'
+    )
+
+
+def example_gallery(examples: list[tuple[str, str]], label: str, elem_id: str) -> gr.Gallery:
+    """A one-row gallery of ``(image path, caption)`` examples to click; their folders become servable."""
+    ALLOWED_DIRS.update(str(Path(path).resolve().parent) for path, _ in examples)
+    return gr.Gallery(
+        value=list(examples),
+        label=label,
+        columns=len(examples),
+        rows=1,
+        height=170,
+        allow_preview=False,
+        interactive=False,
+        buttons=[],
+        elem_id=elem_id,
     )

@@ -25,7 +25,7 @@ from PIL import Image
 
 import tokenprune
 from tokenprune import segmentation as seg
-from tokenprune.demo.common import QUEUE, TIMING_ROUNDS, InputError, error_html, gr, read_image
+from tokenprune.demo.common import QUEUE, TIMING_ROUNDS, InputError, error_html, example_gallery, gr, read_image
 from tokenprune.measure.accuracy import example_images
 from tokenprune.measure.flops import measure_flops
 
@@ -233,16 +233,8 @@ def segmentation_tab() -> bool:
         current = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):
-                gallery = gr.Gallery(
-                    value=[(p, Path(p).stem) for p in examples],
-                    label=f"Examples: {source}",
-                    columns=len(examples),
-                    rows=1,
-                    height=170,
-                    allow_preview=False,
-                    interactive=False,
-                    buttons=[],
-                    elem_id="tp-seg-examples",
+                gallery = example_gallery(
+                    [(p, Path(p).stem) for p in examples], f"Examples: {source}", "tp-seg-examples"
                 )
             with gr.Column(scale=2):
                 upload = gr.File(label="…or upload a photo", type="filepath", height=120, elem_id="tp-seg-upload")

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import tokenprune
-from tokenprune.demo.common import QUEUE, TIMING_ROUNDS, InputError, error_html, gr, read_image
+from tokenprune.demo.common import QUEUE, TIMING_ROUNDS, InputError, error_html, example_gallery, gr, read_image
 from tokenprune.measure.accuracy import example_images
 
 logger = logging.getLogger(__name__)
@@ -247,17 +247,7 @@ def vqa_tab() -> bool:
         current = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):
-                gallery = gr.Gallery(
-                    value=[(p, q) for p, q in examples],
-                    label=f"Examples: {source}",
-                    columns=len(examples),
-                    rows=1,
-                    height=170,
-                    allow_preview=False,
-                    interactive=False,
-                    buttons=[],
-                    elem_id="tp-vqa-examples",
-                )
+                gallery = example_gallery(examples, f"Examples: {source}", "tp-vqa-examples")
             with gr.Column(scale=2):
                 upload = gr.File(label="…or upload an image", type="filepath", height=100, elem_id="tp-vqa-upload")
                 question = gr.Textbox(label="Question", placeholder="what color is the shape?", elem_id="tp-vqa-q")
