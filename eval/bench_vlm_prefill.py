@@ -36,7 +36,7 @@ import transformers as hf
 from tqdm.auto import tqdm
 
 import tokenprune
-from tokenprune.measure.bench import call
+from tokenprune.measure.bench import ModuleTimer, call
 
 RESULTS = Path(__file__).parent / "results"
 IMAGE_TOKEN_ID = 151655  # a Qwen2-vocabulary id, as Qwen-based LLaVA models use
@@ -112,26 +112,6 @@ def apply_row(model: torch.nn.Module, row: str) -> Any:
     return None if spec is None else tokenprune.apply(model, spec[0], **spec[1])
 
 
-class LanguageModelTimer:
-    """Wall time spent inside ``model.model.language_model`` (pre-hook -> hook)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.seconds = 0.0
-        self._start = 0.0
-        lm = model.model.language_model
-        self._handles = [lm.register_forward_pre_hook(self._begin), lm.register_forward_hook(self._end)]
-
-    def _begin(self, *_: Any) -> None:
-        self._start = time.perf_counter()
-
-    def _end(self, *_: Any) -> None:
-        self.seconds = time.perf_counter() - self._start
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def flops_row(model: torch.nn.Module, row: str, inputs: dict[str, Any]) -> dict[str, float]:
     """Measured total FLOPs and analytic LLM prefill FLOPs of sample 0, for this row's patch."""
     one = sample(inputs, 0)
@@ -190,7 +170,8 @@ def main() -> None:
         results[row]["method"], results[row]["options"] = ROWS[row] or ("none", {})
         results[row].update(flops_row(model, row, inputs))
 
-    timer = LanguageModelTimer(model)
+    # Before any patch: AIM's merging, in the patch's pre-hook on the language model, is timed as LLM work.
+    timer = ModuleTimer(model.model.language_model)
     times: dict[str, list[float]] = {row: [] for row in ROWS}
     llm_times: dict[str, list[float]] = {row: [] for row in ROWS}
     with torch.inference_mode():

@@ -27,6 +27,34 @@ def time_call(model: nn.Module, inputs: torch.Tensor | Mapping[str, Any]) -> flo
     return time.perf_counter() - start
 
 
+class ModuleTimer:
+    """Wall seconds spent inside one module's forward (e.g. the language model of a VLM), per call.
+
+    Register it before applying a patch so that work a patch does in its own pre-hook on that module (AIM's
+    merging before the LLM) falls inside. ``seconds`` holds the last call, ``total`` the sum since creation.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.seconds = 0.0
+        self.total = 0.0
+        self._start = 0.0
+        self._handles = [
+            module.register_forward_pre_hook(self._enter),
+            module.register_forward_hook(self._exit, always_call=True),
+        ]
+
+    def _enter(self, *_: Any) -> None:
+        self._start = time.perf_counter()
+
+    def _exit(self, *_: Any) -> None:
+        self.seconds = time.perf_counter() - self._start
+        self.total += self.seconds
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def compare_throughput(
     model: nn.Module,
     method: str,
