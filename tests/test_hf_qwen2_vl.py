@@ -66,10 +66,13 @@ def build(attn: str = "sdpa", family: str = "qwen2") -> hf.Qwen2VLForConditional
     return model
 
 
-def prompt(before: list[int], after: list[int], grids: list[tuple[int, int, int]]) -> list[int]:
+def prompt(
+    before: list[int], after: list[int], grids: list[tuple[int, int, int]], tokens: list[int] | None = None
+) -> list[int]:
+    """Text, then one image per grid (``tokens``: the placeholder id of each, default IMG), then text."""
     ids = list(before)
-    for t, h, w in grids:
-        ids += [VSTART] + [IMG] * (t * h * w // 4) + [VEND]
+    for (t, h, w), token in zip(grids, tokens or [IMG] * len(grids), strict=True):
+        ids += [VSTART] + [token] * (t * h * w // 4) + [VEND]
     return ids + list(after)
 
 
@@ -82,20 +85,24 @@ def pixels(grids: list[tuple[int, int, int]], seed: int = 1) -> torch.Tensor:
     return torch.randn(n, PATCH_DIM, generator=torch.Generator().manual_seed(seed))
 
 
-def inputs(samples: list[int], side: str = "left") -> dict:
-    """Padded inputs for ``PROMPTS[i]`` of ``samples`` (each with its own image)."""
-    prompts = [PROMPTS[i] for i in samples]
+def padded(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``(B, L)``: ``prompts`` padded with PAD on ``side``."""
     width = max(map(len, prompts))
     ids, mask = [], []
     for p in prompts:
         pad = [PAD] * (width - len(p))
         ids.append(pad + p if side == "left" else p + pad)
         mask.append([0] * len(pad) + [1] * len(p) if side == "left" else [1] * len(p) + [0] * len(pad))
-    ids = torch.tensor(ids)
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def inputs(samples: list[int], side: str = "left") -> dict:
+    """Padded inputs for ``PROMPTS[i]`` of ``samples`` (each with its own image)."""
+    ids, mask = padded([PROMPTS[i] for i in samples], side)
     grids = [g for i in samples for g in GRIDS[i]]
     return {
         "input_ids": ids,
-        "attention_mask": torch.tensor(mask),
+        "attention_mask": mask,
         "mm_token_type_ids": (ids == IMG).int(),
         "pixel_values": torch.cat([pixels(GRIDS[i], seed=i + 1) for i in samples]),
         "image_grid_thw": torch.tensor(grids),
@@ -107,12 +114,13 @@ def greedy(model, kwargs: dict, steps: int = 5, **extra):
 
 
 def rope_positions(model, kwargs: dict) -> torch.Tensor:
-    """``(3, B, L)`` the model's own M-RoPE positions of the prompt."""
+    """``(3, B, L)`` the model's own M-RoPE positions of the prompt (images and/or videos)."""
+    grids = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
     positions, _ = model.model.get_rope_index(
         kwargs["input_ids"],
         mm_token_type_ids=kwargs["mm_token_type_ids"],
-        image_grid_thw=kwargs["image_grid_thw"],
         attention_mask=kwargs.get("attention_mask"),
+        **{key: kwargs[key] for key in grids if kwargs.get(key) is not None},
     )
     return positions
 
@@ -318,12 +326,12 @@ def test_compact_merge_positions_are_refused_but_prune_only_aim_works():
 # ----------------------------------------------------------------------------- spans, embeddings, FLOPs
 def test_images_are_split_by_grid_and_merged_separately():
     """Two images in one prompt (16 + 8 tokens, even back to back): each is its own span, merged on its own."""
-    from tokenprune.adapters.hf_qwen2_vl import image_segments
+    from tokenprune.adapters.hf_qwen2_vl import grid_segments
 
     grids = [(1, 8, 8), (1, 4, 8)]
     ids = [1, 5] + [IMG] * 24 + [7, 8]  # no separator: only image_grid_thw tells the images apart
     visual = torch.tensor([ids]) == IMG
-    segments = image_segments(visual, torch.tensor(grids), 2)[0]
+    segments = grid_segments(visual, torch.tensor(grids), 2)[0]
     assert segments[visual[0]].tolist() == [0] * 16 + [1] * 8 and (segments[~visual[0]] == -1).all()
 
     model = build()

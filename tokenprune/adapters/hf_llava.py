@@ -165,13 +165,19 @@ class HFLlavaAdapter(Adapter):
                     "token, see patch.state.index); run that call inside tokenprune.disabled(model)"
                 )
 
-    def visual_mask(self, input_ids: torch.Tensor | None, kwargs: dict) -> torch.Tensor | None:
-        """``(B, N)`` image-placeholder positions, from ids or (without ids) from the placeholder's embedding."""
+    def visual_mask(
+        self, input_ids: torch.Tensor | None, kwargs: dict, token_id: int | None = None
+    ) -> torch.Tensor | None:
+        """``(B, N)`` placeholder positions, from ids or (without ids) from the placeholder's embedding.
+
+        ``token_id`` defaults to ``config.image_token_id`` (e.g. ``config.video_token_id`` for video placeholders).
+        """
+        token_id = self.model.config.image_token_id if token_id is None else token_id
         if input_ids is not None:
-            return input_ids == self.model.config.image_token_id
+            return input_ids == token_id
         if kwargs.get("inputs_embeds") is not None:
             embeds = kwargs["inputs_embeds"]
-            token = torch.full((), self.model.config.image_token_id, dtype=torch.long, device=embeds.device)
+            token = torch.full((), token_id, dtype=torch.long, device=embeds.device)
             return (embeds == self.llava.get_input_embeddings()(token)).all(dim=-1)
         return None
 

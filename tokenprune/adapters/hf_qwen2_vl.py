@@ -5,18 +5,24 @@ merge_positions="original")`` patches the model in place; ``forward`` and ``gene
 The language-model side (real removal, masks, compact KV cache, decode) is
 :mod:`tokenprune.adapters.hf_decoder`, shared with LLaVA. What this file owns:
 
-* **Visual spans per sample** from ``input_ids == config.image_token_id`` (or, for ``inputs_embeds`` calls,
-  embeddings equal to the image token's), read by a forward pre-hook on ``model.model`` (``Qwen2VLModel``)
-  before it scatters the image features. Images are told apart by ``image_grid_thw`` (each image holds
-  ``t * h * w / merge**2`` placeholders, in order); without it each run of placeholders is one image. Video
-  placeholders are left alone (treated like text).
-* **M-RoPE positions.** In transformers 5.x the text model folds the 3-axis positions (``(3, B, N)``, or
+* **Visual spans per sample** from ``input_ids`` equal to ``config.image_token_id`` or ``config.video_token_id``
+  (or, for ``inputs_embeds`` calls, embeddings equal to those tokens'), read by a forward pre-hook on
+  ``model.model`` (``Qwen2VLModel``) before it scatters the image and video features. HF lays out one image or
+  video of grid ``(t, h, w)`` (patches, from ``image_grid_thw`` / ``video_grid_thw``) as ``t`` temporal slices
+  of ``(h / merge) x (w / merge)`` placeholders, row-major: every temporal slice (a video frame; an image has
+  ``t = 1``) is its own span, so AIM merges each frame on its own, in spatial order, and never across frames
+  or inputs. ``generate()`` encodes images and videos before its first forward and passes no grids: then each
+  run of placeholders is one input, split into frames by its M-RoPE ``position_ids`` (every frame's rows and
+  columns restart at the same position). In-LLM pruning ranks image and video tokens of a prompt together.
+* **M-RoPE positions.** ``get_rope_index`` gives a video token ``(start + frame * interval, start + row,
+  start + col)`` (Qwen2.5-VL: ``interval = tokens_per_second * second_per_grid_ts``), text tokens one position on
+  all three axes. In transformers 5.x the text model folds the 3-axis positions (``(3, B, N)``, or
   ``(4, B, N)`` from ``generate()`` with text positions first) into ``(cos, sin)`` and the layers use the
   standard ``apply_rotary_pos_emb``; the shared reducer slices ``(cos, sin)``, so every kept token keeps the
   rotary embedding of its *original* 3-axis position. Decode steps use the caller's positions (``generate()``
   adds ``rope_deltas``), which stay right because nothing is renumbered.
 * **AIM merging** needs ``merge_positions="original"`` here: a merged token is stored at (and keeps the 3-axis
-  position of) one of the tokens of its own image. ``"compact"`` renumbers 1-D positions and has no meaning for
+  position of) one of the tokens of its own frame. ``"compact"`` renumbers 1-D positions and has no meaning for
   M-RoPE grids, so it is refused when merging is on (prune-only ``merge_keep=1.0`` works with either).
 * ``labels`` are refused while reducing, as for LLaVA.
 """
@@ -44,23 +50,74 @@ def _is_qwen2_vl(model: Any) -> bool:
     return bool(classes) and isinstance(model, classes)
 
 
-def image_segments(visual: torch.Tensor, image_grid_thw: torch.Tensor | None, merge: int) -> torch.Tensor:
-    """``(B, L)`` image index of every image placeholder (in HF's row-major scatter order), -1 for text.
+def frame_segments(segments: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Split every segment of ``segments`` ``(B, L)`` (one image or video each, contiguous) into temporal slices.
 
-    With ``image_grid_thw`` the placeholders are split into images of ``t * h * w / merge**2`` tokens; without
-    it (or when the counts disagree) each run of placeholders is one image.
+    Read from the M-RoPE ``positions`` ``(3, B or 1, L)`` (temporal, height, width): ``get_rope_index`` numbers
+    the rows and columns of every frame of an input from the same ``(start, start)``, so a frame begins where a
+    token's (height, width) equals that of its segment's first token. Returns ``(B, L)`` slice ids (-1 elsewhere).
     """
-    if image_grid_thw is not None:
-        counts = image_grid_thw.to(visual.device).prod(dim=-1) // (merge * merge)  # (I,)
+    batch, length = segments.shape
+    visual = segments >= 0
+    offsets = torch.arange(length, device=segments.device).expand(batch, length)
+    previous = torch.cat([torch.full_like(segments[:, :1], -1), segments[:, :-1]], dim=1)
+    first = torch.where(visual & (segments != previous), offsets, 0).cummax(dim=1).values  # (B, L) its segment's start
+    height_width = positions[-2:].to(segments.device).expand(2, batch, length)  # (2, B, L)
+    at_start = height_width == height_width.gather(2, first.expand(2, batch, length))
+    frame_starts = visual & at_start.all(dim=0)
+    frames = frame_starts.flatten().long().cumsum(0).view(batch, length) - 1
+    return torch.where(visual, frames, -1)
+
+
+def grid_segments(
+    visual: torch.Tensor,
+    grid_thw: torch.Tensor | None,
+    merge: int,
+    per_frame: bool = False,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(B, L)`` segment of every placeholder in ``visual`` (in HF's row-major scatter order), -1 elsewhere.
+
+    With ``grid_thw`` ``(G, 3)`` (one ``(t, h, w)`` per image or video, in order) the segment is the index of the
+    grid a placeholder belongs to (``t * h * w / merge**2`` placeholders each), or with ``per_frame`` the index
+    of its temporal slice (``t`` slices of ``h * w / merge**2`` placeholders per grid, numbered across grids).
+    Without ``grid_thw`` (or when the counts disagree) each run of placeholders is one segment; with
+    ``per_frame`` and the M-RoPE ``positions`` ``(3, B, L)`` (as ``generate()`` passes them, without the grids)
+    runs are split into frames by :func:`frame_segments`.
+    """
+    if grid_thw is not None:
+        grid = grid_thw.to(visual.device).long()
+        per_slice = grid[:, 1] * grid[:, 2] // (merge * merge)  # (G,) placeholders of one temporal slice
+        counts = per_slice.repeat_interleave(grid[:, 0]) if per_frame else per_slice * grid[:, 0]  # (sum t,) / (G,)
         if int(counts.sum()) == int(visual.sum()):
             rank = visual.flatten().long().cumsum(0) - 1  # (B * L,)
-            image = torch.searchsorted(counts.cumsum(0), rank, right=True).view_as(visual)
-            return torch.where(visual, image, -1)
-    return visual_segments(visual, None)
+            segment = torch.searchsorted(counts.cumsum(0), rank, right=True).view_as(visual)
+            return torch.where(visual, segment, -1)
+    runs = visual_segments(visual, None)
+    return frame_segments(runs, positions) if per_frame and positions is not None else runs
+
+
+def image_video_segments(
+    image: torch.Tensor,
+    video: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    video_grid_thw: torch.Tensor | None,
+    merge: int,
+    per_frame: bool = False,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`grid_segments` of image and of video placeholders (both ``(B, L)``) in one ``(B, L)`` tensor.
+
+    Video segments are numbered after every image segment (with both grids: images ``0..I-1``, then videos), so
+    no image and video share a segment.
+    """
+    images = grid_segments(image, image_grid_thw, merge, per_frame, positions)
+    videos = grid_segments(video, video_grid_thw, merge, per_frame, positions)
+    return torch.where(video, videos + images.max().clamp(min=-1) + 1, images)
 
 
 class HFQwen2VLAdapter(HFLlavaAdapter):
-    """``Qwen2VLForConditionalGeneration`` (and ``Qwen2_5_VLForConditionalGeneration``), images only."""
+    """``Qwen2VLForConditionalGeneration`` (and ``Qwen2_5_VLForConditionalGeneration``), images and videos."""
 
     description = "transformers Qwen2VL/Qwen2.5-VL ForConditionalGeneration (vision-language methods: fastv, aim)"
     has_static_size = False
@@ -70,7 +127,8 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
         inner = model.model  # the ``Qwen2VLModel``, kept as ``self.llava`` so the shared LLaVA code paths apply
         self._attach(inner, inner.visual, inner.visual.merger, "transformers 5.x Qwen2-VL")
         self.merge_size = model.config.vision_config.spatial_merge_size
-        self._grids: list[list[tuple[int, int, int]]] = []  # per sample of the last prefill: its images' grids
+        # Per sample of the last prefill with visual inputs: the (t, h, w) of its images and videos, in order.
+        self._grids: list[list[tuple[int, int, int]]] = []
 
     def resolve_schedule(self, runtime: Any) -> list[float] | None:
         schedule = super().resolve_schedule(runtime)
@@ -111,17 +169,22 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
             deltas = deltas.to(x.device).repeat_interleave(batch // deltas.shape[0], dim=0)  # (B, 1)
             kwargs["position_ids"] = (steps[None, :] + deltas)[None].expand(3, batch, q_len)
             return args, kwargs
-        visual = self.visual_mask(input_ids, kwargs)
-        if visual is None:
+        image = self.visual_mask(input_ids, kwargs)
+        if image is None:
             return
-        grid_thw = kwargs.get("image_grid_thw")
-        segments = image_segments(visual, grid_thw, self.merge_size)
-        self.reducer.pending_visual = (visual, segments)
-        if grid_thw is not None and bool(visual.any()):  # per sample, the (t, h, w) of its images (for FLOPs)
-            grids = [tuple(g) for g in grid_thw.tolist()]
-            images = [sorted(set(row[row >= 0].tolist())) for row in segments.cpu()]
-            if all(0 <= i < len(grids) for ids in images for i in ids):
-                self._grids = [[grids[i] for i in ids] for ids in images]
+        video = self.visual_mask(input_ids, kwargs, self.model.config.video_token_id)
+        grids_thw = kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")
+        positions = kwargs.get("position_ids")  # (3 or 4, B, L) from generate(), which encodes without the grids
+        positions = positions if isinstance(positions, torch.Tensor) and positions.ndim == 3 else None
+        frames = image_video_segments(image, video, *grids_thw, self.merge_size, per_frame=True, positions=positions)
+        visual = image | video
+        self.reducer.pending_visual = (visual, frames)
+        if bool(visual.any()):  # per sample, the (t, h, w) of its images and videos in order (for FLOPs)
+            inputs = image_video_segments(image, video, *grids_thw, self.merge_size).cpu()  # (B, L) which input
+            grids = [tuple(g) for thw in grids_thw if thw is not None for g in thw.tolist()]
+            order = [torch.unique_consecutive(row[row >= 0]).tolist() for row in inputs]
+            valid = all(0 <= i < len(grids) for ids in order for i in ids)
+            self._grids = [[grids[i] for i in ids] for ids in order] if valid else []
 
     # ----------------------------------------------------------------- FLOPs (2 x MAC)
     def vision_flops(self, tokens: int | None = None, grid: tuple[int, int, int] | None = None) -> float:
@@ -154,6 +217,18 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
     def embed_flops(self, num_tokens: int) -> float:
         return self.vision_flops(num_tokens)
 
+    def inputs_vision_flops(self, grids: list[tuple[int, int, int]]) -> float:
+        """Vision tower + merger FLOPs of images / videos of these ``(t, h, w)`` grids."""
+        return sum(self.vision_flops(t * h * w // self.merge_size**2, (t, h, w)) for t, h, w in grids)
+
+    def flops_for_inputs(self, inputs: dict) -> dict:
+        """Analytic FLOPs of one unreduced prompt: the tower on every image / video (``*_grid_thw``), the LLM."""
+        table = self.analytic_flops(int(inputs["input_ids"].shape[1]), [0] * self.depth)
+        pairs = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
+        grids = [tuple(g) for p, key in pairs if inputs.get(p) is not None for g in inputs[key].tolist()]
+        embed = self.inputs_vision_flops(grids)
+        return {**table, "embed": embed, "total": table["total"] + embed}
+
     def analytic_flops(
         self, num_tokens: int, schedule: list[int], method: Any = None, rows: int = 1, num_images: int = 1
     ) -> dict:
@@ -175,14 +250,18 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
     def flops_for(self, state: Any, sample: int = 0) -> dict:
         """Analytic FLOPs (2 x MAC) of one sample of a reduced forward, from ``patch.state``.
 
-        ``embed``: vision tower and merger for the sample's images (sizes from its visual spans), plus merging
-        before the LLM; ``layers`` and ``head`` as for LLaVA.
+        ``embed``: vision tower and merger for the sample's images and videos (their grids from the forward;
+        without them each span is counted as one image of its size), plus merging before the LLM; ``layers``
+        and ``head`` as for LLaVA.
         """
         table = self._reducer_like().sample_flops(state, sample)
-        spans = state.spans[sample]
+        spans = state.spans[sample]  # placeholders per temporal slice
         grids = self._grids[sample] if sample < len(self._grids) else []
-        grids = grids if [t * h * w // self.merge_size**2 for t, h, w in grids] == spans else [None] * len(spans)
-        embed = sum(self.vision_flops(n, g) for n, g in zip(spans, grids, strict=True)) + table["merge"]
+        if [h * w // self.merge_size**2 for t, h, w in grids for _ in range(t)] == spans:
+            vision = self.inputs_vision_flops(grids)
+        else:
+            vision = sum(self.vision_flops(n) for n in spans)
+        embed = vision + table["merge"]
         head = self.head_flops(table["layers"][-1]["tokens_out"])
         layers = table["layers"]
         total = embed + head + sum(row["flops"] for row in layers)
