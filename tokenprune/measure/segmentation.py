@@ -169,6 +169,8 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: Path, title: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    order = {"none": 0, "dtop": 1}
+    rows = sorted(rows, key=lambda r: (order.get(r["method"], 2), r["method"], -r.get("gflops_per_image", 0.0)))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     reference = next((r for r in rows if r["method"] == "none" and "error" not in r), None)
@@ -257,9 +259,11 @@ def cli_sweep(args: Any) -> None:
     match = args.flops.strip() == "match"
     budgets = [] if match else [float(b) for b in args.flops.split(",") if float(b) < 1.0]
     rows: dict[str, dict[str, Any]] = {}
+    if args.resume:  # settings of earlier sweeps into the same folder stay in the table and plot
+        rows = {p.name: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json")) if p.name != "sweep.json"}
 
     def run(method: str, label: str, opts: dict[str, Any]) -> dict[str, Any]:
-        path = out_dir / f"{method}_{label.replace('=', '').replace(' ', '')}.json"
+        path = out_dir / (f"{method}.json" if label == "-" else f"{method}_{label.replace('=', '')}.json")
         if args.resume and path.exists():
             row = json.loads(path.read_text())
         else:
@@ -280,7 +284,7 @@ def cli_sweep(args: Any) -> None:
             image_path = out_dir / f"exit_stages_{opts['threshold']}.png"
             if not (args.resume and image_path.exists()):
                 plot_exit_stages(model, dataset, [0, len(dataset) // 3, 2 * len(dataset) // 3], opts, image_path)
-            if match:
+            if match and row["flops_ratio"] < 1.0:  # a dtop setting that saved nothing has no baseline to match
                 budgets.append(round(row["flops_ratio"], 4))
     for budget in tqdm(budgets, desc="sweep (baselines)"):
         for method in baselines:
