@@ -193,15 +193,21 @@ class HFLlavaAdapter(Adapter):
 
     # ----------------------------------------------------------------- FLOPs (2 x MAC)
     def tower_flops(self) -> float:
-        """FLOPs of one ``image_size`` image through a CLIP/SigLIP/Idefics3-layout vision tower."""
+        """FLOPs of one ``image_size`` image through a ViT-layout vision tower (CLIP, SigLIP, Idefics3, DINOv2)."""
         config = self.vision_tower.config
         tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # CLIP / SigLIP layout
+        embeddings = tower.embeddings
+        patch_embedding = next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))
         patches = (config.image_size // config.patch_size) ** 2
-        tokens = patches + (1 if hasattr(tower.embeddings, "class_embedding") else 0)
-        flops = 2.0 * patches * tower.embeddings.patch_embedding.weight.numel()
+        # Prefix tokens: CLIP's class embedding, DINOv2's class token and (with registers) register tokens.
+        prefix = int(hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token"))
+        prefix += int(getattr(config, "num_register_tokens", 0) or 0)
+        tokens = patches + prefix
+        flops = 2.0 * patches * patch_embedding.weight.numel()
         heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
-        for layer in tower.encoder.layers:
-            flops += 2.0 * tokens * (linear_macs(layer.self_attn) + linear_macs(layer.mlp))
+        layers = tower.encoder.layers if hasattr(tower.encoder, "layers") else tower.encoder.layer  # CLIP / DINOv2
+        for layer in layers:
+            flops += 2.0 * tokens * linear_macs(layer)  # attention projections + MLP
             flops += 4.0 * tokens * tokens * heads * head_dim
         return flops
 
