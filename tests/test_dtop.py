@@ -183,6 +183,27 @@ def test_bad_options_raise_naming_what_is_valid(options, error, match) -> None:
         tokenprune.apply(tiny_segmenter(), "dtop", **options)
 
 
+def test_per_stage_thresholds() -> None:
+    model, x = tiny_segmenter(), images()
+    with torch.no_grad():
+        reference = model(x)
+        patch = tokenprune.apply(model, "dtop", threshold=[2.0, 0.6], keep_top_k=1)
+        model(x)
+    stages = patch.state.exit_stage
+    assert not bool((stages == 0).any()) and bool((stages == 1).any())  # no exits at the first, some at the second
+    patch.remove()
+    patch = tokenprune.apply(model, "dtop", threshold=[1.5, 3.0])
+    with torch.no_grad():
+        assert torch.equal(model(x), reference)
+    patch.remove()
+    with pytest.raises(ValueError, match=r"3 entries; this segmenter has 2 exit stages \(exit_after=\(1, 2\)\)"):
+        tokenprune.apply(model, "dtop", threshold=[0.9, 0.9, 0.9])
+    with pytest.raises(ValueError, match="threshold must be > 0"):
+        tokenprune.apply(model, "dtop", threshold=[0.9, 0.0])
+    with pytest.raises(ValueError, match="non-empty list"):
+        tokenprune.apply(model, "dtop", threshold=[])
+
+
 def test_dtop_refuses_models_without_exit_heads() -> None:
     from timm.models.vision_transformer import VisionTransformer
 

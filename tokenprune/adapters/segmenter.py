@@ -199,6 +199,7 @@ class SegmenterAdapter(Adapter):
             raise ValueError("return_aux=True needs the unreduced model: call it inside tokenprune.disabled(model)")
         model, prefix, config = self.model, self.num_protected, runtime.config
         exits = tuple(model.exit_after)
+        thresholds = runtime.method.thresholds(len(exits))
         x = model.embed(images)  # (B, P + M, C)
         batch, num_patches = x.shape[0], x.shape[1] - prefix
         device = x.device
@@ -222,7 +223,7 @@ class SegmenterAdapter(Adapter):
             stage = exits.index(layer + 1)
             logits = model.aux_heads[stage](x[:, prefix:])  # (B, L, K)
             graded[:, stage] = valid.sum(dim=1)
-            leaving = select_exits(logits, valid, config.threshold, config.keep_top_k)  # (B, L)
+            leaving = select_exits(logits, valid, thresholds[stage], config.keep_top_k)  # (B, L)
             if not bool(leaving.any()):
                 continue
             final = scatter_rows(final, positions, logits, leaving)

@@ -32,11 +32,12 @@ class DToPConfig(ReductionConfig):
 
     Attributes:
         threshold: A token exits at a stage boundary when its aux head's top class probability is at
-            least this; any number > 0 (values above 1 disable exits: the exact unpruned prediction).
+            least this; any number > 0 (values above 1 disable exits: the exact unpruned prediction), or a
+            list with one such number per exit stage (e.g. stricter at the earliest, weakest head).
         keep_top_k: Per image and class, the k most confident live tokens never exit (an int >= 0).
     """
 
-    threshold: float = 0.95
+    threshold: float | list[float] = 0.95
     keep_top_k: int = 5
 
     def __post_init__(self) -> None:
@@ -51,13 +52,20 @@ class DToPConfig(ReductionConfig):
                 "method 'dtop' takes no FLOPs budget: its cost follows from threshold (> 0) and keep_top_k "
                 "(>= 0); sweep threshold to trade FLOPs for accuracy"
             )
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise TypeError(f"threshold must be a number > 0 (max class probability to exit), got {self.threshold!r}")
-        if not self.threshold > 0 or self.threshold != self.threshold:
-            raise ValueError(
-                f"threshold must be > 0 (max class probability to exit; > 1 disables exits), got {self.threshold}"
-            )
-        self.threshold = float(self.threshold)
+        values = self.threshold if isinstance(self.threshold, (list, tuple)) else [self.threshold]
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    "threshold must be a number > 0 (max class probability to exit) or a list of them, one per "
+                    f"exit stage; got {self.threshold!r}"
+                )
+            if not value > 0 or value != value:
+                raise ValueError(
+                    f"threshold must be > 0 (max class probability to exit; > 1 disables exits), got {self.threshold}"
+                )
+        if not values:
+            raise ValueError("threshold must be a number > 0 or a non-empty list of them (one per exit stage)")
+        self.threshold = [float(v) for v in values] if isinstance(self.threshold, (list, tuple)) else float(values[0])
         if isinstance(self.keep_top_k, bool) or not isinstance(self.keep_top_k, int) or self.keep_top_k < 0:
             raise ValueError(
                 f"keep_top_k must be an int >= 0 (tokens per class that never exit), got {self.keep_top_k!r}"
@@ -82,6 +90,17 @@ class DToP(Method):
                 f"(tokenprune.segmentation.ViTSegmenter, e.g. load_model('vit-s14-camvid')); got "
                 f"{type(adapter.model).__name__}"
             )
+        exits = tuple(adapter.model.exit_after)
+        if isinstance(self.config.threshold, list) and len(self.config.threshold) != len(exits):
+            raise ValueError(
+                f"threshold list {self.config.threshold} has {len(self.config.threshold)} entries; this segmenter "
+                f"has {len(exits)} exit stages (exit_after={exits}): give one number, or one per stage"
+            )
+
+    def thresholds(self, num_exits: int) -> list[float]:
+        """One threshold per exit stage."""
+        threshold = self.config.threshold
+        return list(threshold) if isinstance(threshold, list) else [threshold] * num_exits
 
     def reduce(self, x: torch.Tensor, state: TokenState, r: int, ctx: LayerContext) -> torch.Tensor:
         raise RuntimeError("dtop does not reduce inside timm blocks; the segmenter adapter runs its forward")
