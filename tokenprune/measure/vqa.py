@@ -39,7 +39,7 @@ import torch
 from tokenprune.api import apply
 
 MODEL_NAME = "llava-easyvqa"
-FLOPS_PROMPTS = 8
+FLOPS_PROMPTS = 4
 TIMING_PROMPTS = 8
 SUBSET_SEED = 0
 # Sweep/eval method names -> (registered method, fixed options). ``aim_prune`` solves its schedule itself.
@@ -101,7 +101,7 @@ def prune_only_options(model, processor, rows, budget: float) -> dict[str, Any]:
     """AIM without merging: the ``prune_start``/``prune_end`` (multiples of 1/depth) whose measured LLM prefill
     FLOPs on the reference prompts come closest to ``budget`` (ties: the later, milder schedule)."""
     depth = model.config.text_config.num_hidden_layers
-    base = flops_of(model, processor, rows)
+    base = unreduced_flops(model, processor, rows)
     best, lowest = None, None
     for start in range(1, depth + 1):  # layer 0 always sees every visual token (its attention scores the first cut)
         for end in range(start, depth + 1):
@@ -141,6 +141,17 @@ def flops_of(model, processor, rows) -> dict[str, float]:
     total = statistics.fmean(totals)
     head = 2.0 * model.lm_head.in_features * model.lm_head.out_features  # one row
     return {"total": total, "vision": vision, "llm_prefill": total - vision - head, "head": head}
+
+
+_UNREDUCED: dict[tuple[int, tuple[int, ...]], dict[str, float]] = {}
+
+
+def unreduced_flops(model, processor, rows) -> dict[str, float]:
+    """:func:`flops_of` the unpatched model, memoised per model and prompts (it is the same in every setting)."""
+    key = (id(model), tuple(row["index"] for row in rows))
+    if key not in _UNREDUCED:
+        _UNREDUCED[key] = flops_of(model, processor, rows)
+    return _UNREDUCED[key]
 
 
 class _LLMTimer:
@@ -279,10 +290,10 @@ def evaluate_setting(
     """
     method, options = resolve_method(name, options)
     reference = rows[:FLOPS_PROMPTS]
-    base = flops_of(model, processor, reference)
+    base = unreduced_flops(model, processor, reference)
     if name == "aim_prune" and options.get("flops") is not None:
         budget = options.pop("flops")
-        options = {**options, **prune_only_options(model, processor, reference[:2], budget)}
+        options = {**options, **prune_only_options(model, processor, reference[:1], budget)}
     patch = apply(model, method, **options)
     try:
         reduced = flops_of(model, processor, reference)
