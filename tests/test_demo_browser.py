@@ -117,7 +117,7 @@ def _wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout:
 
 
 def _gflops(text: str) -> float:
-    match = re.search(r"([0-9.]+) GFLOPs", text)
+    match = re.search(r"([0-9.]+) (?:LLM prefill )?GFLOPs", text)
     assert match, f"no GFLOPs figure in {text!r}"
     return float(match.group(1))
 

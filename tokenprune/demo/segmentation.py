@@ -195,7 +195,7 @@ def segmentation_tab() -> bool:
         )
         reduced = (
             f"**{result.gflops_reduced:.2f} GFLOPs** ({100 * result.gflops_reduced / result.gflops_original:.0f}% of "
-            f"the original) · **{result.ms_reduced:.0f} ms** ({result.ms_original / result.ms_reduced:.2f}× faster) "
+            f"the original) · **{result.ms_reduced:.0f} ms** (speedup {result.ms_original / result.ms_reduced:.2f}×) "
             f"· {100 * result.agreement:.1f}% of pixels agree with the original"
         )
         return (

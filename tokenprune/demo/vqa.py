@@ -218,7 +218,7 @@ def vqa_tab() -> bool:
         same = "same answer" if result.answer_reduced == result.answer_original else "answer differs"
         reduced = (
             f"**{result.llm_gflops_reduced:.3f} LLM prefill GFLOPs** ({100 * ratio:.0f}% of the original) · "
-            f"**{result.ms_reduced:.0f} ms** prefill ({result.ms_original / result.ms_reduced:.2f}× faster) · {same}"
+            f"**{result.ms_reduced:.0f} ms** prefill (speedup {result.ms_original / result.ms_reduced:.2f}×) · {same}"
         )
         picture, caption = map_outputs(result, layer)
         return ("", f"## {result.answer_original}", original, f"## {result.answer_reduced}", reduced, picture, caption)
