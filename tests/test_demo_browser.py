@@ -1,14 +1,18 @@
 """The Gradio demo, driven in a real browser (Debian's headless Chromium via Playwright), plus its helpers.
 
-The browser test starts ``python -m tokenprune.cli demo`` on a free localhost port, picks an example,
-checks both result panels (different GFLOPs), moves the token-map layer slider, uploads a text file
-(error box, results cleared), then uploads a real photo (the app still works), and that the page never
-asked for anything outside localhost. It skips only when /usr/bin/chromium (``apt-get install chromium``)
-or the ``playwright`` package is missing; ``playwright install`` is never needed.
+The browser tests start ``python -m tokenprune.cli demo`` on a free localhost port (once per module).
+Classification tab: pick an example, check both result panels (different GFLOPs), move the token-map layer
+slider, upload a text file (error box, results cleared), then a real photo (the app still works). The
+segmentation (DToP) and VQA tabs get the same treatment: an example renders both panels with fewer GFLOPs for
+the reduced model; a bad upload / an empty question shows a message and the app keeps serving (each skips if
+its zoo model is not installed). The page must never ask for anything outside localhost. Tests skip only when
+/usr/bin/chromium (``apt-get install chromium``) or the ``playwright`` package is missing; ``playwright
+install`` is never needed.
 
-The screenshot goes to the test's tmp dir; ``TOKENPRUNE_UPDATE_SCREENSHOT=1`` also writes ``docs/demo.png``
-(the README's picture), so an ordinary run leaves the work tree clean. ``TOKENPRUNE_DEMO_MODEL`` picks the
-model (default ``auto``: the zoo model, else its backbone with an untrained head).
+The screenshots go to the tests' tmp dirs; ``TOKENPRUNE_UPDATE_SCREENSHOT=1`` also writes ``docs/demo.png``,
+``docs/demo_segmentation.png`` and ``docs/demo_vqa.png`` (the README's pictures), so an ordinary run leaves the
+work tree clean. ``TOKENPRUNE_DEMO_MODEL`` picks the classifier (default ``auto``: the zoo model, else its
+backbone with an untrained head).
 """
 
 from __future__ import annotations
@@ -227,10 +231,15 @@ def test_demo_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
             assert outside == [], f"the page tried to reach outside localhost: {outside}"
         finally:
             browser.close()
+    _keep_screenshot(shot, "demo.png")
+
+
+def _keep_screenshot(shot: Path, name: str) -> None:
+    """With ``TOKENPRUNE_UPDATE_SCREENSHOT=1``, copy a screenshot to ``docs/<name>`` (the README's pictures)."""
     assert shot.stat().st_size > 10_000
     if os.environ.get("TOKENPRUNE_UPDATE_SCREENSHOT") == "1":
         (REPO / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(shot, REPO / "docs" / "demo.png")
+        shutil.copyfile(shot, REPO / "docs" / name)
 
 
 def _open_page(sync_api, playwright, url: str, timeout: int, outside: list[str]):
@@ -283,10 +292,13 @@ def test_segmentation_tab_in_browser(sync_api, demo_url: str, tmp_path: Path) ->
             page.locator("#tp-seg-upload input[type=file]").set_input_files(str(text_file))
             expect(page.locator("#tp-seg-error")).to_contain_text("notes.txt is not an image", timeout=timeout)
             expect(reduced).not_to_contain_text("GFLOPs", timeout=timeout)
+            page.locator("#tp-seg-upload input[type=file]").set_input_files(str(example_images()[0]))
+            expect(reduced).to_contain_text("GFLOPs", timeout=timeout)  # still serving after the bad upload
             page.screenshot(path=str(tmp_path / "segmentation.png"), full_page=True)
         finally:
             browser.close()
     assert outside == [], f"the page tried to reach outside localhost: {outside}"
+    _keep_screenshot(tmp_path / "segmentation.png", "demo_segmentation.png")
 
 
 def test_vqa_tab_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
@@ -317,6 +329,7 @@ def test_vqa_tab_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
         finally:
             browser.close()
     assert outside == [], f"the page tried to reach outside localhost: {outside}"
+    _keep_screenshot(tmp_path / "vqa.png", "demo_vqa.png")
 
 
 def test_vqa_and_segmentation_inputs_are_checked_before_any_forward(tmp_path: Path) -> None:
