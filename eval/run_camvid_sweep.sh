@@ -5,7 +5,8 @@
 #   2. pick: on val only, the threshold with the fewest GFLOPs whose val mIoU is at most $MAX_DROP points
 #            below the unreduced model's (if none qualifies: the highest threshold); written to selected.json.
 #   3. test: the unreduced segmenter, the selected dtop setting, tome and random at the FLOPs ratio that
-#            setting measured on test; then dtop at every other threshold (reported, not chosen from).
+#            setting measured on test; then every other threshold (reported, not chosen from), each with
+#            tome and random at its own measured FLOPs ratio.
 #
 # Usage: eval/run_camvid_sweep.sh            (DATA=<dir containing camvid/>, default ../shared/datasets)
 # Each setting's JSON is kept, so a rerun resumes where it stopped.
@@ -52,7 +53,8 @@ EOF
 )
 echo "selected on val: threshold=$SELECTED"
 
-# The selected setting and its equal-FLOPs baselines first, then the other thresholds.
+# The selected setting and its equal-FLOPs baselines first, then every other threshold with its own baselines.
 sweep --split test --methods none,dtop,tome,random --set "threshold=$SELECTED" --set "keep_top_k=$KEEP_TOP_K" \
   --flops match --out "$OUT/test"
-sweep --split test --methods dtop --set "threshold=$THRESHOLDS" --set "keep_top_k=$KEEP_TOP_K" --out "$OUT/test"
+sweep --split test --methods dtop,tome,random --set "threshold=$THRESHOLDS" --set "keep_top_k=$KEEP_TOP_K" \
+  --flops match --out "$OUT/test"
