@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 LIMIT=${LIMIT:-1000}
-BUDGETS=${BUDGETS:-1,0.5,0.3,0.2,0.14}
-METHODS=${METHODS:-none,aim,aim_merge,aim_prune,fastv,fastv_k1,random,random_k1}
+BUDGETS=${BUDGETS:-1,0.5,0.35,0.3,0.2,0.14}
+METHODS=${METHODS:-none,aim,aim_late,aim_merge,aim_prune,fastv,fastv_k1,random,random_k1}
 OUT=eval/results/easyvqa_sweep
 tokenprune sweep --model llava-easyvqa --methods "$METHODS" --flops "$BUDGETS" --limit "$LIMIT" \
     --batch-size 32 --bench-rounds 1 --out "$OUT" --resume

@@ -48,6 +48,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "aim": ("aim", {}),
     "aim_merge": ("aim", {"prune_start": 1.0, "prune_end": 1.0}),  # merging before the LLM only
     "aim_prune": ("aim", {"merge_keep": 1.0}),  # in-LLM pruning only; prune_start/end picked for the budget
+    # AIM with its pruning moved to the last quarter of the layers (8 layers: half the visual tokens leave
+    # before layer 7), the FLOPs budget met by merging: for shallow LLMs whose late layers still read the image.
+    "aim_late": ("aim", {"prune_start": 0.75, "prune_end": 1.0}),
     "fastv": ("fastv", {}),  # FastV's K = 2
     "fastv_k1": ("fastv", {"k": 1}),  # prunes after layer 0: reaches lower budgets than K = 2
     "random": ("random_visual", {}),  # FastV's schedule (K = 2), random visual tokens
