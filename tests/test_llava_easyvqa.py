@@ -165,7 +165,10 @@ def test_packed_training_forward_is_llavas_forward(shipped, questions):
     image = Image.open(rows[0]["image"]).convert("RGB")
     pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        layers = model.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else layers
+        hidden = torch.cat([states[layer][:, 1:] for layer in layers], dim=-1)  # (1, 144, 384 * len(layers))
         ids, positions, mask, where, targets, valid = T.make_packed_batch(
             [list(range(len(rows)))], prompts, answers, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
