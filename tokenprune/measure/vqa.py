@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from tokenprune.api import apply
+from tokenprune.measure.bench import ModuleTimer
 
 MODEL_NAME = "llava-easyvqa"
 FLOPS_PROMPTS = 4
@@ -157,32 +158,10 @@ def unreduced_flops(model, processor, rows) -> dict[str, float]:
     return _UNREDUCED[key]
 
 
-class _LLMTimer:
-    """Wall time spent inside ``model.model.language_model`` (hooks registered before any patch, so AIM's merging,
-    done in the patch's own pre-hook on that module, falls inside)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.seconds = 0.0
-        self._start = 0.0
-        self._handles = [
-            module.register_forward_pre_hook(self._enter),
-            module.register_forward_hook(self._exit, always_call=True),
-        ]
-
-    def _enter(self, *args: Any) -> None:
-        self._start = time.perf_counter()
-
-    def _exit(self, *args: Any) -> None:
-        self.seconds += time.perf_counter() - self._start
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def time_prefill(model, processor, rows, method: str, options: dict[str, Any], rounds: int = 2) -> dict[str, float]:
     """Median batch-1 prefill seconds (whole forward and LLM alone), unpatched vs patched, interleaved."""
-    timer = _LLMTimer(model.model.language_model)
+    # Registered before any patch, so AIM's merging (the patch's own pre-hook on the LLM) is timed as LLM work.
+    timer = ModuleTimer(model.model.language_model)
     times: dict[str, list[float]] = {"total_unpatched": [], "total_patched": [], "llm_unpatched": [], "llm_patched": []}
     encoded = [encode(processor, [row]) for row in rows]
     try:
@@ -192,7 +171,6 @@ def time_prefill(model, processor, rows, method: str, options: dict[str, Any], r
                 for inputs in encoded:
                     for kind in ("unpatched", "patched"):
                         patch = apply(model, method, **options) if kind == "patched" else None
-                        timer.seconds = 0.0
                         start = time.perf_counter()
                         model(**inputs, logits_to_keep=1)
                         times[f"total_{kind}"].append(time.perf_counter() - start)
