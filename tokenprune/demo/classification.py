@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from tokenprune.demo.common import (
     error_html,
     example_gallery,
     gr,
+    interleaved_latency,
     read_image,
 )
 from tokenprune.measure.accuracy import example_images
@@ -324,14 +323,14 @@ class Demo:
             self._images.popitem(last=False)
         return prepared
 
-    def _side(self, logits: torch.Tensor, gflops: float, times: list[float], tokens: int) -> SideResult:
+    def _side(self, logits: torch.Tensor, gflops: float, ms: float, tokens: int) -> SideResult:
         probs = logits.float().softmax(-1)[0]
         top = probs.topk(min(5, probs.numel()))
         named: dict[str, float] = {}
         for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             label = self.loaded.labels[i]
             named[label if label not in named else f"{label} ({i})"] = p
-        return SideResult(named, int(top.indices[0]), gflops, 1000 * statistics.median(times), tokens)
+        return SideResult(named, int(top.indices[0]), gflops, ms, tokens)
 
     @torch.no_grad()
     def compare(self, path: str, method: str, budget: float) -> Comparison:
@@ -360,21 +359,13 @@ class Demo:
             patch = tokenprune.apply(model, method, r=schedule)
             try:
                 reduced_flops = tokenprune.count_flops(model, x).measured
-                times: dict[str, list[float]] = {"original": [], "reduced": []}
-                for _ in range(TIMING_ROUNDS):
-                    with tokenprune.disabled(model):
-                        start = time.perf_counter()
-                        model(x)
-                        times["original"].append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    model(x)
-                    times["reduced"].append(time.perf_counter() - start)
+                ms_original, ms_reduced, _ = interleaved_latency(model, lambda: model(x))
             finally:
                 patch.remove()
             self._remember_map((path, method, float(budget), self.depth), groups, final_tokens)
         return Comparison(
-            self._side(original_logits, original_flops / 1e9, times["original"], num_tokens),
-            self._side(reduced_logits, reduced_flops / 1e9, times["reduced"], final_tokens),
+            self._side(original_logits, original_flops / 1e9, ms_original, num_tokens),
+            self._side(reduced_logits, reduced_flops / 1e9, ms_reduced, final_tokens),
             schedule,
             num_tokens,
             crop,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import html
 import os
+import statistics
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -36,6 +40,7 @@ __all__ = [
     "error_html",
     "example_gallery",
     "gr",
+    "interleaved_latency",
     "read_image",
 ]
 
@@ -104,3 +109,30 @@ def example_gallery(examples: list[tuple[str, str]], label: str, elem_id: str) -
         buttons=[],
         elem_id=elem_id,
     )
+
+
+def interleaved_latency(
+    model: Any, forward: Callable[[], Any], rounds: int = TIMING_ROUNDS
+) -> tuple[float, float, Any]:
+    """Median milliseconds of ``forward()`` as the original model and as the patched one, interleaved.
+
+    ``model`` must be patched; each round runs ``forward()`` once inside ``tokenprune.disabled(model)`` (the
+    original path) and once patched, so machine noise hits both alike.
+
+    Returns:
+        ``(ms_original, ms_reduced, output of the last original run)``.
+    """
+    import tokenprune
+
+    original_s: list[float] = []
+    reduced_s: list[float] = []
+    output = None
+    for _ in range(rounds):
+        with tokenprune.disabled(model):
+            start = time.perf_counter()
+            output = forward()
+            original_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        forward()
+        reduced_s.append(time.perf_counter() - start)
+    return 1000 * statistics.median(original_s), 1000 * statistics.median(reduced_s), output

@@ -13,9 +13,7 @@ they are not shipped), else the bundled photos (street scenes are what the model
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,16 @@ from PIL import Image
 
 import tokenprune
 from tokenprune import segmentation as seg
-from tokenprune.demo.common import QUEUE, TIMING_ROUNDS, InputError, error_html, example_gallery, gr, read_image
+from tokenprune.demo.common import (
+    QUEUE,
+    TIMING_ROUNDS,
+    InputError,
+    error_html,
+    example_gallery,
+    gr,
+    interleaved_latency,
+    read_image,
+)
 from tokenprune.measure.accuracy import example_images
 from tokenprune.measure.flops import measure_flops
 
@@ -90,15 +97,7 @@ class SegmentationDemo:
                 state = patch.state
                 gflops_reduced = float(patch.adapter.early_exit_flops(state)[0]) / 1e9
                 exit_stage = state.exit_stage[0].reshape(model.grid_size).numpy()
-                times: dict[str, list[float]] = {"original": [], "reduced": []}
-                for _ in range(TIMING_ROUNDS):
-                    with tokenprune.disabled(model):
-                        start = time.perf_counter()
-                        original = model(x)
-                        times["original"].append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    model(x)
-                    times["reduced"].append(time.perf_counter() - start)
+                ms_original, ms_reduced, original = interleaved_latency(model, lambda: model(x))
             finally:
                 patch.remove()
             gflops_original = measure_flops(model, x) / 1e9
@@ -110,8 +109,8 @@ class SegmentationDemo:
             exit_stage=exit_stage,
             gflops_original=gflops_original,
             gflops_reduced=gflops_reduced,
-            ms_original=1000 * statistics.median(times["original"]),
-            ms_reduced=1000 * statistics.median(times["reduced"]),
+            ms_original=ms_original,
+            ms_reduced=ms_reduced,
             exit_after=tuple(model.exit_after),
             depth=model.depth,
         )

@@ -12,9 +12,7 @@ Examples are easy-VQA test images with their questions when the ``easy-vqa`` pac
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +20,16 @@ import torch
 from PIL import Image
 
 import tokenprune
-from tokenprune.demo.common import QUEUE, TIMING_ROUNDS, InputError, error_html, example_gallery, gr, read_image
+from tokenprune.demo.common import (
+    QUEUE,
+    TIMING_ROUNDS,
+    InputError,
+    error_html,
+    example_gallery,
+    gr,
+    interleaved_latency,
+    read_image,
+)
 from tokenprune.measure.accuracy import example_images
 
 logger = logging.getLogger(__name__)
@@ -114,15 +121,7 @@ class VQADemo:
                     kept.append(np.array(sorted(ids), dtype=np.int64))
                 visual_per_layer = [int(v[0]) for v in state.visual_in]
                 llm_reduced = _llm_gflops(model, inputs)
-                times: dict[str, list[float]] = {"original": [], "reduced": []}
-                for _ in range(TIMING_ROUNDS):
-                    with tokenprune.disabled(model):
-                        start = time.perf_counter()
-                        model(**prefill)
-                        times["original"].append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    model(**prefill)
-                    times["reduced"].append(time.perf_counter() - start)
+                ms_original, ms_reduced, _ = interleaved_latency(model, lambda: model(**prefill))
                 answer_reduced = self._answer(inputs)
             finally:
                 patch.remove()
@@ -131,8 +130,8 @@ class VQADemo:
             answer_reduced=answer_reduced,
             llm_gflops_original=llm_original,
             llm_gflops_reduced=llm_reduced,
-            ms_original=1000 * statistics.median(times["original"]),
-            ms_reduced=1000 * statistics.median(times["reduced"]),
+            ms_original=ms_original,
+            ms_reduced=ms_reduced,
             visual_per_layer=visual_per_layer,
             kept=kept,
             photo=photo,
