@@ -18,6 +18,7 @@ import torch
 import transformers as hf
 
 import tokenprune
+from tests.vlm_checks import assert_remove_restores, assert_zero_reduction_exact
 
 IMG_ID, PAD, SIDE, TOKENS = 199, 0, 32, 16
 FAKE, GLOBAL, ROW1_COL1, ROW1_COL2, NEWLINE = 190, 191, 180, 181, 10
@@ -107,40 +108,15 @@ def greedy(model, inputs: dict, steps: int = 3, **kwargs):
 def test_zero_reduction_is_bit_exact(method, family):
     model = build(family)
     inputs = single(0)
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        expected_tokens = greedy(model, inputs)
-        patch = tokenprune.apply(model, method, **ZERO[method])
-        got = model(**inputs).logits
-        tokens = greedy(model, inputs)
-    assert torch.equal(got, expected) and torch.equal(tokens, expected_tokens)
+    patch = assert_zero_reduction_exact(model, inputs, method, ZERO[method], greedy)
     length = len(SPLIT)
     assert patch.state.tokens_per_layer() == [(length, length)] * 4
-    assert not patch.state.reduced and patch.schedule == [1.0] * 4
+    assert patch.schedule == [1.0] * 4
 
 
 @pytest.mark.parametrize("method", ["fastv", "aim", "none"])
 def test_remove_restores_modules_and_outputs(method):
-    model = build()
-    inputs = single(0)
-    module_types = [(name, type(m)) for name, m in model.named_modules()]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        expected_tokens = greedy(model, inputs)
-        hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
-        patch = tokenprune.apply(model, method, **REDUCING.get(method, {}))
-        reduced = model(**inputs).logits
-        greedy(model, inputs)
-        assert patch.remove() is model
-        restored = model(**inputs).logits
-        restored_tokens = greedy(model, inputs)
-    assert reduced.shape[1] < expected.shape[1] if method != "none" else torch.equal(reduced, expected)
-    assert torch.equal(restored, expected) and torch.equal(restored_tokens, expected_tokens)
-    assert [(name, type(m)) for name, m in model.named_modules()] == module_types
-    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert_remove_restores(build(), single(0), method, REDUCING.get(method, {}), greedy)
 
 
 # ----------------------------------------------------------------------------- the schedule, for real

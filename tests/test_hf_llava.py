@@ -18,6 +18,7 @@ import transformers as hf
 from timm.models.vision_transformer import VisionTransformer
 
 import tokenprune
+from tests.vlm_checks import assert_remove_restores, assert_zero_reduction_exact
 from tokenprune.measure.flops import measure_flops
 
 IMAGE, TOKENS, IMG_ID, PAD = 32, 16, 199, 0
@@ -108,44 +109,17 @@ def greedy(model, inputs: dict, steps: int = 5, **kwargs):
 def test_zero_reduction_is_bit_exact(method, text):
     model = build(text)
     inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        expected_tokens = greedy(model, inputs)
-        patch = tokenprune.apply(model, method, **ZERO[method])
-        got = model(**inputs).logits
-        tokens = greedy(model, inputs)
-    assert torch.equal(got, expected)
-    assert torch.equal(tokens, expected_tokens)
+    patch = assert_zero_reduction_exact(model, inputs, method, ZERO[method], greedy)
     length = len(PROMPTS[0])
     assert patch.state.tokens_per_layer() == [(length, length)] * 4
-    assert not patch.state.reduced
     assert patch.schedule == [1.0] * 4
     patch.remove()
 
 
 @pytest.mark.parametrize("method", ["fastv", "aim"])
 def test_remove_restores_modules_and_outputs(method):
-    model = build()
     inputs = dict(single(PROMPTS[0]), pixel_values=pixels(1))
-    module_types = [(name, type(m)) for name, m in model.named_modules()]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        expected_tokens = greedy(model, inputs)
-        hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]  # HF adds its own lazily
-        patch = tokenprune.apply(model, method, **REDUCING[method])
-        reduced = model(**inputs).logits
-        greedy(model, inputs)
-        assert patch.remove() is model
-        restored = model(**inputs).logits
-        restored_tokens = greedy(model, inputs)
-    assert reduced.shape[1] < expected.shape[1]
-    assert torch.equal(restored, expected) and torch.equal(restored_tokens, expected_tokens)
-    assert [(name, type(m)) for name, m in model.named_modules()] == module_types
-    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
-    assert not hasattr(model, "_tokenprune_patch")
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert_remove_restores(build(), inputs, method, REDUCING[method], greedy)
 
 
 @pytest.mark.parametrize("method", ["fastv", "aim"])

@@ -18,6 +18,7 @@ import torch
 import transformers as hf
 
 import tokenprune
+from tests.vlm_checks import assert_remove_restores, assert_zero_reduction_exact
 
 IMG_ID, VIDEO_ID, PAD, CROP = 199, 198, 0, 32
 ZERO = {
@@ -138,40 +139,15 @@ def test_layout_agrees_with_hf_features():
 def test_zero_reduction_is_bit_exact(method):
     model = build()
     inputs = single(0)
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        expected_tokens = greedy(model, inputs)
-        patch = tokenprune.apply(model, method, **ZERO[method])
-        got = model(**inputs).logits
-        tokens = greedy(model, inputs)
-    assert torch.equal(got, expected) and torch.equal(tokens, expected_tokens)
+    patch = assert_zero_reduction_exact(model, inputs, method, ZERO[method], greedy)
     length = len(PROMPTS[0])
     assert patch.state.tokens_per_layer() == [(length, length)] * 4
-    assert not patch.state.reduced and patch.schedule == [1.0] * 4
+    assert patch.schedule == [1.0] * 4
 
 
 @pytest.mark.parametrize("method", ["fastv", "aim", "none"])
 def test_remove_restores_modules_and_outputs(method):
-    model = build()
-    inputs = single(0)
-    module_types = [(name, type(m)) for name, m in model.named_modules()]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        expected_tokens = greedy(model, inputs)
-        hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
-        patch = tokenprune.apply(model, method, **REDUCING.get(method, {}))
-        reduced = model(**inputs).logits
-        greedy(model, inputs)
-        assert patch.remove() is model
-        restored = model(**inputs).logits
-        restored_tokens = greedy(model, inputs)
-    assert reduced.shape[1] < expected.shape[1] if method != "none" else torch.equal(reduced, expected)
-    assert torch.equal(restored, expected) and torch.equal(restored_tokens, expected_tokens)
-    assert [(name, type(m)) for name, m in model.named_modules()] == module_types
-    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert_remove_restores(build(), single(0), method, REDUCING.get(method, {}), greedy)
 
 
 # ----------------------------------------------------------------------------- the schedule, for real

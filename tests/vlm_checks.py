@@ -1,0 +1,53 @@
+"""Checks every vision-language adapter's tests share: zero reduction is exact, remove() restores exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import tokenprune
+
+
+def assert_zero_reduction_exact(
+    model: Any, inputs: dict, method: str, options: dict, greedy: Callable[[Any, dict], torch.Tensor]
+) -> Any:
+    """Patched with a reduction of zero: bit-equal logits and greedy tokens, no token reduced. Returns the patch."""
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        expected_tokens = greedy(model, inputs)
+        patch = tokenprune.apply(model, method, **options)
+        got = model(**inputs).logits
+        tokens = greedy(model, inputs)
+    assert torch.equal(got, expected) and torch.equal(tokens, expected_tokens)
+    assert not patch.state.reduced
+    return patch
+
+
+def assert_remove_restores(
+    model: Any, inputs: dict, method: str, options: dict, greedy: Callable[[Any, dict], torch.Tensor]
+) -> None:
+    """A reducing patch, used for a forward and generate(), then removed: modules, hooks, weights, outputs exact."""
+    module_types = [(name, type(m)) for name, m in model.named_modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        expected_tokens = greedy(model, inputs)
+        hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]  # HF adds its own lazily
+        patch = tokenprune.apply(model, method, **options)
+        reduced = model(**inputs).logits
+        greedy(model, inputs)
+        assert patch.remove() is model
+        restored = model(**inputs).logits
+        restored_tokens = greedy(model, inputs)
+    if method == "none":
+        assert torch.equal(reduced, expected)
+    else:
+        assert reduced.shape[1] < expected.shape[1]
+    assert torch.equal(restored, expected) and torch.equal(restored_tokens, expected_tokens)
+    assert [(name, type(m)) for name, m in model.named_modules()] == module_types
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
+    assert not hasattr(model, "_tokenprune_patch")
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
