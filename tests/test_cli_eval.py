@@ -29,8 +29,23 @@ def test_parse_set_reads_json_values():
 def test_eval_without_data_reports_agreement_flops_and_speed(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TOKENPRUNE_DATA", raising=False)
     out = tmp_path / "result.json"
-    main(["eval", "--model", "deit_tiny_patch16_224", "--method", "tome", "--flops", "0.5", "--batch-size", "2",
-          "--bench-rounds", "1", "--out", str(out)])
+    main(
+        [
+            "eval",
+            "--model",
+            "deit_tiny_patch16_224",
+            "--method",
+            "tome",
+            "--flops",
+            "0.5",
+            "--batch-size",
+            "2",
+            "--bench-rounds",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["n"] == 5 and 0 <= result["top1_agreement"] <= 1 and -1 <= result["feature_cosine"] <= 1
     assert result["flops_ratio"] == pytest.approx(0.5, abs=0.01)
@@ -50,7 +65,19 @@ def test_eval_options_are_validated(monkeypatch):
 def test_eval_with_a_wrongly_laid_out_dataset_shows_the_layout(tmp_path):
     (tmp_path / "something_else").mkdir()
     with pytest.raises(SystemExit) as info:
-        main(["eval", "--model", "vit-s14-imagenette", "--method", "tome", "--data", str(tmp_path), "--bench-rounds", "0"])
+        main(
+            [
+                "eval",
+                "--model",
+                "vit-s14-imagenette",
+                "--method",
+                "tome",
+                "--data",
+                str(tmp_path),
+                "--bench-rounds",
+                "0",
+            ]
+        )
     assert "imagenette" in str(info.value) and "val" in str(info.value)
 
 
@@ -61,8 +88,23 @@ def test_unknown_model_is_a_clear_error():
 
 def test_sweep_writes_json_table_and_pareto_plot(tmp_path, monkeypatch):
     monkeypatch.delenv("TOKENPRUNE_DATA", raising=False)
-    main(["sweep", "--model", "deit_tiny_patch16_224", "--methods", "none,tome,random", "--flops", "1,0.6",
-          "--batch-size", "2", "--bench-rounds", "0", "--out", str(tmp_path)])
+    main(
+        [
+            "sweep",
+            "--model",
+            "deit_tiny_patch16_224",
+            "--methods",
+            "none,tome,random",
+            "--flops",
+            "1,0.6",
+            "--batch-size",
+            "2",
+            "--bench-rounds",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     rows = json.loads((tmp_path / "sweep.json").read_text())
     assert [(row["method"], row["budget"]) for row in rows] == [("none", 1.0), ("tome", 0.6), ("random", 0.6)]
     assert rows[0]["top1_agreement"] == 1.0 and rows[0]["feature_cosine"] == pytest.approx(1.0)
@@ -71,19 +113,54 @@ def test_sweep_writes_json_table_and_pareto_plot(tmp_path, monkeypatch):
     assert (tmp_path / "tome_0.6.json").exists()
     # --resume keeps finished settings (their files are not rewritten) and adds the new ones.
     before = (tmp_path / "tome_0.6.json").stat().st_mtime_ns
-    main(["sweep", "--model", "deit_tiny_patch16_224", "--methods", "none,tome,random", "--flops", "0.6,0.7,1",
-          "--batch-size", "2", "--bench-rounds", "0", "--out", str(tmp_path), "--resume"])
+    main(
+        [
+            "sweep",
+            "--model",
+            "deit_tiny_patch16_224",
+            "--methods",
+            "none,tome,random",
+            "--flops",
+            "0.6,0.7,1",
+            "--batch-size",
+            "2",
+            "--bench-rounds",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--resume",
+        ]
+    )
     rows = json.loads((tmp_path / "sweep.json").read_text())
     assert [(row["method"], row["budget"]) for row in rows] == [
-        ("none", 1.0), ("tome", 0.7), ("tome", 0.6), ("random", 0.7), ("random", 0.6)
+        ("none", 1.0),
+        ("tome", 0.7),
+        ("tome", 0.6),
+        ("random", 0.7),
+        ("random", 0.6),
     ]
     assert (tmp_path / "tome_0.6.json").stat().st_mtime_ns == before
 
 
 def test_bench_writes_side_by_side_json(tmp_path):
     out = tmp_path / "bench.json"
-    main(["bench", "--model", "deit_tiny_patch16_224", "--method", "tome", "--set", "r=8", "--batch-size", "2",
-          "--rounds", "1", "--out", str(out)])
+    main(
+        [
+            "bench",
+            "--model",
+            "deit_tiny_patch16_224",
+            "--method",
+            "tome",
+            "--set",
+            "r=8",
+            "--batch-size",
+            "2",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["schedule"] == [8] * 12 and result["flops_ratio"] < 1
     assert len(result["seconds_unpatched"]) == len(result["seconds_patched"]) == 1
@@ -96,9 +173,20 @@ def test_torchrun_shards_and_reduces_across_two_processes():
     single = evaluate_dataset(Tiny(), dataset(), batch_size=5, progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-         str(SCRIPTS / "distributed_eval.py")],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            str(SCRIPTS / "distributed_eval.py"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[:3000]
     line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))

@@ -52,7 +52,9 @@ def build_model(name: str, img_size: int | None) -> tuple[torch.nn.Module, int]:
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as error:  # timm: "Unknown model (...)"
-        raise SystemExit(f"unknown model {name!r}: not a tokenprune zoo name nor a timm architecture ({error})")
+        raise SystemExit(
+            f"unknown model {name!r}: not a tokenprune zoo name nor a timm architecture ({error})"
+        ) from error
     size = img_size or model.patch_embed.img_size[0]
     return model.eval(), size
 

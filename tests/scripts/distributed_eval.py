@@ -20,7 +20,9 @@ class Tiny(torch.nn.Module):
 
 def dataset():
     generator = torch.Generator().manual_seed(1)
-    return torch.utils.data.TensorDataset(torch.randn(37, 12, generator=generator), torch.randint(0, 3, (37,), generator=generator))
+    return torch.utils.data.TensorDataset(
+        torch.randn(37, 12, generator=generator), torch.randint(0, 3, (37,), generator=generator)
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from torch import nn
 
 from tokenprune.methods.base import Method
 
-
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 

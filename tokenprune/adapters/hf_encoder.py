@@ -51,7 +51,6 @@ from tokenprune.adapters.reducing import (
 )
 
 
-
 @dataclass(frozen=True)
 class HFLayerSpec:
     """Where one HF encoder family keeps the pieces of a layer.
