@@ -222,3 +222,56 @@ def gather(tokens: list[torch.Tensor], idx: torch.Tensor, views: torch.Tensor) -
 def trainable_state(model: torch.nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     return {k: sd[k].detach().clone() for k in keys}
+
+
+class EpochCheckpoints:
+    """Resumable training state (``state.pt``: after the last finished epoch) and the best epoch (``best.pt``).
+
+    Args:
+        run_dir: Where both files live.
+        config: The training settings; a saved state made with other settings is refused (``--fresh`` restarts).
+        fresh: Discard saved state first.
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], fresh: bool = False) -> None:
+        self.state_path, self.best_path = run_dir / "state.pt", run_dir / "best.pt"
+        self.config = config
+        if fresh:
+            self.state_path.unlink(missing_ok=True)
+            self.best_path.unlink(missing_ok=True)
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epochs: int) -> tuple[list[dict], int]:
+        """Loads the saved state into ``model``/``optimizer`` (and the RNG): ``(history, first epoch to run)``."""
+        if not self.state_path.is_file():
+            return [], 0
+        state = torch.load(self.state_path, weights_only=True)
+        if state["config"] != self.config:
+            raise SystemExit(
+                f"{self.state_path} was trained with {state['config']}, now {self.config}; pass --fresh to restart"
+            )
+        model.load_state_dict(state["params"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        print(f"resuming after epoch {state['epoch'] + 1}/{epochs} from {self.state_path}")
+        return state["history"], state["epoch"] + 1
+
+    def save(
+        self, epoch: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, history: list[dict],
+        is_best: bool,
+    ) -> None:  # fmt: skip
+        """After ``epoch`` (0-based): the best weights so far when ``is_best``, and the state to resume from."""
+        if is_best:
+            atomic_write(self.best_path, lambda tmp: torch.save({"epoch": epoch + 1, "params": params}, tmp))
+        state = {
+            "epoch": epoch,
+            "params": params,
+            "optimizer": optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": history,
+            "config": self.config,
+        }
+        atomic_write(self.state_path, lambda tmp: torch.save(state, tmp))
+
+    def best(self) -> dict[str, Any]:
+        """``{"epoch": 1-based epoch, "params": trained tensors}`` of the best epoch."""
+        return torch.load(self.best_path, weights_only=True)

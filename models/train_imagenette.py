@@ -61,6 +61,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from train_common import (  # noqa: E402
+    EpochCheckpoints,
     TokenCache,
     atomic_write,
     gather,
@@ -381,23 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         "warmup_steps": warmup,
         "group_peak_lr": {g["name"]: g["base_lr"] for g in groups},
     }
-    state_path, best_path = run_dir / "state.pt", run_dir / "best.pt"
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if args.fresh:
-        state_path.unlink(missing_ok=True)
-        best_path.unlink(missing_ok=True)
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
-        if state["config"] != train_cfg:
-            raise SystemExit(
-                f"{state_path} was trained with {state['config']}, now {train_cfg}; pass --fresh to restart training"
-            )
-        model.load_state_dict(state["params"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        history, start_epoch = state["history"], state["epoch"] + 1
-        print(f"resuming after epoch {state['epoch'] + 1}/{args.epochs} from {state_path}")
+    checkpoints = EpochCheckpoints(run_dir, train_cfg, fresh=args.fresh)
+    history, start_epoch = checkpoints.resume(model, opt, args.epochs)
 
     t0 = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
@@ -448,22 +434,8 @@ def main(argv: list[str] | None = None) -> None:
             f"held-out acc {held['acc']:.4f} loss {held['loss']:.4f} | {rec['seconds']:.0f}s"
         )
         params = trainable_state(model, keys)
-        if held["acc"] >= max(h["heldout_acc"] for h in history):  # ties: later epoch (lower lr)
-            atomic_write(best_path, lambda tmp, e=epoch, p=params: torch.save({"epoch": e + 1, "params": p}, tmp))
-        atomic_write(
-            state_path,
-            lambda tmp, e=epoch, p=params: torch.save(
-                {
-                    "epoch": e,
-                    "params": p,
-                    "optimizer": opt.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "history": history,
-                    "config": train_cfg,
-                },
-                tmp,
-            ),
-        )
+        is_best = held["acc"] >= max(h["heldout_acc"] for h in history)  # ties: later epoch (lower lr)
+        checkpoints.save(epoch, params, opt, history, is_best)
         log["history"] = history
         write_json(log_path, log)
     log["history"] = history
@@ -473,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("training incomplete")
 
     # 3. export --------------------------------------------------------------------------------
-    best = torch.load(best_path, weights_only=True)
+    best = checkpoints.best()
     sel = history[best["epoch"] - 1]
     tensors = {k: best["params"][k].half().contiguous() for k in keys}
     meta = {
