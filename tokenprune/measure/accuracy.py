@@ -6,6 +6,7 @@ evaluates every N-th image and the counts are summed with ``all_reduce``.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,9 +43,18 @@ def distributed_context() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
+        # A process that exits with a live gloo group can abort in its teardown ("terminate called without an
+        # active exception"): every rank waits for the others, then the group is destroyed, before exit.
+        atexit.register(_end_process_group)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _end_process_group() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _sum_across_ranks(values: list[float]) -> list[float]:
