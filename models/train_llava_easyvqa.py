@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     step, history, best = 0, [], {"val_acc": -1.0}
     last = run_dir / "last.pt"
     if last.is_file() and not args.benchmark_steps:
-        state = torch.load(last, weights_only=False)
+        state = torch.load(last, weights_only=True)
         if not args.finalize and state["args"] != {k: str(v) for k, v in vars(args).items()}:
             raise RuntimeError(f"{last} was written with other arguments: {state['args']}; delete it to start over")
         model.load_state_dict(state["model"], strict=False)
