@@ -76,3 +76,24 @@ class Method:
     ) -> float:
         """Matmul FLOPs (2 x MAC) the method adds per image at a layer with ``num_tokens`` and ``r``."""
         return 0.0
+
+
+class SeededRandom:
+    """Uniform random scores from one generator per device, seeded once, so a patch's draws are reproducible.
+
+    Args:
+        seed: Seed of every device's generator; None draws from torch's global generator (nondeterministic).
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def rand(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``torch.rand(shape)`` on ``device`` from this object's generator for that device."""
+        generator = None
+        if self.seed is not None:
+            if device not in self._generators:
+                self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            generator = self._generators[device]
+        return torch.rand(shape, device=device, generator=generator)

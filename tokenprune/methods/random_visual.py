@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenprune.methods.base import SeededRandom
 from tokenprune.methods.fastv import FastV
 from tokenprune.methods.vlm_configs import FastVConfig
 from tokenprune.registry import register_method
@@ -37,17 +38,10 @@ class RandomVisual(FastV):
 
     def __init__(self, config: RandomVisualConfig) -> None:
         super().__init__(config)
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.config.seed is None:
-            return None
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.config.seed)
-        return self._generators[device]
+        self._random = SeededRandom(config.seed)
 
     def importance(self, ctx) -> torch.Tensor:
-        return torch.rand(ctx.valid.shape, device=ctx.valid.device, generator=self._generator(ctx.valid.device))
+        return self._random.rand(tuple(ctx.valid.shape), ctx.valid.device)
 
 
 register_method("random_visual", RandomVisualConfig, RandomVisual)
