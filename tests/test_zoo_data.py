@@ -258,6 +258,7 @@ def test_task_models_dispatch_to_their_loader(monkeypatch: pytest.MonkeyPatch) -
     assert "toy-seg" in zoo.available_models() and "toy-seg" not in zoo.classifiers()
     assert zoo.task_of("toy-seg") == "segmentation" and zoo.task_of("vit-s14-imagenette") == "classification"
     assert zoo.load_model("toy-seg") == {"checkpoint": None}
+    assert zoo.task_cli("toy-seg") is json and zoo.task_cli("vit-s14-imagenette") is None
     with pytest.raises(ValueError, match="segmentation model"):
         zoo.get_entry("toy-seg")
     with pytest.raises(ValueError, match="already registered"):

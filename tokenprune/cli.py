@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from tokenprune import zoo
 from tokenprune.registry import methods
 
 
@@ -38,14 +39,9 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_model(name: str, img_size: int | None) -> tuple[torch.nn.Module, int]:
     """A model by zoo name, else a timm architecture with random weights (enough for speed and FLOPs)."""
-    try:
-        from tokenprune import zoo
-
-        if name in zoo.classifiers():
-            model, _ = zoo.load_model(name)
-            return model.eval(), img_size or 224
-    except ImportError:
-        pass
+    if name in zoo.classifiers():
+        model, _ = zoo.load_model(name)
+        return model.eval(), img_size or 224
     import timm
 
     kwargs = {"img_size": img_size} if img_size else {}
@@ -69,7 +65,6 @@ def _write_json(data: Any, out: str | None) -> None:
 
 def _load_for_eval(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Any, str]:
     """Model, its transform, the dataset (None: bundled examples) and a description of the data."""
-    from tokenprune import zoo
     from tokenprune.data import load_dataset
     from tokenprune.measure.sweep import resolve_data_root
 
@@ -87,18 +82,10 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Any,
     return model, transform, dataset, f"{entry.dataset} val at {root}" + (f", limit {args.limit}" if args.limit else "")
 
 
-def _task_cli(name: str) -> Any:
-    """The eval/sweep module of a non-classification zoo model, else None."""
-    from tokenprune import zoo
-
-    spec = zoo.task_model(name)
-    return zoo._resolve(spec.cli) if spec is not None else None
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from tokenprune.measure.accuracy import distributed_context
 
-    if (task_cli := _task_cli(args.model)) is not None:
+    if (task_cli := zoo.task_cli(args.model)) is not None:
         return task_cli.cli_eval(args)
     from tokenprune.measure.sweep import evaluate_setting
 
@@ -118,7 +105,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from tokenprune.measure.accuracy import distributed_context
     from tokenprune.measure.sweep import evaluate_setting, sweep_settings, write_sweep_outputs
 
-    if (task_cli := _task_cli(args.model)) is not None:
+    if (task_cli := zoo.task_cli(args.model)) is not None:
         return task_cli.cli_sweep(args)
     rank, _ = distributed_context()
     model, transform, dataset, data = _load_for_eval(args)

@@ -142,6 +142,12 @@ def classifiers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def task_cli(name: str) -> Any:
+    """The module with ``cli_eval``/``cli_sweep`` of a non-classification model; None for classifiers/unknown names."""
+    spec = _TASK_MODELS.get(name)
+    return _resolve(spec.cli) if spec is not None else None
+
+
 def available_models() -> list[str]:
     """Names accepted by ``load_model``, sorted (classifiers and other tasks)."""
     return sorted([*_REGISTRY, *_TASK_MODELS])
