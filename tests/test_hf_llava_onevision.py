@@ -18,7 +18,12 @@ import torch
 import transformers as hf
 
 import tokenprune
-from tests.vlm_checks import assert_remove_restores, assert_zero_reduction_exact
+from tests.vlm_checks import (
+    assert_batch_rows_equal_alone,
+    assert_batched_generate_equals_alone,
+    assert_remove_restores,
+    assert_zero_reduction_exact,
+)
 
 IMG_ID, VIDEO_ID, PAD, CROP = 199, 198, 0, 32
 ZERO = {
@@ -215,28 +220,19 @@ def test_padded_batch_equals_samples_run_alone(method, side):
     """Two prompts with different image sizes (52 vs 88 placeholders, different layouts) == each alone."""
     model = build()
     patch = tokenprune.apply(model, method, **REDUCING[method])
-    width = max(map(len, PROMPTS))
     with torch.no_grad():
         batched = model(**batch(side)).logits
         state = patch.state
-        for b, p in enumerate(PROMPTS):
-            alone = model(**single(b)).logits[0]
-            offset = width - len(p) if side == "left" else 0
-            valid = state.valid[b]
-            assert [i - offset for i in state.index[b][valid].tolist()] == patch.state.index[0].tolist()
-            torch.testing.assert_close(batched[b][valid], alone, rtol=0, atol=1e-5)
+    lengths = [len(p) for p in PROMPTS]
+    assert_batch_rows_equal_alone(model, patch, batched, state, [single(b) for b in range(2)], lengths, side)
 
 
 @pytest.mark.parametrize("method", ["fastv", "aim"])
 def test_batched_generate_equals_samples_alone(method):
     model = build()
     tokenprune.apply(model, method, **REDUCING[method])
-    width = max(map(len, PROMPTS))
-    with torch.no_grad():
-        batched = greedy(model, batch("left"))
-        for b, p in enumerate(PROMPTS):
-            alone = greedy(model, single(b))
-            assert batched[b, width:].tolist() == alone[0, len(p) :].tolist()
+    singles, lengths = [single(b) for b in range(2)], [len(p) for p in PROMPTS]
+    assert_batched_generate_equals_alone(model, greedy, batch("left"), singles, lengths)
 
 
 def test_several_images_in_one_prompt_are_base_grids_with_one_newline_each():

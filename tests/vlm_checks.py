@@ -51,3 +51,34 @@ def assert_remove_restores(
     assert not hasattr(model, "_tokenprune_patch")
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def assert_batch_rows_equal_alone(
+    model: Any, patch: Any, batched_logits: torch.Tensor, state: Any, singles: list[dict], lengths: list[int], side: str
+) -> None:
+    """Each sample's kept rows of a padded batch (``state``: the batch's) == that prompt run alone (atol 1e-5).
+
+    Args:
+        singles: Per sample, its unpadded ``model(**inputs)`` inputs; ``lengths``: its prompt length.
+        side: ``"left"`` or ``"right"`` padding of the batch.
+    """
+    width = max(lengths)
+    with torch.no_grad():
+        for b, length in enumerate(lengths):
+            alone = model(**singles[b]).logits[0]
+            offset = width - length if side == "left" else 0
+            valid = state.valid[b]
+            assert [i - offset for i in state.index[b][valid].tolist()] == patch.state.index[0].tolist()
+            torch.testing.assert_close(batched_logits[b][valid], alone, rtol=0, atol=1e-5)
+
+
+def assert_batched_generate_equals_alone(
+    model: Any, greedy: Callable[[Any, dict], torch.Tensor], batched: dict, singles: list[dict], lengths: list[int]
+) -> None:
+    """Greedy tokens of a left-padded batch == those of each prompt generated alone."""
+    width = max(lengths)
+    with torch.no_grad():
+        tokens = greedy(model, batched)
+        for b, length in enumerate(lengths):
+            alone = greedy(model, singles[b])
+            assert tokens[b, width:].tolist() == alone[0, length:].tolist()
