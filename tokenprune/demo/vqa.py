@@ -53,7 +53,6 @@ class VQAResult:
     llm_gflops_reduced: float
     ms_original: float
     ms_reduced: float
-    visual_per_layer: list[int]  # visual tokens entering each LLM layer (reduced model)
     kept: list[np.ndarray]  # per LLM layer, the patch ids (0 .. grid*grid - 1) of the visual tokens entering it
     photo: np.ndarray  # (S, S, 3) the image as the vision tower sees it (resized)
     grid: int
@@ -119,7 +118,6 @@ class VQADemo:
                 for index in state.index_in:
                     ids = [patch_of[p] for p in index[0].tolist() if p in patch_of]
                     kept.append(np.array(sorted(ids), dtype=np.int64))
-                visual_per_layer = [int(v[0]) for v in state.visual_in]
                 llm_reduced = _llm_gflops(model, inputs)
                 ms_original, ms_reduced, _ = interleaved_latency(model, lambda: model(**prefill))
                 answer_reduced = self._answer(inputs)
@@ -132,7 +130,6 @@ class VQADemo:
             llm_gflops_reduced=llm_reduced,
             ms_original=ms_original,
             ms_reduced=ms_reduced,
-            visual_per_layer=visual_per_layer,
             kept=kept,
             photo=photo,
             grid=self.grid,
@@ -180,7 +177,7 @@ def vqa_tab() -> bool:
         return False
     demo = VQADemo(model, processor)
     examples, source = demo_examples()
-    cache: dict[tuple, VQAResult] = {}
+    cache: dict[str, VQAResult] = {}  # 'last': the result the layer slider redraws
 
     def blank(message: str) -> tuple:
         return (error_html(message), "", "", "", "", None, "")
@@ -191,7 +188,7 @@ def vqa_tab() -> bool:
         caption = (
             f"Visual tokens entering LLM layer {layer} of {len(result.kept)}: **{len(kept)}** of "
             f"{result.grid * result.grid} patches (dark grey: merged away or pruned). Per layer: "
-            + ", ".join(map(str, result.visual_per_layer))
+            + ", ".join(str(len(k)) for k in result.kept)
         )
         return render_kept(result.photo, kept, result.grid), caption
 
