@@ -294,7 +294,7 @@ def yes_no_weights(questions: list[str], answers: list[str], train: list[int]) -
             kind = counts.setdefault(question_kind(questions[q], colours), {"yes": 0, "no": 0})
             kind[answers[q]] += 1
     weights = []
-    for question, answer in zip(questions, answers):
+    for question, answer in zip(questions, answers, strict=True):
         kind = counts.get(question_kind(question, colours))
         if answer not in ("yes", "no") or kind is None or not kind[answer]:
             weights.append(1.0)

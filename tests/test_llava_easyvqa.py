@@ -201,3 +201,27 @@ def test_eval_cli_writes_the_expected_json(tmp_path):
     assert result["questions"] == 20 and result["model"] == "llava-easyvqa" and result["budget"] == 0.3
     assert abs(result["llm_flops_ratio"] - 0.3) < 0.03
     assert result["total_flops_ratio"] > result["llm_flops_ratio"]  # the vision tower is not reduced
+
+
+def test_yes_no_weights_balance_each_question_kind():
+    """Training weights: within each kind (colour/shape, plain/negated) yes and no carry equal total weight."""
+    sys.path.insert(0, str(REPO / "models"))
+    import train_llava_easyvqa as T
+
+    rows = [
+        ("is there a red shape?", "no"), ("is there a blue shape?", "no"), ("is there a gray shape?", "no"),
+        ("is there a red shape?", "yes"),
+        ("is there not a red shape?", "yes"), ("is there not a teal shape?", "no"),
+        ("is there a circle?", "yes"), ("is there a triangle?", "no"),
+        ("what color is the shape?", "red"), ("what shape is in the image?", "circle"),
+        ("what color is the circle?", "teal"), ("what color is the shape?", "blue"), ("what color is the shape?", "gray"),
+    ]  # fmt: skip  (the colours are the non-yes/no, non-shape answers)
+    questions, answers = [q for q, _ in rows], [a for _, a in rows]
+    weights, counts = T.yes_no_weights(questions, answers, list(range(len(rows))))
+    assert counts == {
+        "colour": {"yes": 1, "no": 3},
+        "colour, negated": {"yes": 1, "no": 1},
+        "shape": {"yes": 1, "no": 1},
+    }
+    assert weights[:4] == [2 / 3, 2 / 3, 2 / 3, 2.0]  # 3 x 2/3 == 1 x 2: yes and no weigh the same
+    assert weights[4:8] == [1.0] * 4 and weights[8:] == [1.0] * 5  # balanced kinds and non-yes/no answers: 1
