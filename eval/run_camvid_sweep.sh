@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces eval/results/camvid_sweep/ (vit-s14-camvid: dtop early exit vs tome / random at equal GFLOPs).
 #
-#   1. val:  the unreduced segmenter and dtop at every threshold in $THRESHOLDS (keep_top_k=$KEEP_TOP_K).
+#   1. val:  the unreduced segmenter and dtop at every threshold in $THRESHOLDS (keep_top_k=$KEEP_TOP_K): one
+#            number for every exit stage, or a list [after 4 blocks, after 8 blocks] (per-stage thresholds: an
+#            exit after 4 blocks saves twice the blocks of one after 8, and its aux head is the weaker).
 #   2. pick: on val only, the threshold with the fewest GFLOPs whose val mIoU is at most $MAX_DROP points
 #            below the unreduced model's (if none qualifies: the highest threshold); written to selected.json.
 #   3. test: the unreduced segmenter, the selected dtop setting, tome and random at the FLOPs ratio that
@@ -15,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 DATA=${DATA:-../shared/datasets}
 OUT=${OUT:-eval/results/camvid_sweep}
-THRESHOLDS=${THRESHOLDS:-[0.8,0.9,0.95,0.98]}
+THRESHOLDS=${THRESHOLDS:-[0.8,0.9,0.95,0.97,0.98,[0.99,0.9],[0.98,0.9],[0.98,0.8],[0.97,0.9]]}
 KEEP_TOP_K=${KEEP_TOP_K:-5}
 MAX_DROP=${MAX_DROP:-0.5}
 BATCH=${BATCH:-8}
@@ -36,7 +38,8 @@ rows = json.loads((out / "val" / "sweep.json").read_text())
 dense = next(r for r in rows if r["method"] == "none")
 dtop = [r for r in rows if r["method"] == "dtop" and "error" not in r]
 ok = [r for r in dtop if 100 * (dense["miou"] - r["miou"]) <= max_drop]
-pick = min(ok, key=lambda r: r["gflops_per_image"]) if ok else max(dtop, key=lambda r: r["config"]["threshold"])
+strictest = lambda r: min(r["config"]["threshold"]) if isinstance(r["config"]["threshold"], list) else r["config"]["threshold"]
+pick = min(ok, key=lambda r: r["gflops_per_image"]) if ok else max(dtop, key=strictest)
 choice = {
     "rule": f"fewest val GFLOPs with val mIoU drop <= {max_drop} points (else the highest threshold)",
     "threshold": pick["config"]["threshold"],
@@ -48,7 +51,7 @@ choice = {
     "qualified": bool(ok),
 }
 (out / "selected.json").write_text(json.dumps(choice, indent=2) + "\n")
-print(choice["threshold"])
+print(json.dumps(choice["threshold"]).replace(" ", ""))
 EOF
 )
 echo "selected on val: threshold=$SELECTED"

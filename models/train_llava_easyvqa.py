@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--text-config",
         type=json.loads,
         default={},
-        help='JSON overrides of the decoder config (llava_easyvqa.TEXT_CONFIG), e.g. \'{"hidden_size": 256}\'',
+        help="JSON overrides of the decoder config (llava_easyvqa.TEXT_CONFIG), e.g. '{\"hidden_size\": 256}'",
     )
     p.add_argument(
         "--tie-embeddings",
@@ -83,10 +83,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="LM head = input word embeddings (see build)",
     )
     p.add_argument(
+        "--attribute-loss",
+        type=float,
+        default=0.5,
+        help="weight of the auxiliary loss of attribute_targets (0: off)",
+    )
+    p.add_argument(
         "--balance-yes-no",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="weight yes/no answers so that yes and no weigh the same within each question kind (see yes_no_weights)",
+        default=False,
+        help="weight yes/no answers so that yes and no weigh the same within each question kind (see "
+        "yes_no_weights; tried, learned no comparison at all in 2 epochs)",
     )
     return p.parse_args(argv)
 
@@ -309,6 +316,43 @@ def yes_no_weights(questions: list[str], answers: list[str], train: list[int]) -
     return weights, counts
 
 
+def attribute_targets(questions: list[str], answers: list[str], image_ids: list[int], train: list[int]) -> list:
+    """Per question: the word the auxiliary loss asks for at its ``answer`` token, or None.
+
+    Training signal only (the model and its inference are plain LLaVA): for a yes/no question about a colour
+    (shape), the hidden state at the prompt's ``answer`` token -- after the question, before ``:`` -- is also
+    trained to predict, through the LM head, the image's actual colour (shape). Why: answering "is there a red
+    shape?" needs the image's colour gathered next to the question's before the two can be compared, but the
+    only signal to gather it is the comparison's success, which needs the gathered colour: the untied shipped run
+    sat on "absent" for every present colour (0%), more epochs or a lower lr did not move it. The auxiliary
+    target hands the first half its own signal.
+
+    The image's colour and shape come from ``train`` questions only: an attribute answer ("what color is the
+    shape?" -> red), a word a question presupposes ("what is the red shape?"), or a yes/no that says it is present.
+    """
+    colours = {a for a in answers if a not in (*SHAPES, "yes", "no")}
+    known: dict[int, dict[str, str]] = {}
+    for q in train:
+        words = set(questions[q].lower().replace("?", " ").split())
+        answer, image = answers[q], known.setdefault(image_ids[q], {})
+        if answer in ("yes", "no"):
+            present = (answer == "yes") != bool(words & {"not", "no"})
+            named = words if present else set()
+        else:
+            named = words | {answer}
+        for word in named:
+            if word in colours:
+                image["colour"] = word
+            elif word in SHAPES:
+                image["shape"] = word
+    targets = []
+    for question, answer, image in zip(questions, answers, image_ids, strict=True):
+        kind = question_kind(question, colours).split(",")[0]
+        attribute = known.get(image, {}).get(kind) if answer in ("yes", "no") else None
+        targets.append(attribute)
+    return targets
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -387,6 +431,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"yes/no counts per kind (train): {kind_counts}")
     else:
         question_weights = [1.0] * len(questions)
+    attribute_ids = [
+        None if word is None else tokenizer.convert_tokens_to_ids(word)
+        for word in attribute_targets(questions, answers, image_ids, train_questions)
+    ]
     mean, std = feature_statistics(features, [r for r, _ in train_groups])
     features = standardize_(features, mean, std)  # the projector trains on standardized input (folded at the end)
     print(f"train: {len(train_groups)} images / {n_train} questions; held-out: {len(val_groups)} / {n_val}")
@@ -448,9 +496,20 @@ def main(argv: list[str] | None = None) -> None:
         for row, (_, group) in enumerate(chunk):
             for k, q in enumerate(group):
                 weights[row, 2 * k : 2 * k + 2] = question_weights[q]
-        logits = llava_logits(model, ids, positions, mask, feats, where)  # (B, K, V)
+        # Auxiliary rows: each question's "answer" token sits right before its ":" row (where[:, 0::2]).
+        aux_targets = torch.full(where[:, 0::2].shape, -100, dtype=torch.long)  # (B, K / 2), -100: no target
+        for row, (_, group) in enumerate(chunk):
+            for k, q in enumerate(group):
+                if attribute_ids[q] is not None:
+                    aux_targets[row, k] = attribute_ids[q]
+        logits = llava_logits(
+            model, ids, positions, mask, feats, torch.cat([where, (where[:, 0::2] - 1).clamp(min=0)], 1)
+        )
+        logits, aux_logits = logits[:, : where.shape[1]], logits[:, where.shape[1] :]  # (B, K, V), (B, K / 2, V)
         losses = F.cross_entropy(logits[valid], targets[valid], reduction="none")
         loss = (losses * weights[valid]).sum() / weights[valid].sum()
+        if args.attribute_loss and (aux_targets >= 0).any():
+            loss = loss + args.attribute_loss * F.cross_entropy(aux_logits.flatten(0, 1), aux_targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
@@ -488,6 +547,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "seed": str(args.seed),
         "balance_yes_no": str(args.balance_yes_no),
+        "attribute_loss": str(args.attribute_loss),
+        "tie_embeddings": str(args.tie_embeddings),
         "heldout_images": str(len(val_images)),
         "heldout_questions": str(n_val),
         "heldout_first_token_acc": f"{best['val_acc']:.4f}",
