@@ -98,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# What a run written before these options existed did (so that it resumes): untied, no extra losses.
+BEFORE_OPTIONS = {"text_config": "{}", "tie_embeddings": "False", "attribute_loss": "0.0", "balance_yes_no": "False"}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -452,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     last = run_dir / "last.pt"
     if last.is_file() and not args.benchmark_steps:
         state = torch.load(last, weights_only=True)
-        if not args.finalize and state["args"] != {k: str(v) for k, v in vars(args).items()}:
+        now = {k: str(v) for k, v in vars(args).items()}
+        if not args.finalize and {**BEFORE_OPTIONS, **state["args"]} != now:
             raise RuntimeError(f"{last} was written with other arguments: {state['args']}; delete it to start over")
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
