@@ -7,8 +7,8 @@
 #   2. pick: on val only, the threshold with the fewest GFLOPs whose val mIoU is at most $MAX_DROP points
 #            below the unreduced model's (if none qualifies: the highest threshold); written to selected.json.
 #   3. test: the unreduced segmenter, the selected dtop setting, tome and random at the FLOPs ratio that
-#            setting measured on test; then every other threshold (reported, not chosen from), each with
-#            tome and random at its own measured FLOPs ratio.
+#            setting measured on test; then the thresholds in $TEST_THRESHOLDS (reported, not chosen from),
+#            each with tome and random at its own measured FLOPs ratio.
 #
 # Usage: eval/run_camvid_sweep.sh            (DATA=<dir containing camvid/>, default ../shared/datasets)
 # Each setting's JSON is kept, so a rerun resumes where it stopped.
@@ -17,8 +17,9 @@ cd "$(dirname "$0")/.."
 
 DATA=${DATA:-../shared/datasets}
 OUT=${OUT:-eval/results/camvid_sweep}
-THRESHOLDS=${THRESHOLDS:-[0.8,0.9,0.95,0.97,0.98,[0.99,0.9],[0.98,0.9],[0.98,0.8],[0.97,0.9]]}
+THRESHOLDS=${THRESHOLDS:-[0.8,0.9,0.95,0.97,0.98,0.99,[0.99,0.98],[0.995,0.97],[0.99,0.9],[0.98,0.9],[0.98,0.8],[0.97,0.9]]}
 KEEP_TOP_K=${KEEP_TOP_K:-5}
+TEST_THRESHOLDS=${TEST_THRESHOLDS:-[0.95,0.98,0.99]}
 MAX_DROP=${MAX_DROP:-0.5}
 BATCH=${BATCH:-8}
 export OMP_NUM_THREADS=${THREADS:-2}
@@ -59,5 +60,5 @@ echo "selected on val: threshold=$SELECTED"
 # The selected setting and its equal-FLOPs baselines first, then every other threshold with its own baselines.
 sweep --split test --methods none,dtop,tome,random --set "threshold=$SELECTED" --set "keep_top_k=$KEEP_TOP_K" \
   --flops match --out "$OUT/test"
-sweep --split test --methods dtop,tome,random --set "threshold=$THRESHOLDS" --set "keep_top_k=$KEEP_TOP_K" \
+sweep --split test --methods dtop,tome,random --set "threshold=$TEST_THRESHOLDS" --set "keep_top_k=$KEEP_TOP_K" \
   --flops match --out "$OUT/test"

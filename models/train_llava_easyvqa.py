@@ -320,40 +320,23 @@ def yes_no_weights(questions: list[str], answers: list[str], train: list[int]) -
     return weights, counts
 
 
-def attribute_targets(questions: list[str], answers: list[str], image_ids: list[int], train: list[int]) -> list:
+def attribute_targets(questions: list[str], answers: list[str]) -> list[str | None]:
     """Per question: the word the auxiliary loss asks for at its ``answer`` token, or None.
 
-    Training signal only (the model and its inference are plain LLaVA): for a yes/no question about a colour
-    (shape), the hidden state at the prompt's ``answer`` token -- after the question, before ``:`` -- is also
-    trained to predict, through the LM head, the image's actual colour (shape). Why: answering "is there a red
-    shape?" needs the image's colour gathered next to the question's before the two can be compared, but the
-    only signal to gather it is the comparison's success, which needs the gathered colour: the untied shipped run
-    sat on "absent" for every present colour (0%), more epochs or a lower lr did not move it. The auxiliary
-    target hands the first half its own signal.
-
-    The image's colour and shape come from ``train`` questions only: an attribute answer ("what color is the
-    shape?" -> red), a word a question presupposes ("what is the red shape?"), or a yes/no that says it is present.
+    Training signal only (the model and its inference are plain LLaVA): for a yes/no question the hidden state
+    at the prompt's ``answer`` token -- after the question, before ``:`` -- is also trained to name, through
+    the LM head, the colour or shape the question asks about ("is there not a red shape?" -> red). Why: linear
+    probes on the untied shipped model's ``:`` state (``python models/probe_llava_easyvqa.py``) read the
+    image's colour perfectly from layer 3 on but the question's colour at ~31% (chance 12.5%): the answer
+    position never gathered which colour was asked, so "is there a <colour> shape?" settled on the 7-in-8 prior
+    (0% when the colour is present). Shapes, asked with a 1-in-3 prior, were learned. The image's colour needs no
+    help ("what color is the shape?" is at 100%).
     """
     colours = {a for a in answers if a not in (*SHAPES, "yes", "no")}
-    known: dict[int, dict[str, str]] = {}
-    for q in train:
-        words = set(questions[q].lower().replace("?", " ").split())
-        answer, image = answers[q], known.setdefault(image_ids[q], {})
-        if answer in ("yes", "no"):
-            present = (answer == "yes") != bool(words & {"not", "no"})
-            named = words if present else set()
-        else:
-            named = words | {answer}
-        for word in named:
-            if word in colours:
-                image["colour"] = word
-            elif word in SHAPES:
-                image["shape"] = word
-    targets = []
-    for question, answer, image in zip(questions, answers, image_ids, strict=True):
-        kind = question_kind(question, colours).split(",")[0]
-        attribute = known.get(image, {}).get(kind) if answer in ("yes", "no") else None
-        targets.append(attribute)
+    targets: list[str | None] = []
+    for question, answer in zip(questions, answers, strict=True):
+        named = [w for w in question.lower().replace("?", " ").split() if w in colours or w in SHAPES]
+        targets.append(named[0] if answer in ("yes", "no") and named else None)
     return targets
 
 
@@ -437,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         question_weights = [1.0] * len(questions)
     attribute_ids = [
         None if word is None else tokenizer.convert_tokens_to_ids(word)
-        for word in attribute_targets(questions, answers, image_ids, train_questions)
+        for word in attribute_targets(questions, answers)
     ]
     mean, std = feature_statistics(features, [r for r, _ in train_groups])
     features = standardize_(features, mean, std)  # the projector trains on standardized input (folded at the end)
