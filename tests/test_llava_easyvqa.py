@@ -226,3 +226,14 @@ def test_yes_no_weights_balance_each_question_kind():
     }
     assert weights[:4] == [2 / 3, 2 / 3, 2 / 3, 2.0]  # 3 x 2/3 == 1 x 2: yes and no weigh the same
     assert weights[4:8] == [1.0] * 4 and weights[8:] == [1.0] * 5  # balanced kinds and non-yes/no answers: 1
+
+
+def test_attribute_targets_name_the_asked_attribute_of_yes_no_questions():
+    sys.path.insert(0, str(REPO / "models"))
+    import train_llava_easyvqa as T
+
+    questions = ["is there not a red shape?", "is there a circle?", "what color is the shape?", "what is the shape?"]
+    answers = ["yes", "no", "teal", "rectangle"]  # colours: the answers that are neither shapes nor yes/no
+    answers_with_colours = [*answers, "red", "blue"]
+    targets = T.attribute_targets([*questions, "?", "?"], answers_with_colours)
+    assert targets[:4] == ["red", "circle", None, None]  # only yes/no questions get one
