@@ -209,14 +209,20 @@ def test_yes_no_weights_balance_each_question_kind():
     import train_llava_easyvqa as T
 
     rows = [
-        ("is there a red shape?", "no"), ("is there a blue shape?", "no"), ("is there a gray shape?", "no"),
+        ("is there a red shape?", "no"),
+        ("is there a blue shape?", "no"),
+        ("is there a gray shape?", "no"),
         ("is there a red shape?", "yes"),
-        ("is there not a red shape?", "yes"), ("is there not a teal shape?", "no"),
-        ("is there a circle?", "yes"), ("is there a triangle?", "no"),
-        ("what color is the shape?", "red"), ("what shape is in the image?", "circle"),
-        ("what color is the circle?", "teal"), ("what color is the shape?", "blue"),
+        ("is there not a red shape?", "yes"),
+        ("is there not a teal shape?", "no"),
+        ("is there a circle?", "yes"),
+        ("is there a triangle?", "no"),
+        ("what color is the shape?", "red"),
+        ("what shape is in the image?", "circle"),
+        ("what color is the circle?", "teal"),
+        ("what color is the shape?", "blue"),
         ("what color is the shape?", "gray"),
-    ]  # fmt: skip  (the colours are the non-yes/no, non-shape answers)
+    ]  # the colours are the non-yes/no, non-shape answers
     questions, answers = [q for q, _ in rows], [a for _, a in rows]
     weights, counts = T.yes_no_weights(questions, answers, list(range(len(rows))))
     assert counts == {
