@@ -15,7 +15,8 @@ Steps (all under ``<cache>/train_llava_easyvqa``, ``<cache>`` = ``$TOKENPRUNE_CA
    ``prompt(question) answer </s>`` (loss on the answer word and ``</s>``; for yes/no questions, 0.5 x an
    auxiliary loss that has the prompt's ``answer`` token name the asked colour or shape: ``attribute_targets``).
    The forward is LLaVA's own with the tower's output read from the cache: token embeddings, projected
-   features scattered into the ``<image>`` placeholders, the language model, the LM head; all questions of an image share one row (``make_packed_batch``).
+   features scattered into the ``<image>`` placeholders, the language model, the LM head; all questions of an
+   image share one row (``make_packed_batch``).
    A checkpoint (``run-layers*/last.pt``) is written every ``--checkpoint-minutes``; rerunning resumes from it.
 4. Selection on the held-out questions (first-token argmax == answer) after each epoch; the best epoch's weights
    are written with the config, tokenizer and processor to ``--out`` (float16 safetensors, metadata: seed, split,
