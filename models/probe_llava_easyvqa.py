@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         dim=-1,
     )
     row_of = {img: row for row, img in enumerate(images)}
-    colours = sorted({a for a in get_answers() if a not in (*T.SHAPES, "yes", "no")})
+    colours = sorted(T.colour_words(get_answers()))
     image_colour: dict[int, str] = {}
     for answer, image in zip(answers, image_ids, strict=True):
         if answer in colours:

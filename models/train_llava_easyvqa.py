@@ -285,6 +285,11 @@ def fold_standardization_(model, mean: torch.Tensor, std: torch.Tensor) -> None:
 SHAPES = ("circle", "rectangle", "triangle")
 
 
+def colour_words(answers: list[str]) -> set[str]:
+    """easy-VQA's colours: the answers that are neither shapes nor yes/no."""
+    return {a for a in answers if a not in (*SHAPES, "yes", "no")}
+
+
 def question_kind(question: str, colours: set[str]) -> str:
     """What a yes/no question asks about -- ``colour``, ``shape`` or ``colour+shape`` by the words it names --
     and whether it is negated (``is there not a ...``, ``is no ... present``): e.g. ``colour, negated``."""
@@ -305,7 +310,7 @@ def yes_no_weights(questions: list[str], answers: list[str], train: list[int]) -
 
     Returns the weights (indexed like ``questions``) and the counts they came from (for the log).
     """
-    colours = {a for a in answers if a not in (*SHAPES, "yes", "no")}
+    colours = colour_words(answers)
     counts: dict[str, dict[str, int]] = {}
     for q in train:
         if answers[q] in ("yes", "no"):
@@ -327,13 +332,13 @@ def attribute_targets(questions: list[str], answers: list[str]) -> list[str | No
     Training signal only (the model and its inference are plain LLaVA): for a yes/no question the hidden state
     at the prompt's ``answer`` token -- after the question, before ``:`` -- is also trained to name, through
     the LM head, the colour or shape the question asks about ("is there not a red shape?" -> red). Why: linear
-    probes on the untied shipped model's ``:`` state (``python models/probe_llava_easyvqa.py``) read the
+    probes on the first release's ``:`` state (trained without it) (``python models/probe_llava_easyvqa.py``) read the
     image's colour perfectly from layer 3 on but the question's colour at ~31% (chance 12.5%): the answer
     position never gathered which colour was asked, so "is there a <colour> shape?" settled on the 7-in-8 prior
     (0% when the colour is present). Shapes, asked with a 1-in-3 prior, were learned. The image's colour needs no
     help ("what color is the shape?" is at 100%).
     """
-    colours = {a for a in answers if a not in (*SHAPES, "yes", "no")}
+    colours = colour_words(answers)
     targets: list[str | None] = []
     for question, answer in zip(questions, answers, strict=True):
         named = [w for w in question.lower().replace("?", " ").split() if w in colours or w in SHAPES]
@@ -482,13 +487,11 @@ def main(argv: list[str] | None = None) -> None:
             group["lr"] = args.lr * lr_factor(step, total, args.warmup_steps)
         t0 = time.time()
         weights = torch.zeros(valid.shape)  # (B, K): the answer word and its </s> share the question's weight
-        for row, (_, group) in enumerate(chunk):
-            for k, q in enumerate(group):
-                weights[row, 2 * k : 2 * k + 2] = question_weights[q]
         # Auxiliary rows: each question's "answer" token sits right before its ":" row (where[:, 0::2]).
         aux_targets = torch.full(where[:, 0::2].shape, -100, dtype=torch.long)  # (B, K / 2), -100: no target
         for row, (_, group) in enumerate(chunk):
             for k, q in enumerate(group):
+                weights[row, 2 * k : 2 * k + 2] = question_weights[q]
                 if attribute_ids[q] is not None:
                     aux_targets[row, k] = attribute_ids[q]
         logits = llava_logits(
