@@ -88,24 +88,15 @@ def test_unknown_model_is_a_clear_error():
 
 def test_sweep_writes_json_table_and_pareto_plot(tmp_path, monkeypatch):
     monkeypatch.delenv("TOKENPRUNE_DATA", raising=False)
-    main(
-        [
-            "sweep",
-            "--model",
-            "deit_tiny_patch16_224",
-            "--methods",
-            "none,tome,random",
-            "--flops",
-            "1,0.6",
-            "--batch-size",
-            "2",
-            "--bench-rounds",
-            "0",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    rows = json.loads((tmp_path / "sweep.json").read_text())
+
+    def sweep(flops: str, *extra: str) -> list[dict]:
+        main(
+            ["sweep", "--model", "deit_tiny_patch16_224", "--methods", "none,tome,random", "--flops", flops]
+            + ["--batch-size", "2", "--bench-rounds", "0", "--out", str(tmp_path), *extra]
+        )
+        return json.loads((tmp_path / "sweep.json").read_text())
+
+    rows = sweep("1,0.6")
     assert [(row["method"], row["budget"]) for row in rows] == [("none", 1.0), ("tome", 0.6), ("random", 0.6)]
     assert rows[0]["top1_agreement"] == 1.0 and rows[0]["feature_cosine"] == pytest.approx(1.0)
     assert (tmp_path / "pareto.png").stat().st_size > 1000
@@ -113,25 +104,7 @@ def test_sweep_writes_json_table_and_pareto_plot(tmp_path, monkeypatch):
     assert (tmp_path / "tome_0.6.json").exists()
     # --resume keeps finished settings (their files are not rewritten) and adds the new ones.
     before = (tmp_path / "tome_0.6.json").stat().st_mtime_ns
-    main(
-        [
-            "sweep",
-            "--model",
-            "deit_tiny_patch16_224",
-            "--methods",
-            "none,tome,random",
-            "--flops",
-            "0.6,0.7,1",
-            "--batch-size",
-            "2",
-            "--bench-rounds",
-            "0",
-            "--out",
-            str(tmp_path),
-            "--resume",
-        ]
-    )
-    rows = json.loads((tmp_path / "sweep.json").read_text())
+    rows = sweep("0.6,0.7,1", "--resume")
     assert [(row["method"], row["budget"]) for row in rows] == [
         ("none", 1.0),
         ("tome", 0.7),
