@@ -216,6 +216,25 @@ def test_load_model_from_partial_checkpoint(base_model, tmp_path: Path) -> None:
     assert out.shape == (1, 10)
 
 
+def test_cli_eval_scores_the_given_checkpoint(base_model, tmp_path: Path, capsys) -> None:
+    """``tokenprune eval --checkpoint`` loads that file (not the shipped one) and files the result under it."""
+    from tokenprune.cli import main
+
+    path = tmp_path / "mine.safetensors"
+    _fake_checkpoint(base_model, path)
+    out = tmp_path / "eval.json"
+    main(["eval", "--model", "vit-s14-imagenette", "--checkpoint", str(path), "--method", "none",
+          "--bench-rounds", "0", "--batch-size", "4", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["model"] == f"vit-s14-imagenette @ {path}"
+    bad = tmp_path / "bad.safetensors"
+    _fake_checkpoint(base_model, bad, trained_blocks="[3, 5]")
+    with pytest.raises(SystemExit, match="does not fit model 'vit-s14-imagenette': trained_blocks"):
+        main(["eval", "--model", "vit-s14-imagenette", "--checkpoint", str(bad), "--method", "none"])
+    with pytest.raises(SystemExit, match="zoo models"):
+        main(["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", str(path), "--method", "none"])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -37,11 +37,16 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def build_model(name: str, img_size: int | None) -> tuple[torch.nn.Module, int]:
-    """A model by zoo name, else a timm architecture with random weights (enough for speed and FLOPs)."""
+def build_model(name: str, img_size: int | None, checkpoint: str | None = None) -> tuple[torch.nn.Module, int]:
+    """A model by zoo name, else a timm architecture with random weights (enough for speed and FLOPs).
+
+    ``checkpoint`` replaces a zoo model's shipped weights (e.g. a file just written by its training script).
+    """
     if name in zoo.classifiers():
-        model, _ = zoo.load_model(name)
+        model, _ = zoo.load_model(name, checkpoint=checkpoint)
         return model.eval(), img_size or 224
+    if checkpoint is not None:
+        raise SystemExit(f"--checkpoint applies to zoo models ({zoo.available_models()}), not to {name!r}")
     import timm
 
     kwargs = {"img_size": img_size} if img_size else {}
@@ -53,6 +58,12 @@ def build_model(name: str, img_size: int | None) -> tuple[torch.nn.Module, int]:
         ) from error
     size = img_size or model.patch_embed.img_size[0]
     return model.eval(), size
+
+
+def model_label(args: argparse.Namespace) -> str:
+    """The model name results are filed under; names the checkpoint when it is not the shipped one."""
+    checkpoint = getattr(args, "checkpoint", None)
+    return args.model if checkpoint is None else f"{args.model} @ {checkpoint}"
 
 
 def _write_json(data: Any, out: str | None) -> None:
@@ -70,7 +81,7 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Any,
 
     if getattr(args, "split", None) not in (None, "val"):
         raise SystemExit(f"classifiers are scored on their val split; --split {args.split!r} is not supported")
-    model, size = build_model(args.model, args.img_size)
+    model, size = build_model(args.model, args.img_size, args.checkpoint)
     transform = zoo.build_transform(size)
     root = resolve_data_root(args.data)
     if root is None:
@@ -94,7 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_setting(
         model, transform, args.method, method_options(args), dataset, args.batch_size, args.bench_rounds
     )
-    result.update({"model": args.model, "data": data, "limit": args.limit})
+    result.update({"model": model_label(args), "data": data, "limit": args.limit})
     if rank == 0:
         _write_json(result, args.out)
 
@@ -124,7 +135,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             row = evaluate_setting(model, transform, method, options, dataset, args.batch_size, args.bench_rounds)
         except ValueError as error:  # e.g. a budget this method cannot reach: recorded, not fatal
             row = {"method": method, "error": str(error)}
-        row.update({"budget": budget, "model": args.model, "data": data, "limit": args.limit})
+        row.update({"budget": budget, "model": model_label(args), "data": data, "limit": args.limit})
         done[method, budget] = row
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, help="deterministic class-balanced subset of N images")
         p.add_argument("--split", help="split to score (default: val for classifiers, test for segmentation)")
         p.add_argument("--bench-rounds", type=int, default=3, help="side-by-side speed rounds (0: skip)")
+        p.add_argument("--checkpoint", help="zoo models: score this checkpoint instead of the shipped one")
 
     evaluate = sub.add_parser("eval", help="accuracy (or agreement), GFLOPs and images/s of one setting")
     common(evaluate)

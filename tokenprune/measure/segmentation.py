@@ -216,7 +216,7 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: Path, title: str) -> None
 def _load(args: Any) -> tuple[seg.ViTSegmenter, seg.CamVidDataset, str]:
     from tokenprune import zoo
 
-    model, transform = zoo.load_model(args.model)
+    model, transform = zoo.load_model(args.model, checkpoint=getattr(args, "checkpoint", None))
     split = getattr(args, "split", None) or DEFAULT_SPLIT
     dataset = seg.CamVidDataset(args.data, split, transform, limit=args.limit)
     return model, dataset, f"CamVid {split} ({len(dataset)} images)"
@@ -224,11 +224,11 @@ def _load(args: Any) -> tuple[seg.ViTSegmenter, seg.CamVidDataset, str]:
 
 def cli_eval(args: Any) -> None:
     """``tokenprune eval --model vit-s14-camvid --method dtop --set threshold=0.95 [--split val]``."""
-    from tokenprune.cli import method_options
+    from tokenprune.cli import method_options, model_label
 
     model, dataset, data = _load(args)
     result = evaluate_segmenter(model, dataset, args.method, method_options(args), args.batch_size)
-    result.update({"model": args.model, "data": data, "limit": args.limit})
+    result.update({"model": model_label(args), "data": data, "limit": args.limit})
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +244,7 @@ def threshold_label(threshold: float | list[float]) -> str:
 def cli_sweep(args: Any) -> None:
     """``tokenprune sweep --model vit-s14-camvid --methods none,dtop,tome,random --set threshold=[0.9,0.95]
     --flops match --out DIR [--split val]``."""
-    from tokenprune.cli import parse_set
+    from tokenprune.cli import model_label, parse_set
 
     model, dataset, data = _load(args)
     out_dir = Path(args.out)
@@ -275,7 +275,7 @@ def cli_sweep(args: Any) -> None:
                 row = evaluate_segmenter(model, dataset, method, opts, args.batch_size)
             except ValueError as error:  # e.g. a budget this method cannot reach: recorded, not fatal
                 row = {"method": method, "error": str(error)}
-            row.update({"setting": label, "model": args.model, "data": data, "limit": args.limit})
+            row.update({"setting": label, "model": model_label(args), "data": data, "limit": args.limit})
             out_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(row, indent=2) + "\n")
         rows[path.name] = row

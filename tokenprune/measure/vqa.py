@@ -320,7 +320,7 @@ def _load(args: argparse.Namespace):
         raise SystemExit(f"{MODEL_NAME} runs at its trained input size; --img-size is not accepted")
     if getattr(args, "data", None):
         raise SystemExit(f"{MODEL_NAME} evaluates on the easy-VQA test split from the easy-vqa package; drop --data")
-    model, processor = load_model(MODEL_NAME)
+    model, processor = load_model(MODEL_NAME, checkpoint=getattr(args, "checkpoint", None))
     rows = load_questions("test", args.limit)
     return model, processor, rows
 
@@ -332,6 +332,8 @@ def _data_label(args: argparse.Namespace, rows: list) -> str:
 
 def cli_eval(args: argparse.Namespace) -> None:
     """``tokenprune eval --model llava-easyvqa``: one setting, JSON to stdout (and ``--out``)."""
+    from tokenprune.cli import model_label
+
     model, processor, rows = _load(args)
     options = _options(args)
     if args.flops is not None:
@@ -341,7 +343,9 @@ def cli_eval(args: argparse.Namespace) -> None:
     result = evaluate_setting(
         model, processor, rows, args.method, options, args.batch_size, args.bench_rounds, feature_cache={}
     )
-    result.update({"model": MODEL_NAME, "budget": args.flops, "data": _data_label(args, rows), "limit": args.limit})
+    result.update(
+        {"model": model_label(args), "budget": args.flops, "data": _data_label(args, rows), "limit": args.limit}
+    )
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -353,6 +357,7 @@ def cli_sweep(args: argparse.Namespace) -> None:
     """``tokenprune sweep --model llava-easyvqa``: methods x LLM-prefill budgets -> JSON, table, Pareto PNG."""
     from tqdm.auto import tqdm
 
+    from tokenprune.cli import model_label
     from tokenprune.measure.sweep import sweep_settings
 
     model, processor, rows = _load(args)
@@ -377,7 +382,7 @@ def cli_sweep(args: argparse.Namespace) -> None:
             )
         except ValueError as error:  # a budget this method cannot reach: recorded, not fatal
             row = {"method": name, "error": str(error)}
-        row.update({"budget": budget, "model": MODEL_NAME, "data": data, "limit": args.limit})
+        row.update({"budget": budget, "model": model_label(args), "data": data, "limit": args.limit})
         done[name, budget] = row
         out_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(row, indent=2) + "\n")
