@@ -17,9 +17,9 @@ cd "$(dirname "$0")/.."
 
 DATA=${DATA:-../shared/datasets}
 OUT=${OUT:-eval/results/camvid_sweep}
-THRESHOLDS=${THRESHOLDS:-[0.8,0.9,0.95,0.97,0.98,0.99,[0.99,0.98],[0.995,0.97],[0.99,0.9],[0.98,0.9],[0.98,0.8],[0.97,0.9]]}
+THRESHOLDS=${THRESHOLDS:-[0.8,0.9,0.95,0.97,0.98,0.99,0.995,0.998,0.999,[0.99,0.98],[0.995,0.97],[0.99,0.9],[0.98,0.9],[0.98,0.8],[0.97,0.9],[0.995,0.99],[0.998,0.99],[0.999,0.99],[0.999,0.98]]}
 KEEP_TOP_K=${KEEP_TOP_K:-5}
-TEST_THRESHOLDS=${TEST_THRESHOLDS:-[0.95,0.98,0.99]}
+TEST_THRESHOLDS=${TEST_THRESHOLDS:-[0.999,0.998,0.995,0.99]}
 MAX_DROP=${MAX_DROP:-0.5}
 BATCH=${BATCH:-8}
 export OMP_NUM_THREADS=${THREADS:-2}
@@ -52,10 +52,11 @@ choice = {
     "qualified": bool(ok),
 }
 (out / "selected.json").write_text(json.dumps(choice, indent=2) + "\n")
-print(json.dumps(choice["threshold"]).replace(" ", ""))
+# A list of one setting: a per-stage pick [a, b] must reach the sweep as [[a, b]], not as two thresholds.
+print(json.dumps([choice["threshold"]]).replace(" ", ""))
 EOF
 )
-echo "selected on val: threshold=$SELECTED"
+echo "selected on val: $SELECTED (a list of one threshold setting)"
 
 # The selected setting and its equal-FLOPs baselines first, then every other threshold with its own baselines.
 sweep --split test --methods none,dtop,tome,random --set "threshold=$SELECTED" --set "keep_top_k=$KEEP_TOP_K" \
