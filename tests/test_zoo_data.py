@@ -216,7 +216,7 @@ def test_load_model_from_partial_checkpoint(base_model, tmp_path: Path) -> None:
     assert out.shape == (1, 10)
 
 
-def test_cli_eval_scores_the_given_checkpoint(base_model, tmp_path: Path, capsys) -> None:
+def test_cli_eval_scores_the_given_checkpoint(base_model, tmp_path: Path) -> None:
     """``tokenprune eval --checkpoint`` loads that file (not the shipped one) and files the result under it."""
     from tokenprune.cli import main
 
