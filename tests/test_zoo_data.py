@@ -216,9 +216,11 @@ def test_load_model_from_partial_checkpoint(base_model, tmp_path: Path) -> None:
     assert out.shape == (1, 10)
 
 
-def test_cli_eval_scores_the_given_checkpoint(base_model, tmp_path: Path) -> None:
+def test_cli_eval_scores_the_given_checkpoint(base_model, tmp_path: Path, monkeypatch) -> None:
     """``tokenprune eval --checkpoint`` loads that file (not the shipped one) and files the result under it."""
     from tokenprune.cli import main
+
+    monkeypatch.delenv("TOKENPRUNE_DATA", raising=False)  # score the 5 bundled photos, not a whole dataset
 
     path = tmp_path / "mine.safetensors"
     _fake_checkpoint(base_model, path)
