@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     states = torch.cat(states)
     seen = torch.tensor([colours.index(image_colour[image_ids[q]]) for q in picked])
     asked = torch.tensor(
-        [colours.index(next(w for w in questions[q].replace("?", " ").split() if w in colours)) for q in picked]
+        [colours.index(next(w for w in T.question_words(questions[q]) if w in colours)) for q in picked]
     )
     match = (seen == asked).long()
     n = len(picked)

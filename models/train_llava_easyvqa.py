@@ -290,10 +290,15 @@ def colour_words(answers: list[str]) -> set[str]:
     return {a for a in answers if a not in (*SHAPES, "yes", "no")}
 
 
+def question_words(question: str) -> list[str]:
+    """``"Is there a red shape?"`` -> ``["is", "there", "a", "red", "shape"]`` (easy-VQA questions end in ``?``)."""
+    return question.lower().replace("?", " ").split()
+
+
 def question_kind(question: str, colours: set[str]) -> str:
     """What a yes/no question asks about -- ``colour``, ``shape`` or ``colour+shape`` by the words it names --
     and whether it is negated (``is there not a ...``, ``is no ... present``): e.g. ``colour, negated``."""
-    words = set(question.lower().replace("?", " ").split())
+    words = set(question_words(question))
     named = [kind for kind, vocab in (("colour", colours), ("shape", set(SHAPES))) if words & vocab]
     return ("+".join(named) or "other") + (", negated" if words & {"not", "no"} else "")
 
@@ -341,7 +346,7 @@ def attribute_targets(questions: list[str], answers: list[str]) -> list[str | No
     colours = colour_words(answers)
     targets: list[str | None] = []
     for question, answer in zip(questions, answers, strict=True):
-        named = [w for w in question.lower().replace("?", " ").split() if w in colours or w in SHAPES]
+        named = [w for w in question_words(question) if w in colours or w in SHAPES]
         targets.append(named[0] if answer in ("yes", "no") and named else None)
     return targets
 
