@@ -12,6 +12,7 @@ batch-vs-single and SDPA-vs-eager comparisons.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -240,7 +241,7 @@ def test_unsupported_models_and_methods_raise_with_the_supported_ones():
     )
     with pytest.raises(TypeError, match="Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration"):
         tokenprune.apply(text_only, "fastv")
-    with pytest.raises(TypeError, match=r"\['aim', 'fastv'\]"):
+    with pytest.raises(TypeError, match=re.escape(str(tokenprune.methods(kind="vlm")))):
         tokenprune.apply(build(), "tome", r=2)
 
 

@@ -12,6 +12,8 @@ prefill and every decode step of ``generate()``. Tolerances: bit-exact where not
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import transformers as hf
@@ -444,7 +446,7 @@ def test_unsupported_models_and_methods_raise_with_the_supported_ones():
     vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     with pytest.raises(TypeError, match="vision-language"):
         tokenprune.apply(vit, "aim")
-    with pytest.raises(TypeError, match=r"\['aim', 'fastv'\]"):
+    with pytest.raises(TypeError, match=re.escape(str(tokenprune.methods(kind="vlm")))):
         tokenprune.apply(build(), "tome", r=2)
 
 

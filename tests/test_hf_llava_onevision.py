@@ -12,6 +12,7 @@ batch-vs-single and SDPA-vs-eager comparisons.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -293,5 +294,5 @@ def test_unsupported_models_and_methods_raise_with_the_supported_ones():
     with pytest.raises(TypeError, match="LlavaOnevisionForConditionalGeneration") as error:
         tokenprune.apply(text_only, "fastv")
     assert "Idefics3ForConditionalGeneration" in str(error.value)
-    with pytest.raises(TypeError, match=r"\['aim', 'fastv'\]"):
+    with pytest.raises(TypeError, match=re.escape(str(tokenprune.methods(kind="vlm")))):
         tokenprune.apply(build(), "tome", r=2)

@@ -11,11 +11,17 @@ from torch import nn
 
 from tokenprune import registry
 from tokenprune.config import ReductionConfig
-from tokenprune.core.schedule import resolve_schedule, solve_flops_schedule
+from tokenprune.core.schedule import resolve_schedule
 from tokenprune.methods.base import Method
 from tokenprune.state import TokenState
 
 _PATCH_ATTR = "_tokenprune_patch"
+#: What each model kind is, for messages.
+KIND_MODELS = {
+    "vit": "ViT token sequences (timm VisionTransformer; HF ViT, CLIP, SigLIP, DINOv2 encoders)",
+    "vlm": "visual tokens inside vision-language models (e.g. LlavaForConditionalGeneration)",
+    "dense": "dense predictors with exit heads (tokenprune's ViTSegmenter, e.g. load_model('vit-s14-camvid'))",
+}
 
 
 class Runtime:
@@ -115,40 +121,22 @@ def apply(model: nn.Module, method: str, **options: Any) -> Patch:
     entry = registry.get_method(method)
     config = entry.config_cls.from_dict(options)
     adapter_cls = registry.find_adapter(model)
+    if adapter_cls.kind not in entry.kinds:
+        reduces = " and ".join(KIND_MODELS[kind] for kind in registry.KINDS if kind in entry.kinds)
+        raise TypeError(
+            f"method {method!r} reduces {reduces}; {type(model).__name__} is a {adapter_cls.kind!r} model "
+            f"({KIND_MODELS[adapter_cls.kind]}), which takes: {registry.methods(adapter_cls.kind)}"
+        )
     method_impl: Method = entry.method_cls(config)
     adapter = adapter_cls(model)
-    if hasattr(method_impl, "check_adapter"):
-        method_impl.check_adapter(adapter)  # methods tied to one model kind (dtop: segmenters) refuse others
     if method_impl.needs_class_token and not adapter.has_class_token:
         raise ValueError(
             f"method {method!r} scores tokens by class-token attention, but this model has no class token; "
-            f"methods that work without one: {[m for m in registry.methods() if m != method]}"
+            f"methods that work without one: {[m for m in registry.methods(adapter.kind) if m != method]}"
         )
+    method_impl.check_model(adapter)
     runtime = Runtime(method_impl, config, adapter.depth, adapter.num_protected)
-    schedule = None
-    if hasattr(adapter, "resolve_schedule"):
-        # Vision-language adapters: token counts are only known per prompt; the adapter checks the method and
-        # solves any FLOPs budget itself at each prefill.
-        schedule = adapter.resolve_schedule(runtime)
-    elif getattr(method_impl, "vlm_only", False):
-        raise TypeError(
-            f"method {method!r} reduces visual tokens inside a vision-language model (e.g. "
-            f"LlavaForConditionalGeneration); {type(model).__name__} is not one"
-        )
-    elif config.flops is not None:
-        num_tokens = adapter.num_tokens(config.input_size)
-        schedule = solve_flops_schedule(
-            config.flops,
-            adapter.depth,
-            num_tokens,
-            adapter.num_protected,
-            method_impl.max_removable,
-            lambda s: adapter.analytic_flops(num_tokens, s, method_impl)["total"],
-        )
-        runtime.schedule_spec = schedule
-    elif adapter.has_static_size or config.input_size is not None:
-        # Validate now so an impossible r fails at apply time, not at the first forward.
-        schedule = runtime.schedule_for(adapter.num_tokens(config.input_size))
+    schedule = adapter.resolve_schedule(runtime)
     adapter.install(runtime)
     patch = Patch(model, method, config, adapter, runtime)
     patch.schedule = schedule

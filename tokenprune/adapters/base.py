@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from tokenprune.core.schedule import solve_flops_schedule
 from tokenprune.methods.base import Method
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -50,6 +51,8 @@ class Adapter:
     """
 
     description: ClassVar[str] = ""
+    #: Which methods run on it: those whose ``kinds`` hold this (``vit``, ``vlm`` or ``dense``).
+    kind: ClassVar[str] = "vit"
     depth: int
     num_protected: int
     has_class_token: bool
@@ -59,6 +62,29 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    def resolve_schedule(self, runtime: Any) -> list[int] | None:
+        """The per-layer schedule at apply time (None if only known per forward); solves a FLOPs budget.
+
+        ViT adapters: ``r`` resolved (or ``flops`` solved) for the model's input size, so an impossible schedule
+        fails at apply time, not at the first forward. Vision-language adapters override it (per prompt).
+        """
+        config, method = runtime.config, runtime.method
+        if config.flops is not None:
+            num_tokens = self.num_tokens(config.input_size)
+            schedule = solve_flops_schedule(
+                config.flops,
+                self.depth,
+                num_tokens,
+                self.num_protected,
+                method.max_removable,
+                lambda s: self.analytic_flops(num_tokens, s, method)["total"],
+            )
+            runtime.schedule_spec = schedule
+            return schedule
+        if self.has_static_size or config.input_size is not None:
+            return runtime.schedule_for(self.num_tokens(config.input_size))
+        return None
 
     def num_tokens(self, input_size: tuple[int, int] | None = None) -> int:
         """Tokens entering the first layer for an input of ``input_size`` (model default if None)."""

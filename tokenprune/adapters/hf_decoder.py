@@ -507,7 +507,9 @@ class DecoderReducer:
         if key not in self._plans:
             method, depth = self.method, self.depth
             budget = getattr(self.runtime.config, "flops", None)
-            if budget is None or not spans:
+            if not sum(spans):  # no visual token: nothing to plan, the prompt runs unreduced
+                plan = VisualPlan(1.0, (1.0,) * depth)
+            elif budget is None:
                 plan = method.plan_for(depth)
             else:
 

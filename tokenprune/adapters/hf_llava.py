@@ -28,7 +28,6 @@ from torch import nn
 
 from tokenprune.adapters.base import Adapter, linear_macs
 from tokenprune.adapters.hf_decoder import DecoderReducer, check_decoder_attention
-from tokenprune.methods.vlm_configs import VisualTokenMethod
 from tokenprune.registry import register_adapter
 
 
@@ -61,6 +60,7 @@ class HFLlavaAdapter(Adapter):
     """``LlavaForConditionalGeneration`` with a Llama/Qwen2/Mistral-layout text model."""
 
     description = "transformers LlavaForConditionalGeneration (vision-language methods: fastv, aim)"
+    kind = "vlm"
     has_static_size = True
     has_class_token = False
     num_protected = 0
@@ -114,15 +114,6 @@ class HFLlavaAdapter(Adapter):
     def resolve_schedule(self, runtime: Any) -> list[float] | None:
         """Check the method against this model; the per-layer visual fractions (None for a FLOPs budget)."""
         method = runtime.method
-        if not isinstance(method, VisualTokenMethod):
-            from tokenprune.registry import methods
-
-            raise TypeError(
-                f"method {method.name!r} reduces ViT token sequences; {type(self.model).__name__} takes the "
-                "vision-language methods (they remove visual tokens inside the language model): "
-                f"{[m for m in methods() if m in ('fastv', 'aim')]}, and 'none' (the control)"
-            )
-        method.validate(self.depth)
         if getattr(runtime.config, "flops", None) is not None:
             return None
         return list(method.plan_for(self.depth).fractions)

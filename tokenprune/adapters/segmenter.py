@@ -75,6 +75,7 @@ class EarlyExitState:
 class SegmenterAdapter(Adapter):
     """A :class:`~tokenprune.segmentation.ViTSegmenter` (timm ViT backbone + linear exit heads)."""
 
+    kind = "dense"
     description = "tokenprune.segmentation.ViTSegmenter"
 
     def __init__(self, model: nn.Module) -> None:

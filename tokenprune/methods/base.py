@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -52,6 +53,12 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    #: Model kinds the method reduces: a subset of ``{"vit", "vlm", "dense"}`` (``tokenprune.methods(kind=...)``).
+    kinds: ClassVar[frozenset[str]] = frozenset()
+    #: Config options under which the method reduces nothing: the patched model equals the unpatched one.
+    identity: ClassVar[Mapping[str, Any]] = {}
+    #: Options of a typical reducing call on a small model (a few layers, tens of tokens): docs and test matrices.
+    example: ClassVar[Mapping[str, Any]] = {}
     #: Which captured tensors :meth:`reduce` uses: a subset of {"queries", "keys"}.
     needs: ClassVar[frozenset[str]] = frozenset()
     #: True when the method scores tokens by class-token attention.
@@ -62,6 +69,9 @@ class Method:
     def __init__(self, config: ReductionConfig) -> None:
         self.config = config
         self.prop_attn = bool(getattr(config, "prop_attn", False))
+
+    def check_model(self, adapter: Any) -> None:
+        """Raise if the config cannot work on the model ``adapter`` wraps (called by ``tokenprune.apply``)."""
 
     def max_removable(self, reducible: int) -> int:
         """Most tokens one layer may remove when ``reducible`` non-protected tokens remain."""

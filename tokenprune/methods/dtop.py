@@ -76,20 +76,15 @@ class DToP(Method):
     """Early exit by aux-head confidence; runs only on segmenters with exit heads (the adapter's forward)."""
 
     name = "dtop"
+    kinds = frozenset({"dense"})
+    identity = {"threshold": 2.0}
+    example = {"threshold": 0.6, "keep_top_k": 1}
 
     def max_removable(self, reducible: int) -> int:
         return 0  # no per-layer schedule: exits are decided per token at the stage boundaries
 
-    def check_adapter(self, adapter: Any) -> None:
-        """Refuse models without exit heads (called by ``tokenprune.apply``)."""
-        from tokenprune.adapters.segmenter import SegmenterAdapter
-
-        if not isinstance(adapter, SegmenterAdapter):
-            raise TypeError(
-                f"method 'dtop' needs a segmenter with auxiliary exit heads "
-                f"(tokenprune.segmentation.ViTSegmenter, e.g. load_model('vit-s14-camvid')); got "
-                f"{type(adapter.model).__name__}"
-            )
+    def check_model(self, adapter: Any) -> None:
+        """One threshold per exit stage of the segmenter, if a list is given."""
         exits = tuple(adapter.model.exit_after)
         if isinstance(self.config.threshold, list) and len(self.config.threshold) != len(exits):
             raise ValueError(

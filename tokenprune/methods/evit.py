@@ -16,6 +16,9 @@ class EViT(Method):
     """Per layer, fuse the ``r + 1`` least attended tokens into one, weighted by their attention."""
 
     name = "evit"
+    kinds = frozenset({"vit", "dense"})
+    identity = {"r": 0}
+    example = {"r": 2}
     needs = frozenset({"queries", "keys"})
     needs_class_token = True
 

@@ -7,8 +7,6 @@ so the patched model is bit-identical to the unpatched one while still logging p
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
 from tokenprune.config import NoneConfig
@@ -22,7 +20,9 @@ class NoReduction(VisualTokenMethod):
     """Removes nothing (ViTs and vision-language models alike)."""
 
     name = "none"
-    vlm_only: ClassVar[bool] = False
+    kinds = frozenset({"vit", "vlm", "dense"})
+    identity = {}
+    example = {}
 
     def max_removable(self, reducible: int) -> int:
         return 0

@@ -16,6 +16,9 @@ class RandomDrop(Method):
     """Keep a uniformly random subset (in spatial order); dropped tokens leave no trace."""
 
     name = "random"
+    kinds = frozenset({"vit", "dense"})
+    identity = {"r": 0}
+    example = {"r": 2}
 
     def __init__(self, config: RandomConfig) -> None:
         super().__init__(config)

@@ -33,6 +33,9 @@ class RandomVisual(FastV):
     """Uniformly random visual tokens kept after layer ``k``."""
 
     name = "random_visual"
+    kinds = frozenset({"vlm"})
+    identity = {"keep": 1.0}
+    example = {"k": 2, "keep": 0.5}
     # query_rows stays FastV's "last": the FLOPs accounting charges the one scoring row FastV computes (a
     # (1 x D) @ (D x N) product, ~0.01% of a layer), so a FLOPs budget solves to exactly FastV's plan.
 

@@ -15,6 +15,9 @@ class ToMe(Method):
     """Merge the ``r`` most similar A-B token pairs per layer, size-weighted, in spatial order."""
 
     name = "tome"
+    kinds = frozenset({"vit", "dense"})
+    identity = {"r": 0}
+    example = {"r": 2}
     needs = frozenset({"keys"})
 
     def max_removable(self, reducible: int) -> int:

@@ -161,8 +161,6 @@ class VisualTokenMethod(Method):
     query_rows: ClassVar[str] = "last"
     #: The free parameter a FLOPs budget is solved for (a config field name).
     budget_parameter: ClassVar[str] = ""
-    #: Marks methods that need a vision-language adapter (``tokenprune.apply`` checks it).
-    vlm_only: ClassVar[bool] = True
 
     def plan_for(self, depth: int, value: float | None = None) -> VisualPlan:
         """The plan for an LLM of ``depth`` layers; ``value`` overrides :attr:`budget_parameter`."""
@@ -170,6 +168,9 @@ class VisualTokenMethod(Method):
 
     def validate(self, depth: int) -> None:
         """Raise if the config cannot work with an LLM of ``depth`` layers."""
+
+    def check_model(self, adapter: Any) -> None:
+        self.validate(adapter.depth)
 
     def candidates(self, visual: int) -> list[float]:
         """Values of :attr:`budget_parameter` a FLOPs budget may pick for a prompt with ``visual`` tokens."""
