@@ -1,8 +1,9 @@
-"""One validated dataclass per method configuration.
+"""What every method configuration shares: keyword-option handling and the ViT reduction options.
 
-Every config accepts either a schedule ``r`` or a FLOPs budget ``flops`` (fraction of the unreduced
-model's FLOPs, solved into a schedule when the patch is applied). ``from_dict`` rejects unknown keys with
-the list of valid ones, so typos never pass silently.
+Each method's own config dataclass lives beside it in ``tokenprune/methods/``. A ViT config accepts either a
+schedule ``r`` or a FLOPs budget ``flops`` (fraction of the unreduced model's FLOPs, solved into a schedule
+when the patch is applied). ``from_dict`` rejects unknown keys with the list of valid ones, so typos never
+pass silently.
 """
 
 from __future__ import annotations
@@ -85,50 +86,3 @@ class ReductionConfig(ConfigOptions):
         if out["input_size"] is not None:
             out["input_size"] = list(out["input_size"])
         return out
-
-
-@dataclass
-class NoneConfig(ReductionConfig):
-    """The ``none`` method: the patched model runs every token (a control for sweeps)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if (isinstance(self.r, int) and self.r) or (isinstance(self.r, list) and any(self.r)):
-            raise ValueError("method 'none' removes no tokens: r must be 0")
-        if self.flops not in (None, 1.0):
-            raise ValueError("method 'none' removes no tokens: flops must be 1.0 or unset")
-
-
-@dataclass
-class ToMeConfig(ReductionConfig):
-    """ToMe bipartite soft matching.
-
-    Attributes:
-        prop_attn: Proportional attention: add ``log(size)`` to attention logits so a merged token counts
-            as the tokens it holds.
-    """
-
-    prop_attn: bool = True
-
-
-@dataclass
-class EViTConfig(ReductionConfig):
-    """EViT: keep the tokens the class token attends to most, fuse the rest into one token.
-
-    Attributes:
-        prop_attn: Add ``log(size)`` to attention logits (off in EViT; on makes the fused token count
-            as the tokens it holds).
-    """
-
-    prop_attn: bool = False
-
-
-@dataclass
-class RandomConfig(ReductionConfig):
-    """Random pruning baseline: drop the same number of tokens as a schedule, chosen uniformly.
-
-    Attributes:
-        seed: Seed of the patch's own generator (None: nondeterministic).
-    """
-
-    seed: int | None = 0

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tokenprune.config import EViTConfig
+from tokenprune.config import ReductionConfig
 from tokenprune.core.merge import reduce_tokens
 from tokenprune.core.prune import fuse_plan
 from tokenprune.methods.base import LayerContext, Method
 from tokenprune.registry import register_method
 from tokenprune.state import TokenState
+
+
+@dataclass
+class EViTConfig(ReductionConfig):
+    """EViT: keep the tokens the class token attends to most, fuse the rest into one token.
+
+    Attributes:
+        prop_attn: Add ``log(size)`` to attention logits (off in EViT; on makes the fused token count
+            as the tokens it holds).
+    """
+
+    prop_attn: bool = False
 
 
 class EViT(Method):

@@ -7,13 +7,27 @@ so the patched model is bit-identical to the unpatched one while still logging p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tokenprune.config import NoneConfig
+from tokenprune.config import ReductionConfig
 from tokenprune.methods.base import LayerContext
-from tokenprune.methods.vlm_configs import VisualPlan, VisualTokenMethod
+from tokenprune.methods.vlm import VisualPlan, VisualTokenMethod
 from tokenprune.registry import register_method
 from tokenprune.state import TokenState
+
+
+@dataclass
+class NoneConfig(ReductionConfig):
+    """The ``none`` method: the patched model runs every token (a control for sweeps)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (isinstance(self.r, int) and self.r) or (isinstance(self.r, list) and any(self.r)):
+            raise ValueError("method 'none' removes no tokens: r must be 0")
+        if self.flops not in (None, 1.0):
+            raise ValueError("method 'none' removes no tokens: flops must be 1.0 or unset")
 
 
 class NoReduction(VisualTokenMethod):
@@ -31,7 +45,7 @@ class NoReduction(VisualTokenMethod):
         return x
 
     def plan_for(self, depth: int, value: float | None = None) -> VisualPlan:
-        return VisualPlan(1.0, (1.0,) * depth)
+        return VisualPlan.identity(depth)
 
     def candidates(self, visual: int) -> list[float]:
         return [1.0]

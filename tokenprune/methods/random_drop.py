@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tokenprune.config import RandomConfig
+from tokenprune.config import ReductionConfig
 from tokenprune.core.merge import reduce_tokens
 from tokenprune.core.prune import keep_top_k
 from tokenprune.methods.base import LayerContext, Method, SeededRandom
 from tokenprune.registry import register_method
 from tokenprune.state import TokenState
+
+
+@dataclass
+class RandomConfig(ReductionConfig):
+    """Random pruning baseline: drop the same number of tokens as a schedule, chosen uniformly.
+
+    Attributes:
+        seed: Seed of the patch's own generator (None: nondeterministic).
+    """
+
+    seed: int | None = 0
 
 
 class RandomDrop(Method):

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tokenprune.config import ToMeConfig
+from tokenprune.config import ReductionConfig
 from tokenprune.core.merge import bipartite_soft_matching, reduce_tokens
 from tokenprune.methods.base import LayerContext, Method
 from tokenprune.registry import register_method
 from tokenprune.state import TokenState
+
+
+@dataclass
+class ToMeConfig(ReductionConfig):
+    """ToMe bipartite soft matching.
+
+    Attributes:
+        prop_attn: Proportional attention: add ``log(size)`` to attention logits so a merged token counts
+            as the tokens it holds.
+    """
+
+    prop_attn: bool = True
 
 
 class ToMe(Method):
