@@ -1,20 +1,20 @@
-"""Adapter for :class:`tokenprune.segmentation.ViTSegmenter`: early exit (``dtop``) and dense baselines.
+"""Adapter for :class:`tokenprune.zoo.camvid.ViTSegmenter`: early exit (``dtop``) and dense baselines.
 
 Two ways to reduce a segmenter's tokens, both with exact undo (the only change to the model is an instance
 ``forward`` attribute, plus the timm block wrappers for the second):
 
-* ``dtop`` (:mod:`tokenprune.methods.dtop`): the adapter's own forward runs the backbone's original blocks
-  on a padded batch. At every ``exit_after`` boundary the aux head grades the live tokens, confident ones
-  exit (their aux prediction is final) and the rest are packed to the front of each row; padded keys get
-  an additive ``-inf`` attention bias, so each image's tokens only attend to its own live tokens. The
-  final map is reassembled in original token positions.
+* an early-exit method (:class:`tokenprune.methods.dense.EarlyExitMethod`, e.g. ``dtop``): the adapter's own
+  forward runs the backbone's original blocks on a padded batch. At every ``exit_after`` boundary the aux
+  head grades the live tokens and the method says which exit (their aux prediction is final); the rest are
+  packed to the front of each row, and padded keys get an additive ``-inf`` attention bias, so each image's
+  tokens only attend to its own live tokens. The final map is reassembled in original token positions.
 * any ViT method (``tome``, ``random``, ``none``, ...): the backbone is reduced by the timm adapter as for
   a classifier (with source tracking on), then every original token takes the final feature of the token
   that holds it (its merged group); a token pruned outright takes its nearest surviving token's feature.
   The head then predicts the full grid.
 
 FLOPs (2 x MAC of matmuls/convolutions, per image): the dense forms count the final head on the full grid;
-``dtop`` counts each image's own live tokens per block, the aux heads on the tokens they grade and the final
+early exit counts each image's own live tokens per block, the aux heads on the tokens they grade and the final
 head on the tokens that reach it (:meth:`SegmenterAdapter.early_exit_flops`). Padding a batch costs real
 compute that the per-image figures leave out; ``torch.utils.flop_counter`` on a batch of one matches them.
 """
@@ -31,20 +31,21 @@ from torch import nn
 
 from tokenprune.adapters.base import Adapter, linear_macs
 from tokenprune.adapters.timm_vit import TimmViTAdapter
-from tokenprune.core.early_exit import compact, key_padding_bias, scatter_rows, select_exits
+from tokenprune.core.early_exit import compact, key_padding_bias, scatter_rows
+from tokenprune.methods.dense import EarlyExitMethod, ExitContext
 from tokenprune.registry import register_adapter
 from tokenprune.state import LayerLog
 
 
 def _is_segmenter(model: Any) -> bool:
-    from tokenprune.segmentation import ViTSegmenter
+    from tokenprune.zoo.camvid import ViTSegmenter
 
     return isinstance(model, ViTSegmenter)
 
 
 @dataclass
 class EarlyExitState:
-    """Bookkeeping of one ``dtop`` forward (``patch.state``).
+    """Bookkeeping of one early-exit forward (``patch.state``).
 
     Attributes:
         exit_stage: ``(B, M)`` per original patch token: ``s`` = exited after ``exit_after[s]`` blocks,
@@ -73,10 +74,10 @@ class EarlyExitState:
 
 
 class SegmenterAdapter(Adapter):
-    """A :class:`~tokenprune.segmentation.ViTSegmenter` (timm ViT backbone + linear exit heads)."""
+    """A :class:`~tokenprune.zoo.camvid.ViTSegmenter` (timm ViT backbone + linear exit heads)."""
 
     kind = "dense"
-    description = "tokenprune.segmentation.ViTSegmenter"
+    description = "tokenprune.zoo.camvid.ViTSegmenter"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -85,6 +86,7 @@ class SegmenterAdapter(Adapter):
             setattr(self, name, getattr(self.inner, name))
         self._check_heads(model)
         self.grid = tuple(model.grid_size)
+        self.exit_after: tuple[int, ...] = tuple(model.exit_after)
         self.num_patches = self.grid[0] * self.grid[1]
         self._runtime: Any = None
         self._inner_installed = False
@@ -125,7 +127,7 @@ class SegmenterAdapter(Adapter):
         return 2.0 * self.num_patches * linear_macs(self.model.head)
 
     def early_exit_flops(self, state: EarlyExitState) -> torch.Tensor:
-        """Per-image FLOPs ``(B,)`` of a ``dtop`` forward from its own live-token counts (no padding)."""
+        """Per-image FLOPs ``(B,)`` of an early-exit forward from its own live-token counts (no padding)."""
         model = self.model
         tokens_in = state.tokens_in.double()  # (B, depth)
         total = torch.full_like(tokens_in[:, 0], self.embed_flops(int(state.tokens_in[0, 0])))
@@ -139,9 +141,9 @@ class SegmenterAdapter(Adapter):
 
     def analytic_flops(self, num_tokens: int, schedule: list[int], method: Any = None) -> dict:
         runtime = self._runtime
-        if method is None or runtime is None or not _is_dtop(method) or runtime.state is None:
+        if not isinstance(method, EarlyExitMethod) or runtime is None or runtime.state is None:
             return super().analytic_flops(num_tokens, schedule, method)
-        # dtop: image 0 of the last forward (count_flops compares it with a batch of one).
+        # Early exit: image 0 of the last forward (count_flops compares it with a batch of one).
         state = runtime.state
         rows = []
         for layer, (tokens_in, tokens_out) in enumerate(state.tokens_per_layer(0)):
@@ -155,7 +157,7 @@ class SegmenterAdapter(Adapter):
     # ----------------------------------------------------------------- install / uninstall
     def install(self, runtime: Any) -> None:
         self._runtime = runtime
-        if _is_dtop(runtime.method):
+        if isinstance(runtime.method, EarlyExitMethod):
             forward = partial(self._early_exit_forward, runtime)
         else:
             if not runtime.config.trace_source:
@@ -198,9 +200,8 @@ class SegmenterAdapter(Adapter):
             return self._original(images, return_aux)
         if return_aux:
             raise ValueError("return_aux=True needs the unreduced model: call it inside tokenprune.disabled(model)")
-        model, prefix, config = self.model, self.num_protected, runtime.config
-        exits = tuple(model.exit_after)
-        thresholds = runtime.method.thresholds(len(exits))
+        model, prefix, method = self.model, self.num_protected, runtime.method
+        exits = self.exit_after
         x = model.embed(images)  # (B, P + M, C)
         batch, num_patches = x.shape[0], x.shape[1] - prefix
         device = x.device
@@ -224,7 +225,7 @@ class SegmenterAdapter(Adapter):
             stage = exits.index(layer + 1)
             logits = model.aux_heads[stage](x[:, prefix:])  # (B, L, K)
             graded[:, stage] = valid.sum(dim=1)
-            leaving = select_exits(logits, valid, thresholds[stage], config.keep_top_k)  # (B, L)
+            leaving = valid & method.exits(ExitContext(stage, len(exits), layer + 1, logits, valid))  # (B, L)
             if not bool(leaving.any()):
                 continue
             final = scatter_rows(final, positions, logits, leaving)
@@ -255,10 +256,6 @@ class SegmenterAdapter(Adapter):
 def _scatter_ids(target: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, where: torch.Tensor):
     """:func:`scatter_rows` for ``(B, M)`` integer maps: ``target[b, positions[b, j]] = values[b, j]`` where set."""
     return scatter_rows(target.unsqueeze(-1), positions, values.unsqueeze(-1), where).squeeze(-1)
-
-
-def _is_dtop(method: Any) -> bool:
-    return getattr(method, "name", None) == "dtop"
 
 
 def unmerge_to_grid(features: torch.Tensor, source: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """``dtop``: Dynamic Token Pruning for semantic segmentation (Tang et al., ICCV 2023), early exit per token.
 
-At each stage boundary of a :class:`tokenprune.segmentation.ViTSegmenter` (``exit_after``), the boundary's
+At each stage boundary of a :class:`tokenprune.zoo.camvid.ViTSegmenter` (``exit_after``), the boundary's
 auxiliary head grades every token still in the sequence. Tokens whose top class probability reaches
 ``threshold`` exit: that aux prediction is their final one and they leave the sequence for all later
 blocks (real removal). The ``keep_top_k`` most confident tokens of each predicted class stay, so later
 blocks keep context of every class. The final head predicts the tokens that never exit, and the output
-map is reassembled in original token positions. The forward itself lives in the segmenter adapter
-(:mod:`tokenprune.adapters.segmenter`), which owns padding and masks; this module holds the options.
+map is reassembled in original token positions. This module holds the options and the exit rule
+(:func:`tokenprune.core.early_exit.select_exits`); the segmenter adapter
+(:mod:`tokenprune.adapters.dense.segmenter`) runs the blocks, owns padding and masks, and reassembles the map.
 
     patch = tokenprune.apply(segmenter, "dtop", threshold=0.95, keep_top_k=5)
     logits = segmenter(images)              # (B, K, h, w), same shape as without dtop
@@ -21,9 +22,9 @@ from typing import Any
 import torch
 
 from tokenprune.config import ReductionConfig
-from tokenprune.methods.base import LayerContext, Method
+from tokenprune.core.early_exit import select_exits
+from tokenprune.methods.dense import EarlyExitMethod, ExitContext
 from tokenprune.registry import register_method
-from tokenprune.state import TokenState
 
 
 @dataclass
@@ -72,7 +73,7 @@ class DToPConfig(ReductionConfig):
             )
 
 
-class DToP(Method):
+class DToP(EarlyExitMethod):
     """Early exit by aux-head confidence; runs only on segmenters with exit heads (the adapter's forward)."""
 
     name = "dtop"
@@ -80,25 +81,21 @@ class DToP(Method):
     identity = {"threshold": 2.0}
     example = {"threshold": 0.6, "keep_top_k": 1}
 
-    def max_removable(self, reducible: int) -> int:
-        return 0  # no per-layer schedule: exits are decided per token at the stage boundaries
-
     def check_model(self, adapter: Any) -> None:
         """One threshold per exit stage of the segmenter, if a list is given."""
-        exits = tuple(adapter.model.exit_after)
+        exits = adapter.exit_after
         if isinstance(self.config.threshold, list) and len(self.config.threshold) != len(exits):
             raise ValueError(
                 f"threshold list {self.config.threshold} has {len(self.config.threshold)} entries; this segmenter "
                 f"has {len(exits)} exit stages (exit_after={exits}): give one number, or one per stage"
             )
 
-    def thresholds(self, num_exits: int) -> list[float]:
-        """One threshold per exit stage."""
+    def exits(self, ctx: ExitContext) -> torch.Tensor:
+        """Tokens at least ``threshold`` confident exit, except the ``keep_top_k`` most confident per class."""
         threshold = self.config.threshold
-        return list(threshold) if isinstance(threshold, list) else [threshold] * num_exits
-
-    def reduce(self, x: torch.Tensor, state: TokenState, r: int, ctx: LayerContext) -> torch.Tensor:
-        raise RuntimeError("dtop does not reduce inside timm blocks; the segmenter adapter runs its forward")
+        if isinstance(threshold, list):
+            threshold = threshold[ctx.stage]
+        return select_exits(ctx.logits, ctx.valid, threshold, self.config.keep_top_k)
 
 
 register_method("dtop", DToPConfig, DToP)
