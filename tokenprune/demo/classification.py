@@ -40,6 +40,7 @@ from tokenprune.demo.common import (
     read_image,
 )
 from tokenprune.measure.accuracy import example_images
+from tokenprune.methods.variants import is_control
 
 logger = logging.getLogger(__name__)
 
@@ -285,10 +286,10 @@ class Demo:
         """
         has_cls = getattr(self.model, "cls_token", None) is not None
         offered = []
-        for name in tokenprune.methods():
+        for name in tokenprune.methods(kind="vit"):
             entry = registry.get_method(name)
             options = {f.name for f in dataclasses.fields(entry.config_cls)}
-            if name == "none" or not {"r", "flops", "trace_source"} <= options:
+            if is_control(name) or not {"r", "flops", "trace_source"} <= options:
                 continue
             if getattr(entry.method_cls, "needs_class_token", False) and not has_cls:
                 continue

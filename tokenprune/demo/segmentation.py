@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 import tokenprune
-from tokenprune import segmentation as seg
 from tokenprune.demo.common import (
     QUEUE,
     TIMING_ROUNDS,
@@ -35,8 +34,12 @@ from tokenprune.demo.common import (
 )
 from tokenprune.measure.accuracy import example_images
 from tokenprune.measure.flops import measure_flops
+from tokenprune.measure.tasks.segmentation import early_exit_methods
+from tokenprune.zoo import camvid as seg
 
 logger = logging.getLogger(__name__)
+
+EARLY_EXIT = early_exit_methods()[0]  # the registered early-exit method (dtop)
 
 # CamVid's own colours (sky, building, pole, road, sidewalk, tree, sign, fence, car, pedestrian, bicyclist).
 PALETTE = np.array(
@@ -91,7 +94,7 @@ class SegmentationDemo:
         x = self.transform(image)[None]  # (1, 3, H, W)
         model = self.model
         with self._lock:
-            patch = tokenprune.apply(model, "dtop", threshold=float(threshold), keep_top_k=int(keep_top_k))
+            patch = tokenprune.apply(model, EARLY_EXIT, threshold=float(threshold), keep_top_k=int(keep_top_k))
             try:
                 reduced = model(x)  # (1, K, h, w)
                 state = patch.state
@@ -184,7 +187,7 @@ def segmentation_tab() -> bool:
         except InputError as error:
             return blank(str(error))
         except (ValueError, TypeError) as error:
-            return blank(f"dtop threshold={threshold}, keep_top_k={keep_top_k}: {error}")
+            return blank(f"{EARLY_EXIT} threshold={threshold}, keep_top_k={keep_top_k}: {error}")
         except Exception as error:  # the page says so and the app keeps serving
             logger.exception("segmentation request failed")
             return blank(f"Something went wrong ({type(error).__name__}: {error}). Try another image or setting.")
@@ -257,7 +260,7 @@ def segmentation_tab() -> bool:
                 original_stats = gr.Markdown(elem_id="tp-seg-orig-stats")
                 original_map = gr.Image(label="Original map", interactive=False, elem_id="tp-seg-orig-map")
             with gr.Column():
-                gr.Markdown("### Early exit (dtop)")
+                gr.Markdown(f"### Early exit ({EARLY_EXIT})")
                 reduced_stats = gr.Markdown(elem_id="tp-seg-red-stats")
                 reduced_map = gr.Image(label="Early-exit map", interactive=False, elem_id="tp-seg-red-map")
         with gr.Row():

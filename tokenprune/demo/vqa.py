@@ -31,11 +31,13 @@ from tokenprune.demo.common import (
     read_image,
 )
 from tokenprune.measure.accuracy import example_images
+from tokenprune.methods.variants import is_control
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "llava-easyvqa"
-METHODS = ("aim", "fastv", "random_visual")
+# Every registered vision-language method but the control (the original model is the other column).
+METHODS = tuple(m for m in tokenprune.methods(kind="vlm") if not is_control(m))
 BUDGET_MIN, BUDGET_DEFAULT = 0.14, 0.25
 MAX_QUESTION_CHARS = 200
 MAX_NEW_TOKENS = 4
@@ -68,7 +70,7 @@ class VQADemo:
     """The VQA tab's computations (one forward at a time)."""
 
     def __init__(self, model, processor) -> None:
-        from tokenprune import llava_easyvqa
+        from tokenprune.zoo import easyvqa as llava_easyvqa
 
         self.model = model
         self.processor = processor
@@ -152,7 +154,7 @@ def render_kept(photo: np.ndarray, kept: np.ndarray, grid: int, cell: int = PIXE
 def demo_examples() -> tuple[list[tuple[str, str]], str]:
     """``(image path, question)`` examples and where they come from."""
     try:
-        from tokenprune.measure.vqa import load_questions
+        from tokenprune.measure.tasks.vqa import load_questions
 
         rows = load_questions("test", limit=200)
         seen, examples = set(), []
@@ -248,7 +250,7 @@ def vqa_tab() -> bool:
                 upload = gr.File(label="…or upload an image", type="filepath", height=100, elem_id="tp-vqa-upload")
                 question = gr.Textbox(label="Question", placeholder="what color is the shape?", elem_id="tp-vqa-q")
                 with gr.Row():
-                    method = gr.Dropdown(list(METHODS), value="aim", label="Method", elem_id="tp-vqa-method")
+                    method = gr.Dropdown(list(METHODS), value=METHODS[0], label="Method", elem_id="tp-vqa-method")
                     budget = gr.Slider(
                         BUDGET_MIN, 1.0, value=BUDGET_DEFAULT, step=0.01, label="LLM prefill FLOPs budget",
                         elem_id="tp-vqa-budget",

@@ -17,9 +17,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
-from tqdm.auto import tqdm
 
 from tokenprune.api import disabled
+from tokenprune.optional import require
+
+tqdm = require("tqdm.auto", "eval", "progress bars").tqdm
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
 

