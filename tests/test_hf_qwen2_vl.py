@@ -152,7 +152,7 @@ def test_remove_restores_modules_and_outputs(method):
         expected_tokens = greedy(model, x)
         hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
         patch = tokenprune.apply(model, method, **REDUCING[method])
-        assert type(patch.adapter).__name__ == "HFQwen2VLAdapter"
+        assert type(patch.adapter).__name__ == "Qwen2VLAdapter"
         reduced = model(**x).logits
         greedy(model, x)
         with tokenprune.disabled(model):
@@ -326,7 +326,7 @@ def test_compact_merge_positions_are_refused_but_prune_only_aim_works():
 # ----------------------------------------------------------------------------- spans, embeddings, FLOPs
 def test_images_are_split_by_grid_and_merged_separately():
     """Two images in one prompt (16 + 8 tokens, even back to back): each is its own span, merged on its own."""
-    from tokenprune.adapters.hf_qwen2_vl import grid_segments
+    from tokenprune.adapters.vlm.qwen2_vl import grid_segments
 
     grids = [(1, 8, 8), (1, 4, 8)]
     ids = [1, 5] + [IMG] * 24 + [7, 8]  # no separator: only image_grid_thw tells the images apart

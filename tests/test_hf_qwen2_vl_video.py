@@ -13,6 +13,7 @@ import torch
 
 import tokenprune
 from tests.test_hf_qwen2_vl import IMG, PATCH_DIM, VID, _by_hand, build, greedy, padded, prompt, rope_positions
+from tokenprune.methods.vlm import PreLLMContext
 
 ZERO = {
     "fastv": {"keep": 1.0},
@@ -111,9 +112,9 @@ def test_merging_is_per_frame_and_tokens_keep_their_3axis_positions(family):
     method = patch.runtime.method
     merge, merge_sizes, seen = method.merge, [], {"embeds": [], "layers": []}
 
-    def recording_merge(tokens: torch.Tensor, keep: int):
-        merge_sizes.append(tuple(tokens.shape[:2]))  # (spans merged together, tokens per span)
-        return merge(tokens, keep)
+    def recording_merge(ctx):
+        merge_sizes.append(tuple(ctx.embeds.shape[:2]))  # (spans merged together, tokens per span)
+        return merge(ctx)
 
     method.merge = recording_merge
     hooks = [lm.register_forward_pre_hook(lambda m, a, k: seen["embeds"].append(k["inputs_embeds"]), with_kwargs=True)]
@@ -138,7 +139,9 @@ def test_merging_is_per_frame_and_tokens_keep_their_3axis_positions(family):
     for b in range(2):
         video = (x["input_ids"][b] == VID).nonzero().squeeze(1)  # (3 * FRAME,) the video, frame after frame
         for frame in video.view(3, FRAME):
-            local, reference, held = merge(embeds[b, frame][None], FRAME // 2)  # (1, 4), (1, 4, C), (1, 4)
+            local, reference, held = merge(
+                PreLLMContext(embeds[b, frame][None], FRAME // 2)
+            )  # (1, 4), (1, 4, C), (1, 4)
             slots = ((first[b] >= frame[0]) & (first[b] <= frame[-1])).nonzero().squeeze(1)
             assert first[b, slots].tolist() == frame[local[0]].sort().values.tolist() and held.sum() == FRAME
             order = local[0].argsort()  # the reference's tokens in spatial order

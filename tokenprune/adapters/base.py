@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import nn
@@ -27,6 +29,22 @@ def check_attn_implementation(config: Any, owner: str, reason: str) -> None:
             f"{list(SUPPORTED_ATTENTION)} {reason}: load the model with attn_implementation='sdpa' or call "
             "model.set_attn_implementation('sdpa')"
         )
+
+
+def hf_classes(*names: str) -> Callable[[Any], bool]:
+    """Predicate: ``model`` is an instance of one of the named ``transformers`` classes.
+
+    Never imports transformers itself: if it is not loaded, no model can be one of its classes.
+    """
+
+    def predicate(model: Any) -> bool:
+        module = sys.modules.get("transformers")
+        if module is None or not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+            return False  # cheap exit: no lazy transformers import for timm or other models
+        classes = tuple(getattr(module, name) for name in names if hasattr(module, name))
+        return bool(classes) and isinstance(model, classes)
+
+    return predicate
 
 
 def linear_macs(module: nn.Module) -> int:

@@ -16,12 +16,59 @@ text-to-visual attention rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tokenprune.core.merge import bipartite_soft_matching, reduce_tokens
-from tokenprune.methods.vlm_configs import AIMConfig, VisualPlan, VisualTokenMethod, count
+from tokenprune.methods.vlm import (
+    DecoderLayerContext,
+    PreLLMContext,
+    SpanReduction,
+    VisualPlan,
+    VisualTokenMethod,
+    VLMReductionConfig,
+    check_fraction,
+    count,
+)
 from tokenprune.registry import register_method
 from tokenprune.state import TokenState
+
+
+@dataclass
+class AIMConfig(VLMReductionConfig):
+    """AIM (Zhong et al., 2024): merge visual tokens before the LLM, then prune them progressively inside it.
+
+    Attributes:
+        merge_keep: Fraction of each image's visual tokens left after iterative merging by embedding
+            similarity before the LLM, in (0, 1] (1 = no merging); default 0.25. Give ``merge_keep`` or
+            ``flops``, not both (with ``flops`` it is solved, the pruning schedule stays as given).
+        prune_start: Layer fraction up to which every (merged) visual token is kept.
+        prune_end: Layer fraction from which no visual token is left; linear in between.
+        merge_positions: ``"compact"`` (AIM: the LLM sees the prompt as if each image had fewer placeholders,
+            positions are consecutive) or ``"original"`` (each merged token keeps the position of the token
+            it is stored at; later text keeps its original positions).
+    """
+
+    merge_keep: float | None = None
+    prune_start: float = 0.5
+    prune_end: float = 0.75
+    merge_positions: str = "compact"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.merge_keep is not None:
+            if self.flops is not None:
+                raise ValueError("give either merge_keep or flops, not both")
+            self.merge_keep = check_fraction("merge_keep", self.merge_keep, True)
+        elif self.flops is None:
+            self.merge_keep = 0.25
+        self.prune_start = check_fraction("prune_start", self.prune_start, False)
+        self.prune_end = check_fraction("prune_end", self.prune_end, False)
+        if self.prune_end < self.prune_start:
+            raise ValueError(f"prune_end ({self.prune_end}) must be >= prune_start ({self.prune_start})")
+        if self.merge_positions not in ("compact", "original"):
+            raise ValueError(f"merge_positions must be 'compact' or 'original', got {self.merge_positions!r}")
 
 
 def aim_fractions(depth: int, prune_start: float, prune_end: float) -> tuple[float, ...]:
@@ -60,13 +107,14 @@ class AIM(VisualTokenMethod):
     def candidates(self, visual: int) -> list[float]:
         return [c / visual for c in range(1, visual + 1)] if visual else [1.0]
 
-    def merge(self, x: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def merge(self, ctx: PreLLMContext) -> SpanReduction:
+        x, keep = ctx.embeds, ctx.keep
         state = TokenState.start(x, 0)
         while x.shape[1] > keep:
             r = min(x.shape[1] - keep, x.shape[1] // 2)
             src, dst, kept = bipartite_soft_matching(x, r, 0)  # cosine similarity of the embeddings
             x = reduce_tokens(x, state, kept, src, dst)  # size-weighted average, order preserved
-        return state.index, x, state.size.squeeze(-1)
+        return SpanReduction(state.index, x, state.size.squeeze(-1))
 
     def merge_flops(self, tokens: int, keep: int, channels: int) -> float:
         flops = 0.0
@@ -75,7 +123,7 @@ class AIM(VisualTokenMethod):
             tokens -= min(tokens - keep, tokens // 2)
         return flops
 
-    def importance(self, ctx) -> torch.Tensor:
+    def importance(self, ctx: DecoderLayerContext) -> torch.Tensor:
         rows, row_valid = ctx.text_rows()  # (B, T): text tokens that can see an image
         probs = ctx.attention_rows(rows, row_valid)  # (B, T, N), zero for invalid rows
         weight = row_valid.sum(dim=1, keepdim=True).clamp(min=1).to(probs.dtype)  # (B, 1)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from tokenprune.methods.base import SeededRandom
-from tokenprune.methods.fastv import FastV
-from tokenprune.methods.vlm_configs import FastVConfig
+from tokenprune.methods.fastv import FastV, FastVConfig
+from tokenprune.methods.vlm import DecoderLayerContext
 from tokenprune.registry import register_method
 
 
@@ -43,7 +43,7 @@ class RandomVisual(FastV):
         super().__init__(config)
         self._random = SeededRandom(config.seed)
 
-    def importance(self, ctx) -> torch.Tensor:
+    def importance(self, ctx: DecoderLayerContext) -> torch.Tensor:
         return self._random.rand(tuple(ctx.valid.shape), ctx.valid.device)
 
 

@@ -40,39 +40,34 @@ placeholders are left alone (treated like text). ``labels`` are refused while re
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import torch
 from torch import nn
 
-from tokenprune.adapters.base import Adapter
-from tokenprune.adapters.hf_llava import HFLlavaAdapter, visual_segments
+from tokenprune.adapters.base import hf_classes
+from tokenprune.adapters.vlm.base import VLMAdapter, VLMParts
+from tokenprune.adapters.vlm.state import DecoderState, VisualInputs
+from tokenprune.core.sequence import split_runs
 from tokenprune.registry import register_adapter
 
-_CLASSES = ("LlavaOnevisionForConditionalGeneration",)
 # Kinds of one image's placeholders, as the stand-in values packed by HF's pack_image_features.
 BASE, HIGH_RES, NEWLINE = 0, 1, 2
 
 
-def _is_llava_onevision(model: Any) -> bool:
-    module = sys.modules.get("transformers")
-    if module is None or not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
-        return False
-    classes = tuple(c for c in (getattr(module, name, None) for name in _CLASSES) if c is not None)
-    return bool(classes) and isinstance(model, classes)
-
-
-class HFLlavaOnevisionAdapter(HFLlavaAdapter):
+class LlavaOnevisionAdapter(VLMAdapter):
     """``LlavaOnevisionForConditionalGeneration``, images (anyres crops and newline tokens); videos untouched."""
 
-    description = "transformers LlavaOnevisionForConditionalGeneration (anyres; vision-language methods: fastv, aim)"
+    description = "transformers LlavaOnevisionForConditionalGeneration (anyres)"
+    layout = "transformers 5.x LLaVA-OneVision"
     has_static_size = False
 
-    def __init__(self, model: nn.Module) -> None:  # noqa: D107 - the same layout checks as LLaVA
-        Adapter.__init__(self, model)
-        inner = model.model  # ``LlavaOnevisionModel``
-        self._attach(inner, inner.vision_tower, inner.multi_modal_projector, "transformers 5.x LLaVA-OneVision")
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
         self._crops: list[list[int]] = []  # per sample of the last prefill: crops of each of its images
+
+    def parts(self) -> VLMParts:
+        inner = self.model.model  # ``LlavaOnevisionModel``
+        return VLMParts(inner, inner.vision_tower, inner.multi_modal_projector, inner.language_model)
 
     # ----------------------------------------------------------------- the anyres layout
     def tokens_per_image(self) -> int:
@@ -94,7 +89,7 @@ class HFLlavaOnevisionAdapter(HFLlavaAdapter):
         """
         config = self.model.config
         crop_size = config.vision_config.image_size
-        modeling = sys.modules[type(self.llava).__module__]
+        modeling = sys.modules[type(self.inner).__module__]
         sizes = image_sizes.cpu()
         if batch_num_images is None:
             tiled = [True] * len(sizes)
@@ -111,7 +106,7 @@ class HFLlavaOnevisionAdapter(HFLlavaAdapter):
             torch.cat([torch.full((1, per_crop, 1), float(BASE)), torch.full((n - 1, per_crop, 1), float(HIGH_RES))])
             for n in crops
         ]
-        packed, _ = self.llava.pack_image_features(
+        packed, _ = self.inner.pack_image_features(
             stand_ins,
             sizes,
             image_newline=torch.full((1,), float(NEWLINE)),
@@ -126,7 +121,7 @@ class HFLlavaOnevisionAdapter(HFLlavaAdapter):
         ``pixel_values``/``image_sizes``. A packed image is its base grid (``side * side`` tokens) first, then
         the high-res grid; its newline tokens are exact copies of ``model.model.image_newline``.
         """
-        newline = self.llava.image_newline
+        newline = self.inner.image_newline
         kinds = []
         for feature in features:
             kind = torch.full((feature.shape[0],), HIGH_RES, dtype=torch.long)
@@ -144,13 +139,12 @@ class HFLlavaOnevisionAdapter(HFLlavaAdapter):
         kinds, _ = self.image_layouts(torch.tensor([list(input_size)]))
         return len(kinds[0])
 
-    def _find_visual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+    def find_visual(self, input_ids: torch.Tensor | None, kwargs: dict) -> VisualInputs | None:
         placeholders = self.visual_mask(input_ids, kwargs)  # (B, L) every image placeholder
         if placeholders is None:
-            return
+            return None
         visual, structural = placeholders, None
-        segments = visual_segments(placeholders, None)  # without a layout: each run of placeholders is one span
+        segments = split_runs(placeholders, None)  # without a layout: each run of placeholders is one span
         kinds, crops = None, []
         if bool(placeholders.any()):  # a prefill with images: forget the last one's crops
             self._crops = [[] for _ in range(placeholders.shape[0])]
@@ -175,10 +169,10 @@ class HFLlavaOnevisionAdapter(HFLlavaAdapter):
                 first = torch.tensor([0] + [len(k) for k in kinds[:-1]]).cumsum(0)  # (I,) first placeholder
                 for sample, n in zip(owner[first].tolist(), crops, strict=True):
                     self._crops[sample].append(n)
-        self.reducer.pending_visual = (visual, segments, structural)
+        return VisualInputs(visual, segments, structural)
 
     # ----------------------------------------------------------------- FLOPs (2 x MAC)
-    def sample_vision_flops(self, state: Any, sample: int) -> float:
+    def sample_vision_flops(self, state: DecoderState, sample: int) -> float:
         """Vision tower + projector on every crop of the sample's images in the last prefill.
 
         0 when the tower did not run there (features given as ``mm_encoder_outputs``).
@@ -186,12 +180,14 @@ class HFLlavaOnevisionAdapter(HFLlavaAdapter):
         crops = self._crops[sample] if sample < len(self._crops) else []
         return sum(crops) * self.vision_flops()
 
-    def flops_for_inputs(self, inputs: dict) -> dict:
-        """Analytic FLOPs of one unreduced prompt; the vision tower runs once per crop (from ``image_sizes``)."""
+    def inputs_vision_flops(self, inputs: dict) -> float:
+        """The vision tower runs once per crop (from ``image_sizes``)."""
         crops = 0
         if inputs.get("pixel_values") is not None and inputs.get("image_sizes") is not None:
             crops = sum(self.image_layouts(inputs["image_sizes"], inputs.get("batch_num_images"))[1])
-        return self.analytic_flops(int(inputs["input_ids"].shape[1]), [0] * self.depth, num_images=crops)
+        return crops * self.vision_flops()
 
 
-register_adapter(_is_llava_onevision, HFLlavaOnevisionAdapter, HFLlavaOnevisionAdapter.description)
+register_adapter(
+    hf_classes("LlavaOnevisionForConditionalGeneration"), LlavaOnevisionAdapter, LlavaOnevisionAdapter.description
+)

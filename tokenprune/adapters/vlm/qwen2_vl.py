@@ -2,8 +2,8 @@
 
 ``tokenprune.apply(qwen2_vl, "fastv", k=2, keep=0.5)`` or ``tokenprune.apply(qwen2_vl, "aim", merge_keep=0.25,
 merge_positions="original")`` patches the model in place; ``forward`` and ``generate()`` keep their signatures.
-The language-model side (real removal, masks, compact KV cache, decode) is
-:mod:`tokenprune.adapters.hf_decoder`, shared with LLaVA. What this file owns:
+The language-model side (real removal, masks, compact KV cache, decode) is :mod:`tokenprune.adapters.vlm`.
+What this file owns:
 
 * **Visual spans per sample** from ``input_ids`` equal to ``config.image_token_id`` or ``config.video_token_id``
   (or, for ``inputs_embeds`` calls, embeddings equal to those tokens'), read by a forward pre-hook on
@@ -29,25 +29,15 @@ The language-model side (real removal, masks, compact KV cache, decode) is
 
 from __future__ import annotations
 
-import sys
-from typing import Any
-
 import torch
-from torch import nn
 
-from tokenprune.adapters.base import Adapter, linear_macs
-from tokenprune.adapters.hf_llava import HFLlavaAdapter, visual_segments
+from tokenprune.adapters.base import hf_classes, linear_macs
+from tokenprune.adapters.vlm.base import VLMAdapter, VLMParts
+from tokenprune.adapters.vlm.state import CacheSession, DecoderState, VisualInputs
+from tokenprune.core.sequence import split_runs
 from tokenprune.registry import register_adapter
 
 _CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-
-
-def _is_qwen2_vl(model: Any) -> bool:
-    module = sys.modules.get("transformers")
-    if module is None or not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
-        return False
-    classes = tuple(c for c in (getattr(module, name, None) for name in _CLASSES) if c is not None)
-    return bool(classes) and isinstance(model, classes)
 
 
 def frame_segments(segments: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -93,7 +83,7 @@ def grid_segments(
             rank = visual.flatten().long().cumsum(0) - 1  # (B * L,)
             segment = torch.searchsorted(counts.cumsum(0), rank, right=True).view_as(visual)
             return torch.where(visual, segment, -1)
-    runs = visual_segments(visual, None)
+    runs = split_runs(visual, None)
     return frame_segments(runs, positions) if per_frame and positions is not None else runs
 
 
@@ -116,36 +106,23 @@ def image_video_segments(
     return torch.where(video, videos + images.max().clamp(min=-1) + 1, images)
 
 
-class HFQwen2VLAdapter(HFLlavaAdapter):
+class Qwen2VLAdapter(VLMAdapter):
     """``Qwen2VLForConditionalGeneration`` (and ``Qwen2_5_VLForConditionalGeneration``), images and videos."""
 
-    description = "transformers Qwen2VL/Qwen2.5-VL ForConditionalGeneration (vision-language methods: fastv, aim)"
+    description = "transformers Qwen2VL/Qwen2.5-VL ForConditionalGeneration"
+    layout = "transformers 5.x Qwen2-VL"
     has_static_size = False
+    position_axes = 3
 
-    def __init__(self, model: nn.Module) -> None:  # noqa: D107 - not HFLlavaAdapter's layout
-        Adapter.__init__(self, model)
-        inner = model.model  # the ``Qwen2VLModel``, kept as ``self.llava`` so the shared LLaVA code paths apply
-        self._attach(inner, inner.visual, inner.visual.merger, "transformers 5.x Qwen2-VL")
+    def __init__(self, model) -> None:
+        super().__init__(model)
         self.merge_size = model.config.vision_config.spatial_merge_size
         # Per sample of the last prefill with visual inputs: the (t, h, w) of its images and videos, in order.
         self._grids: list[list[tuple[int, int, int]]] = []
 
-    def resolve_schedule(self, runtime: Any) -> list[float] | None:
-        schedule = super().resolve_schedule(runtime)
-        config = runtime.config
-        merges = getattr(config, "flops", None) is not None or (getattr(config, "merge_keep", None) or 1.0) < 1.0
-        if merges and getattr(config, "merge_positions", "original") == "compact":
-            raise NotImplementedError(
-                f"aim merging on {type(self.model).__name__} needs merge_positions='original' (each merged token "
-                "keeps the 3-axis M-RoPE position of a token of its own image); merge_positions='compact' "
-                "renumbers 1-D positions only. Prune-only aim (merge_keep=1.0) works with either."
-            )
-        return schedule
-
-    def tokens_per_image(self) -> int:
-        raise NotImplementedError(
-            f"{type(self.model).__name__} has dynamic resolution: visual tokens per image come from image_grid_thw"
-        )
+    def parts(self) -> VLMParts:
+        inner = self.model.model  # ``Qwen2VLModel``
+        return VLMParts(inner, inner.visual, inner.visual.merger, inner.language_model)
 
     def num_tokens(self, input_size: tuple[int, int] | None = None) -> int:
         if input_size is None:
@@ -156,35 +133,35 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
         return (input_size[0] // patch) * (input_size[1] // patch)
 
     # ----------------------------------------------------------------- visual spans, decode positions
-    def _find_visual(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        session = self.reducer.sessions.get(cache) if cache is not None else None
-        deltas = getattr(self.llava, "rope_deltas", None)
-        if session is not None and session.merged and kwargs.get("position_ids") is None and deltas is not None:
-            # HF would number the new tokens from the compact cache's length; the caller's sequence is longer.
-            x = input_ids if input_ids is not None else kwargs["inputs_embeds"]
-            batch, q_len = x.shape[:2]
-            steps = session.external_length + torch.arange(q_len, device=x.device)  # (q,)
-            deltas = deltas.to(x.device).repeat_interleave(batch // deltas.shape[0], dim=0)  # (B, 1)
-            kwargs["position_ids"] = (steps[None, :] + deltas)[None].expand(3, batch, q_len)
-            return args, kwargs
+    def decode_kwargs(self, input_ids: torch.Tensor | None, kwargs: dict, session: CacheSession) -> dict | None:
+        deltas = getattr(self.inner, "rope_deltas", None)
+        if not session.merged or kwargs.get("position_ids") is not None or deltas is None:
+            return None
+        # HF would number the new tokens from the compact cache's length; the caller's sequence is longer.
+        x = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+        batch, q_len = x.shape[:2]
+        steps = session.external_length + torch.arange(q_len, device=x.device)  # (q,)
+        deltas = deltas.to(x.device).repeat_interleave(batch // deltas.shape[0], dim=0)  # (B, 1)
+        kwargs["position_ids"] = (steps[None, :] + deltas)[None].expand(3, batch, q_len)
+        return kwargs
+
+    def find_visual(self, input_ids: torch.Tensor | None, kwargs: dict) -> VisualInputs | None:
         image = self.visual_mask(input_ids, kwargs)
         if image is None:
-            return
+            return None
         video = self.visual_mask(input_ids, kwargs, self.model.config.video_token_id)
         grids_thw = kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")
         positions = kwargs.get("position_ids")  # (3 or 4, B, L) from generate(), which encodes without the grids
         positions = positions if isinstance(positions, torch.Tensor) and positions.ndim == 3 else None
         frames = image_video_segments(image, video, *grids_thw, self.merge_size, per_frame=True, positions=positions)
         visual = image | video
-        self.reducer.pending_visual = (visual, frames)
         if bool(visual.any()):  # per sample, the (t, h, w) of its images and videos in order (for FLOPs)
             inputs = image_video_segments(image, video, *grids_thw, self.merge_size).cpu()  # (B, L) which input
             grids = [tuple(g) for thw in grids_thw if thw is not None for g in thw.tolist()]
             order = [torch.unique_consecutive(row[row >= 0]).tolist() for row in inputs]
             valid = all(0 <= i < len(grids) for ids in order for i in ids)
             self._grids = [[grids[i] for i in ids] for ids in order] if valid else []
+        return VisualInputs(visual, frames)
 
     # ----------------------------------------------------------------- FLOPs (2 x MAC)
     def vision_flops(self, tokens: int | None = None, grid: tuple[int, int, int] | None = None) -> float:
@@ -214,58 +191,26 @@ class HFQwen2VLAdapter(HFLlavaAdapter):
             flops += 4.0 * dim * sum(n * n for n in spans)
         return flops + 2.0 * tokens * linear_macs(tower.merger)
 
-    def embed_flops(self, num_tokens: int) -> float:
-        return self.vision_flops(num_tokens)
+    def static_image_flops(self) -> float:
+        return 0.0  # image sizes vary per prompt: flops_for counts the tower from a forward
 
-    def inputs_vision_flops(self, grids: list[tuple[int, int, int]]) -> float:
+    def grids_vision_flops(self, grids: list[tuple[int, int, int]]) -> float:
         """Vision tower + merger FLOPs of images / videos of these ``(t, h, w)`` grids."""
         return sum(self.vision_flops(t * h * w // self.merge_size**2, (t, h, w)) for t, h, w in grids)
 
-    def flops_for_inputs(self, inputs: dict) -> dict:
-        """Analytic FLOPs of one unreduced prompt: the tower on every image / video (``*_grid_thw``), the LLM."""
-        table = self.analytic_flops(int(inputs["input_ids"].shape[1]), [0] * self.depth)
+    def inputs_vision_flops(self, inputs: dict) -> float:
+        """The tower on every image / video of one call (``image_grid_thw`` / ``video_grid_thw``)."""
         pairs = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
         grids = [tuple(g) for p, key in pairs if inputs.get(p) is not None for g in inputs[key].tolist()]
-        embed = self.inputs_vision_flops(grids)
-        return {**table, "embed": embed, "total": table["total"] + embed}
+        return self.grids_vision_flops(grids)
 
-    def analytic_flops(
-        self, num_tokens: int, schedule: list[int], method: Any = None, rows: int = 1, num_images: int = 1
-    ) -> dict:
-        """Per-layer LLM FLOPs of one prompt, as :meth:`HFLlavaAdapter.analytic_flops`.
-
-        ``embed`` is 0: image sizes vary per prompt (:meth:`flops_for` counts the vision tower from a forward).
-        """
-        reducer = self._reducer_like()
-        table, tokens = [], num_tokens
-        for layer, removed in enumerate(schedule):
-            overhead = reducer.score_flops(rows, tokens) if removed > 0 else 0.0
-            flops = reducer.layer_flops(layer, tokens) + overhead
-            row = {"layer": layer, "tokens_in": tokens, "tokens_out": tokens - removed, "flops": flops}
-            table.append({**row, "method_flops": overhead})
-            tokens -= removed
-        head = self.head_flops(tokens)
-        return {"embed": 0.0, "head": head, "total": head + sum(r["flops"] for r in table), "layers": table}
-
-    def flops_for(self, state: Any, sample: int = 0) -> dict:
-        """Analytic FLOPs (2 x MAC) of one sample of a reduced forward, from ``patch.state``.
-
-        ``embed``: vision tower and merger for the sample's images and videos (their grids from the forward;
-        without them each span is counted as one image of its size), plus merging before the LLM; ``layers``
-        and ``head`` as for LLaVA.
-        """
-        table = self._reducer_like().sample_flops(state, sample)
+    def sample_vision_flops(self, state: DecoderState, sample: int) -> float:
+        """The sample's images and videos (their grids from the forward; else each span as one image of its size)."""
         spans = state.spans[sample]  # placeholders per temporal slice
         grids = self._grids[sample] if sample < len(self._grids) else []
         if [h * w // self.merge_size**2 for t, h, w in grids for _ in range(t)] == spans:
-            vision = self.inputs_vision_flops(grids)
-        else:
-            vision = sum(self.vision_flops(n) for n in spans)
-        embed = vision + table["merge"]
-        head = self.head_flops(table["layers"][-1]["tokens_out"])
-        layers = table["layers"]
-        total = embed + head + sum(row["flops"] for row in layers)
-        return {"embed": embed, "merge": table["merge"], "head": head, "total": total, "layers": layers}
+            return self.grids_vision_flops(grids)
+        return sum(self.vision_flops(n) for n in spans)
 
 
-register_adapter(_is_qwen2_vl, HFQwen2VLAdapter, HFQwen2VLAdapter.description)
+register_adapter(hf_classes(*_CLASSES), Qwen2VLAdapter, Qwen2VLAdapter.description)

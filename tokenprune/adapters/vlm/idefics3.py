@@ -2,7 +2,7 @@
 
 ``tokenprune.apply(idefics3, "fastv", k=2, keep=0.5)`` / ``tokenprune.apply(idefics3, "aim", merge_keep=0.25)``
 patches the model in place; ``forward`` and ``generate()`` keep their signatures. The language-model side (real
-removal, masks, compact KV cache, decode) is :mod:`tokenprune.adapters.hf_decoder`, shared with LLaVA.
+removal, masks, compact KV cache, decode) is :mod:`tokenprune.adapters.vlm`.
 
 Idefics3 (and SmolVLM, the same layout) splits an image into sub-images (a grid of tiles plus a downscaled
 global view); each goes through the SigLIP-style vision tower alone, and the pixel-shuffle connector folds
@@ -27,48 +27,44 @@ What this file owns:
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+import torch
 
-from torch import nn
-
-from tokenprune.adapters.base import Adapter
-from tokenprune.adapters.hf_llava import HFLlavaAdapter
+from tokenprune.adapters.base import hf_classes
+from tokenprune.adapters.vlm.base import VLMAdapter, VLMParts
 from tokenprune.registry import register_adapter
 
-_CLASSES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 
-
-def _is_idefics3(model: Any) -> bool:
-    module = sys.modules.get("transformers")
-    if module is None or not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
-        return False
-    classes = tuple(c for c in (getattr(module, name, None) for name in _CLASSES) if c is not None)
-    return bool(classes) and isinstance(model, classes)
-
-
-class HFIdefics3Adapter(HFLlavaAdapter):
+class Idefics3Adapter(VLMAdapter):
     """``Idefics3ForConditionalGeneration`` / ``SmolVLMForConditionalGeneration``: sub-images, pixel shuffle."""
 
-    description = (
-        "transformers Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration "
-        "(vision-language methods: fastv, aim)"
-    )
+    description = "transformers Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration"
+    layout = "transformers 5.x Idefics3/SmolVLM"
 
-    def __init__(self, model: nn.Module) -> None:  # noqa: D107 - the same layout checks as LLaVA
-        Adapter.__init__(self, model)
-        inner = model.model  # ``Idefics3Model`` / ``SmolVLMModel``
-        self._attach(inner, inner.vision_model, inner.connector, "transformers 5.x Idefics3/SmolVLM", inner.text_model)
+    def parts(self) -> VLMParts:
+        inner = self.model.model  # ``Idefics3Model`` / ``SmolVLMModel``
+        return VLMParts(inner, inner.vision_model, inner.connector, inner.text_model)
 
     def tokens_per_image(self) -> int:
         """LLM tokens of one sub-image: ``(image_size / patch_size)**2 / scale_factor**2`` (after pixel shuffle)."""
-        return self.llava.image_seq_len
+        return self.inner.image_seq_len
 
-    def flops_for_inputs(self, inputs: dict) -> dict:
-        """Analytic FLOPs of one unreduced prompt; the vision tower runs once per real (not all-zero) sub-image."""
+    def inputs_vision_flops(self, inputs: dict) -> float:
+        """The vision tower runs once per real (not all-zero) sub-image."""
         pixels = inputs.get("pixel_values")  # (B, sub-images, C, H, W), padded with all-zero images
         sub_images = int((pixels != 0).flatten(2).any(dim=-1).sum()) if pixels is not None else 0
-        return self.analytic_flops(int(inputs["input_ids"].shape[1]), [0] * self.depth, num_images=sub_images)
+        return sub_images * self.vision_flops()
+
+    def tower_tokens(self, signal: torch.Tensor) -> torch.Tensor:
+        # The connector's pixel shuffle folds each scale x scale block of patches into one LLM token, blocks in
+        # row-major order: (I, side * side, ...) -> (I, side / s, s, side / s, s, ...) -> mean over each block.
+        scale = self.inner.connector.scale_factor
+        side = int(round(signal.shape[1] ** 0.5))
+        blocks = signal.unflatten(1, (side // scale, scale, side // scale, scale))
+        return blocks.mean(dim=(2, 4)).flatten(1, 2)
 
 
-register_adapter(_is_idefics3, HFIdefics3Adapter, HFIdefics3Adapter.description)
+register_adapter(
+    hf_classes("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"),
+    Idefics3Adapter,
+    Idefics3Adapter.description,
+)

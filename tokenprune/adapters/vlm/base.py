@@ -1,0 +1,363 @@
+"""The declared vision-language adapter: the hooks a family implements, and everything written once for all.
+
+A family (``llava.py``, ``qwen2_vl.py``, ...) is one subclass of :class:`VLMAdapter` that says:
+
+* :meth:`~VLMAdapter.parts`: where the inner model, vision tower, projector and language model are;
+* :meth:`~VLMAdapter.find_visual`: the visual spans of each sample (and structural layout tokens), read from one
+  call's inputs before the inner model scatters the image features;
+* class data: ``position_axes`` (1-D positions, or 3 for M-RoPE), ``decoder`` (the decoder layer's attention
+  layout, q/k-norm included), ``layout`` (for messages);
+* its vision FLOPs: :meth:`~VLMAdapter.vision_flops` per image (towers of fixed size), or
+  :meth:`~VLMAdapter.sample_vision_flops` / :meth:`~VLMAdapter.inputs_vision_flops` (dynamic resolution);
+* optionally :meth:`~VLMAdapter.tower_tokens` (how tower patches map onto LLM tokens) so pre-LLM methods can read
+  vision-tower signals, and :meth:`~VLMAdapter.decode_kwargs` (e.g. M-RoPE decode positions after merging).
+
+Installation, label refusal, placeholder detection, schedule checks, the language-model side
+(:class:`~tokenprune.adapters.vlm.reducer.DecoderReducer`) and the FLOPs tables are here, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tokenprune.adapters.base import Adapter, linear_macs
+from tokenprune.adapters.capture import QKCapture, split_heads
+from tokenprune.adapters.vlm.flops import DecoderFlops, tower_layers, vit_tower_flops
+from tokenprune.adapters.vlm.layer import DecoderSpec
+from tokenprune.adapters.vlm.masks import check_decoder_attention
+from tokenprune.adapters.vlm.reducer import DecoderReducer
+from tokenprune.adapters.vlm.state import CacheSession, DecoderState, TowerSequence, VisualInputs
+from tokenprune.core.sequence import split_runs
+
+
+@dataclass(frozen=True)
+class VLMParts:
+    """Where a vision-language model keeps its pieces.
+
+    Attributes:
+        inner: The model whose forward scatters image features into the placeholders (``model.model``).
+        vision_tower: The vision encoder.
+        projector: What maps tower features to LLM embeddings (projector, merger, connector).
+        language_model: The text model (``LlamaModel``, ``Qwen2Model``, ...): has ``layers``, ``config``.
+    """
+
+    inner: nn.Module
+    vision_tower: nn.Module
+    projector: nn.Module
+    language_model: nn.Module
+
+
+class VLMAdapter(Adapter):
+    """Base of every vision-language family adapter (see the module docstring for the hooks)."""
+
+    kind = "vlm"
+    has_static_size = True
+    has_class_token = False
+    num_protected = 0
+    #: Axes of the LLM's position ids: 1 (per-sample 1-D) or 3 (M-RoPE); compact merge positions need 1.
+    position_axes: ClassVar[int] = 1
+    #: Names inside the language model's decoder layers.
+    decoder: ClassVar[DecoderSpec] = DecoderSpec()
+    #: The layout this family expects, for messages.
+    layout: ClassVar[str] = "transformers 5.x"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        parts = self.parts()
+        self.inner, self.vision_tower = parts.inner, parts.vision_tower
+        self.projector, self.language_model = parts.projector, parts.language_model
+        owner = type(model).__name__
+        check_decoder_attention(self.language_model.config, owner)
+        layers = self.language_model.layers
+        for index, layer in enumerate(layers):
+            missing = self.decoder.missing(layer)
+            if missing:
+                raise TypeError(
+                    f"language-model layer {index} ({type(layer).__name__}) of {owner} is not the decoder layout "
+                    f"tokenprune knows ({self.layout}): missing {missing}"
+                )
+        text_config = self.language_model.config
+        if "sliding_attention" in (getattr(text_config, "layer_types", None) or []):
+            raise NotImplementedError(
+                f"{owner}'s language model uses sliding-window attention layers; tokenprune removes visual tokens "
+                "in full-attention decoders only"
+            )
+        self.depth = len(layers)
+        self.llm_flops = DecoderFlops(self.language_model, self.decoder)
+        self.num_heads, self.head_dim = self.llm_flops.num_heads, self.llm_flops.head_dim
+        self.reducer: DecoderReducer | None = None
+        self._tower_capture: QKCapture | None = None
+        self._handles: list[Any] = []
+
+    # ----------------------------------------------------------------- the family's hooks
+    def parts(self) -> VLMParts:
+        """Where the inner model, tower, projector and language model are."""
+        raise NotImplementedError
+
+    def tokens_per_image(self) -> int:
+        """LLM tokens one image contributes (families of fixed size)."""
+        raise NotImplementedError(f"{type(self.model).__name__} has no fixed number of visual tokens per image")
+
+    def find_visual(self, input_ids: torch.Tensor | None, kwargs: dict) -> VisualInputs | None:
+        """The visual tokens of one call (``kwargs``: the inner model's), or None to leave the call alone.
+
+        Default: every ``config.image_token_id`` placeholder is visual; a run of them is split every
+        :meth:`tokens_per_image` tokens into one span per image.
+        """
+        visual = self.visual_mask(input_ids, kwargs)
+        if visual is None:
+            return None
+        return VisualInputs(visual, split_runs(visual, self.tokens_per_image()))
+
+    def decode_kwargs(self, input_ids: torch.Tensor | None, kwargs: dict, session: CacheSession) -> dict | None:
+        """Rewritten inner-model ``kwargs`` for a decode step on a compact cache, or None (no change)."""
+        return None
+
+    def vision_flops(self) -> float:
+        """Vision tower + projector FLOPs for one image (ViT-layout towers of fixed size)."""
+        tower = vit_tower_flops(self.vision_tower, self.vision_tower.config)
+        return tower + 2.0 * self.tokens_per_image() * linear_macs(self.projector)
+
+    def sample_vision_flops(self, state: DecoderState, sample: int) -> float:
+        """Vision FLOPs of one sample of a reduced forward (default: one :meth:`vision_flops` per visual span)."""
+        return len(state.spans[sample]) * self.vision_flops()
+
+    def inputs_vision_flops(self, inputs: dict) -> float:
+        """Vision FLOPs of one unreduced call's keyword ``inputs`` (default: one image per ``pixel_values`` row)."""
+        pixels = inputs.get("pixel_values")
+        return (int(pixels.shape[0]) if pixels is not None else 0) * self.vision_flops()
+
+    def static_image_flops(self) -> float:
+        """Vision FLOPs per image in analytic tables of a prompt given without its inputs (0 where sizes vary)."""
+        return self.vision_flops()
+
+    def tower_tokens(self, signal: torch.Tensor) -> torch.Tensor | None:
+        """Map a per-patch signal ``(I, P, ...)`` of the tower's images to ``(I, n, ...)`` per LLM token.
+
+        None (the default): this family does not expose tower signals yet.
+        """
+        return None
+
+    # ----------------------------------------------------------------- what apply() asks
+    def num_tokens(self, input_size: tuple[int, int] | None = None) -> int:
+        return self.tokens_per_image()
+
+    def resolve_schedule(self, runtime: Any) -> list[float] | None:
+        """Check the config against this family; the per-layer visual fractions (None for a FLOPs budget)."""
+        config, method = runtime.config, runtime.method
+        merges = getattr(config, "flops", None) is not None or (getattr(config, "merge_keep", None) or 1.0) < 1.0
+        if self.position_axes > 1 and merges and getattr(config, "merge_positions", None) == "compact":
+            raise NotImplementedError(
+                f"{method.name} merging on {type(self.model).__name__} needs merge_positions='original' (each merged "
+                f"token keeps the {self.position_axes}-axis M-RoPE position of a token of its own image); "
+                f"merge_positions='compact' renumbers 1-D positions only. Prune-only {method.name} "
+                "(merge_keep=1.0) works with either."
+            )
+        if method.tower_layer is not None:
+            self._check_tower(method)
+        if getattr(config, "flops", None) is not None:
+            return None
+        return list(method.plan_for(self.depth).fractions)
+
+    # ----------------------------------------------------------------- install / uninstall
+    def install(self, runtime: Any) -> None:
+        self.reducer = DecoderReducer(self.language_model, runtime, type(self.model).__name__, self.decoder)
+        self.reducer.install()
+        if runtime.method.tower_layer is not None:
+            attn = tower_layers(self.vision_tower)[runtime.method.tower_layer].self_attn
+            heads = self.vision_tower.config.num_attention_heads
+            self._tower_capture = QKCapture(attn.q_proj, attn.k_proj, split_heads(heads, attn.head_dim))
+        self._handles = [
+            self.inner.register_forward_pre_hook(self._before_inner, with_kwargs=True),
+            self.inner.register_forward_hook(self._after_inner, always_call=True),
+            self.model.register_forward_pre_hook(self._check_labels, with_kwargs=True),
+        ]
+
+    def uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._tower_capture is not None:
+            self._tower_capture.remove()
+            self._tower_capture = None
+        if self.reducer is not None:
+            self.reducer.uninstall()
+            self.reducer = None
+
+    def _before_inner(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        session = self.reducer.sessions.get(cache) if cache is not None else None
+        if session is not None:
+            rewritten = self.decode_kwargs(input_ids, kwargs, session)
+            if rewritten is not None:
+                return args, rewritten
+        found = self.find_visual(input_ids, kwargs)
+        if found is None:
+            return None
+        capture = self._tower_capture
+        if capture is not None and self.reducer.runtime.enabled and bool(found.visual.any()):
+            capture.active = True  # the tower runs inside this forward; its q/k are read at the LLM's entry
+            visual = found.visual
+            found.tower = lambda: self._tower_sequence(visual)
+        self.reducer.pending_visual = found
+        return None
+
+    def _after_inner(self, module: nn.Module, args: tuple, kwargs: Any, output: Any = None) -> None:
+        if self.reducer is not None:
+            self.reducer.pending_visual = None
+        if self._tower_capture is not None:
+            self._tower_capture.active = False
+            self._tower_capture.pop()
+
+    def _check_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        runtime = self.reducer.runtime
+        if kwargs.get("labels") is not None and runtime.enabled:
+            method = runtime.method
+            if getattr(runtime.config, "flops", None) is not None or not method.plan_for(self.depth).is_identity:
+                raise NotImplementedError(
+                    "labels are not supported while visual tokens are reduced (the logits have one row per kept "
+                    "token, see patch.state.index); run that call inside tokenprune.disabled(model)"
+                )
+
+    def visual_mask(
+        self, input_ids: torch.Tensor | None, kwargs: dict, token_id: int | None = None
+    ) -> torch.Tensor | None:
+        """``(B, N)`` placeholder positions, from ids or (without ids) from the placeholder's embedding.
+
+        ``token_id`` defaults to ``config.image_token_id`` (e.g. ``config.video_token_id`` for video placeholders).
+        """
+        token_id = self.model.config.image_token_id if token_id is None else token_id
+        if input_ids is not None:
+            return input_ids == token_id
+        if kwargs.get("inputs_embeds") is not None:
+            embeds = kwargs["inputs_embeds"]
+            token = torch.full((), token_id, dtype=torch.long, device=embeds.device)
+            return (embeds == self.inner.get_input_embeddings()(token)).all(dim=-1)
+        return None
+
+    # ----------------------------------------------------------------- vision-tower signals
+    def _check_tower(self, method: Any) -> None:
+        probe = self.tower_tokens(torch.zeros(1, self._tower_patches()))
+        if probe is None:
+            raise NotImplementedError(
+                f"method {method.name!r} reads vision-tower signals (tower_layer={method.tower_layer}); "
+                f"{type(self.model).__name__} does not expose them yet"
+            )
+        layers = tower_layers(self.vision_tower)
+        if not -len(layers) <= method.tower_layer < len(layers):
+            raise ValueError(
+                f"method {method.name!r}: tower_layer={method.tower_layer} is out of range for a vision tower of "
+                f"{len(layers)} layers (valid: {-len(layers)} .. {len(layers) - 1})"
+            )
+
+    def _tower_patches(self) -> int:
+        """Tokens of one image in the tower: patches plus a class token if it has one."""
+        config = self.vision_tower.config
+        return (config.image_size // config.patch_size) ** 2 + int(self._tower_has_class_token())
+
+    def _tower_has_class_token(self) -> bool:
+        embeddings = getattr(self.vision_tower, "vision_model", self.vision_tower).embeddings
+        return hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token")
+
+    def _tower_sequence(self, visual: torch.Tensor) -> TowerSequence | None:
+        """The captured tower layer's signals, mapped to LLM tokens and scattered onto ``visual`` ``(B, L)``."""
+        queries, keys = self._tower_capture.pop()  # (I, H, P, D) each
+        self._tower_capture.active = False
+        if queries is None:
+            return None
+        method = self.reducer.runtime.method
+        has_class = self._tower_has_class_token()
+        attention = patch_attention(queries, keys, has_class)  # (I, P)
+        per_token = self.tower_tokens(attention)  # (I, n)
+        per_token_keys = self.tower_tokens(keys.mean(dim=1))  # (I, n, D)
+        if per_token is None or per_token.numel() != int(visual.sum()):
+            return None  # the placeholders do not match the tower's images (HF raises on such a call itself)
+        batch, length = visual.shape
+        attention_seq = torch.zeros(batch, length, dtype=per_token.dtype, device=visual.device)
+        keys_seq = torch.zeros(batch, length, keys.shape[-1], dtype=keys.dtype, device=visual.device)
+        attention_seq[visual] = per_token.flatten().to(visual.device)  # HF's masked_scatter order: row-major
+        keys_seq[visual] = per_token_keys.flatten(0, 1).to(visual.device)
+        layer = method.tower_layer % len(tower_layers(self.vision_tower))
+        return TowerSequence(layer, attention_seq, keys_seq, has_class)
+
+    # ----------------------------------------------------------------- FLOPs (2 x MAC)
+    def embed_flops(self, num_tokens: int) -> float:
+        return self.static_image_flops()
+
+    def layer_flops(self, layer: int, tokens_in: int, tokens_out: int) -> float:
+        # A layer runs whole on its input; removal happens after it (its MLP sees tokens_in too).
+        return self.llm_flops.layer(layer, tokens_in)
+
+    def head_flops(self, num_tokens: int) -> float:
+        return 2.0 * num_tokens * linear_macs(self.model.lm_head)
+
+    def analytic_flops(
+        self, num_tokens: int, schedule: list[int], method: Any = None, rows: int = 1, num_images: int = 1
+    ) -> dict:
+        """Per-layer FLOPs of one prompt: ``num_tokens`` entering the LLM, ``schedule[l]`` removed after layer ``l``.
+
+        ``embed`` is vision tower + projector for ``num_images`` images (0 where image sizes vary: see
+        :meth:`flops_for`), ``head`` the LM head on every output row, ``method_flops`` the scoring of ``rows``
+        query rows at each removing layer.
+        """
+        tokens_in, tokens = [], num_tokens
+        for removed in schedule:
+            tokens_in.append(tokens)
+            tokens -= removed
+        tokens_out = [n - removed for n, removed in zip(tokens_in, schedule, strict=True)]
+        table = self.llm_flops.rows(tokens_in, tokens_out, rows)
+        embed, head = num_images * self.static_image_flops(), self.head_flops(tokens)
+        return {"embed": embed, "head": head, "total": embed + head + sum(r["flops"] for r in table), "layers": table}
+
+    def flops_for_inputs(self, inputs: dict) -> dict:
+        """Analytic FLOPs table of one unreduced prompt given as ``model(**inputs)`` keyword inputs."""
+        table = self.analytic_flops(int(inputs["input_ids"].shape[1]), [0] * self.depth, num_images=0)
+        embed = self.inputs_vision_flops(inputs)
+        return {**table, "embed": embed, "total": table["total"] + embed}
+
+    def flops_for(self, state: DecoderState, sample: int = 0) -> dict:
+        """Analytic FLOPs (2 x MAC) of one sample of a reduced forward, from ``patch.state``.
+
+        ``embed``: vision tower and projector for the sample's images, plus reduction before the LLM;
+        ``layers``: each LLM layer on the sample's tokens (+ the scoring product where tokens are removed);
+        ``head``: the LM head on every output row. For a single unpadded prompt, ``total`` equals what
+        ``torch.utils.flop_counter`` measures for ``model(**inputs)``.
+        """
+        reducer = self.reducer or DecoderReducer(self.language_model, _NoRuntime(), "", self.decoder)
+        table = reducer.sample_flops(state, sample)
+        embed = self.sample_vision_flops(state, sample) + table["merge"]
+        layers = table["layers"]
+        head = self.head_flops(layers[-1]["tokens_out"])
+        total = embed + head + sum(row["flops"] for row in layers)
+        return {"embed": embed, "merge": table["merge"], "head": head, "total": total, "layers": layers}
+
+
+class _NoRuntime:
+    """Stand-in runtime for FLOPs tables of a removed patch's state."""
+
+    method = None
+    config = None
+    enabled = False
+    state = None
+
+
+def patch_attention(queries: torch.Tensor, keys: torch.Tensor, class_token: bool, chunk: int = 256) -> torch.Tensor:
+    """``(I, P)`` per patch: the class token's attention to it, or (no class token) the mean attention it receives.
+
+    From a tower layer's queries and keys ``(I, H, P, D)``, in float32, averaged over heads. The class-token row
+    is one ``(1 x D) @ (D x P)`` product per head; the mean over all queries runs ``chunk`` query rows at a time,
+    so memory stays ``(I, H, chunk, P)`` and the tower's own attention stays fused.
+    """
+    q, k = queries.float(), keys.float().transpose(-1, -2)  # (I, H, P, D), (I, H, D, P)
+    scale = q.shape[-1] ** -0.5
+    if class_token:
+        return ((q[:, :, :1] @ k) * scale).softmax(dim=-1).mean(dim=1)[:, 0]  # (I, P)
+    received = torch.zeros(q.shape[0], q.shape[2], device=q.device)
+    for start in range(0, q.shape[2], chunk):
+        received += ((q[:, :, start : start + chunk] @ k) * scale).softmax(dim=-1).sum(dim=(1, 2))
+    return received / (q.shape[1] * q.shape[2])

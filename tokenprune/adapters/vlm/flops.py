@@ -1,0 +1,90 @@
+"""Analytic FLOPs (2 x MAC) of a vision-language model, written once: vision tower, LLM layers, scoring, tables.
+
+Every family's ``flops_for`` / ``analytic_flops`` is built from these pieces, so a person can check a row by hand:
+a decoder layer on ``n`` tokens costs ``2 n (attention + MLP linear MACs) + 4 n^2 H D`` (``QK^T`` and ``AV``), a
+pruning layer adds the scoring product of its query rows against every key (``2 rows n H D``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tokenprune.adapters.base import linear_macs
+from tokenprune.adapters.vlm.layer import DecoderSpec
+
+
+class DecoderFlops:
+    """Per-layer FLOPs of one text model (``LlamaModel``, ``Qwen2Model``, ...) in the layout ``spec``."""
+
+    def __init__(self, language_model: nn.Module, spec: DecoderSpec) -> None:
+        layers = language_model.layers
+        attn = getattr(layers[0], spec.attn)
+        self.num_heads = language_model.config.num_attention_heads
+        self.head_dim = attn.head_dim
+        self.hidden_size = language_model.config.hidden_size
+        self._macs = [
+            (linear_macs(getattr(layer, spec.attn)), linear_macs(getattr(layer, spec.mlp))) for layer in layers
+        ]
+
+    @property
+    def depth(self) -> int:
+        return len(self._macs)
+
+    def layer(self, layer: int, tokens: int) -> float:
+        """One decoder layer run on ``tokens`` tokens (prefill: queries = keys = ``tokens``)."""
+        attn_linear, mlp_linear = self._macs[layer]
+        attention = 4.0 * tokens * tokens * self.num_heads * self.head_dim  # QK^T and AV
+        return 2.0 * tokens * (attn_linear + mlp_linear) + attention
+
+    def score(self, rows: int, tokens: int) -> float:
+        """Scoring ``rows`` query rows against ``tokens`` keys (all heads)."""
+        return 2.0 * rows * tokens * self.num_heads * self.head_dim
+
+    def rows(self, tokens_in: list[int], tokens_out: list[int], rows: int) -> list[dict]:
+        """The per-layer table: each layer on its input tokens, plus the scoring where it removes tokens.
+
+        Returns:
+            ``[{"layer", "tokens_in", "tokens_out", "flops", "method_flops"}]``, one per layer.
+        """
+        table = []
+        for layer, (n_in, n_out) in enumerate(zip(tokens_in, tokens_out, strict=True)):
+            overhead = self.score(rows, n_in) if n_out < n_in else 0.0
+            flops = self.layer(layer, n_in) + overhead
+            table.append(
+                {"layer": layer, "tokens_in": n_in, "tokens_out": n_out, "flops": flops, "method_flops": overhead}
+            )
+        return table
+
+    def prefill(self, text: int, visual: list[int], rows: int) -> float:
+        """LLM prefill FLOPs of one sample: ``text`` tokens, ``visual[l]`` visual tokens entering layer ``l``."""
+        total = 0.0
+        for layer, count in enumerate(visual):
+            total += self.layer(layer, text + count)
+            if layer + 1 < len(visual) and visual[layer + 1] < count:
+                total += self.score(rows, text + count)
+        return total
+
+
+def vit_tower_flops(tower: nn.Module, config: object) -> float:
+    """One ``image_size`` image through a ViT-layout vision tower (CLIP, SigLIP, Idefics3, DINOv2)."""
+    vision = getattr(tower, "vision_model", tower)  # CLIP / SigLIP layout
+    embeddings = vision.embeddings
+    patch_embedding = next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))
+    patches = (config.image_size // config.patch_size) ** 2
+    # Prefix tokens: CLIP's class embedding, DINOv2's class token and (with registers) register tokens.
+    prefix = int(hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token"))
+    prefix += int(getattr(config, "num_register_tokens", 0) or 0)
+    tokens = patches + prefix
+    flops = 2.0 * patches * patch_embedding.weight.numel()
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    for layer in tower_layers(tower):
+        flops += 2.0 * tokens * linear_macs(layer)  # attention projections + MLP
+        flops += 4.0 * tokens * tokens * heads * head_dim
+    return flops
+
+
+def tower_layers(tower: nn.Module) -> nn.ModuleList:
+    """The encoder layers of a ViT-layout vision tower (CLIP/SigLIP ``encoder.layers``, DINOv2 ``encoder.layer``)."""
+    vision = getattr(tower, "vision_model", tower)
+    encoder = vision.encoder
+    return encoder.layers if hasattr(encoder, "layers") else encoder.layer

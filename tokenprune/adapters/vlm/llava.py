@@ -1,0 +1,44 @@
+"""``LlavaForConditionalGeneration`` (transformers 5.x, unforked): one image = one span of fixed size.
+
+Visual spans per sample come from ``input_ids == config.image_token_id`` (or, for ``inputs_embeds`` calls,
+embeddings equal to the image token's), read before ``LlavaModel`` scatters the image features; a run of
+placeholders is split every ``tokens_per_image``, so merging never mixes two images. Batches may mix prompts,
+images per prompt and left or right padding. The vision tower and projector run unchanged (their FLOPs are
+counted). Vision-tower signals: the CLIP/SigLIP tower's patches map one to one onto LLM tokens (the class token
+is dropped under the ``default`` feature strategy, kept under ``full``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenprune.adapters.base import hf_classes
+from tokenprune.adapters.vlm.base import VLMAdapter, VLMParts
+from tokenprune.registry import register_adapter
+
+
+class LlavaAdapter(VLMAdapter):
+    """``LlavaForConditionalGeneration`` with a Llama/Qwen2/Mistral-layout text model."""
+
+    description = "transformers LlavaForConditionalGeneration"
+    layout = "Llama/Qwen2/Mistral, transformers 5.x"
+
+    def parts(self) -> VLMParts:
+        inner = self.model.model  # ``LlavaModel``
+        return VLMParts(inner, inner.vision_tower, inner.multi_modal_projector, inner.language_model)
+
+    def _full_strategy(self) -> bool:
+        return self.model.config.vision_feature_select_strategy == "full"
+
+    def tokens_per_image(self) -> int:
+        """Visual tokens one image contributes (patches, + the class token under the ``full`` strategy)."""
+        vision = self.model.config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + int(self._full_strategy())
+
+    def tower_tokens(self, signal: torch.Tensor) -> torch.Tensor:
+        # (I, P + prefix, ...) -> (I, tokens_per_image, ...): HF drops the class token under "default".
+        prefix = int(self._tower_has_class_token()) if not self._full_strategy() else 0
+        return signal[:, prefix:]
+
+
+register_adapter(hf_classes("LlavaForConditionalGeneration"), LlavaAdapter, LlavaAdapter.description)

@@ -1,0 +1,410 @@
+"""Real removal of visual tokens inside a Hugging Face (transformers 5.x) decoder LLM: the prefill flow.
+
+A family adapter (:mod:`tokenprune.adapters.vlm.base`) finds the visual tokens of every sample and hands them to a
+:class:`DecoderReducer` (``pending_visual``), which owns everything on the language-model side:
+
+* **Entry** (a forward pre-hook on the text model, e.g. ``LlamaModel``/``Qwen2Model``): on a prefill it plans
+  each sample (:class:`~tokenprune.methods.vlm.VisualPlan`, FLOPs budgets solved per prompt), reduces visual
+  spans before the LLM if the method does, and rewrites ``inputs_embeds``, ``attention_mask`` and ``position_ids``
+  so HF's own mask and rotary code build the first layers' inputs for the shorter sequence. On a decode step it
+  translates the caller's (full-length) mask and positions to the compact cache (:mod:`.cache`).
+* **Layers** (:mod:`.layer`: each ``model.layers[i]`` wrapped, the original kept as ``base_layer`` and always the
+  one that runs): a layer after which the plan has fewer visual tokens captures its queries and keys, the method
+  scores the visual tokens from them (:class:`~tokenprune.methods.vlm.DecoderLayerContext`: a few query rows per
+  head, the layer's attention itself stays SDPA), and the top tokens per sample are kept; hidden states,
+  ``position_embeddings`` (cos, sin), ``position_ids`` and the attention mask of every later layer are sliced or
+  rebuilt, so later layers compute on, and cache, only the kept tokens. The removing layer itself runs whole.
+
+Invariants:
+
+* Rotary positions are never renumbered by in-LLM pruning: a kept token keeps the cos/sin of its original
+  position, and decoding continues at the caller's positions. Reduction before the LLM may compact positions
+  (AIM's default): then decode positions are shifted by the number of tokens merged away in that sample.
+* Kept tokens stay in their original order; per-sample counts may differ: shorter samples are left-filled with
+  masked slots (``state.valid`` False, ``state.index`` -1). Padding is dropped by the first removal and re-made
+  as fill, so both left- and right-padded batches equal their samples run alone.
+* Text tokens are never removed, nor are *structural* tokens (image-layout tokens a family marks, e.g.
+  LLaVA-OneVision's row-end ``image_newline``): kept like text, never merged, and never query rows. A prompt
+  without visual tokens runs unreduced. With nothing to remove (zero ratios), no tensor is touched: outputs are
+  bit-identical to the unpatched model.
+* A cache produced by a reduced prefill is remembered (weakly, per ``Cache`` object): every later forward with
+  it, even inside ``tokenprune.disabled``, gets the per-layer masks its compact layers need.
+
+Supported: ``sdpa`` and ``eager`` attention, ``DynamicCache`` of full-attention layers (or no cache). Outputs are
+shorter once tokens are removed: ``logits`` has one row per kept token (``patch.state.index`` maps rows to input
+positions; the last row stays the last prompt token, so ``generate()`` is unaffected). Only a prefill (empty or
+no cache) is reduced: later forwards on the cache, e.g. a second turn, run on it unreduced.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenprune.adapters.vlm.cache import check_cache, decode_step
+from tokenprune.adapters.vlm.flops import DecoderFlops
+from tokenprune.adapters.vlm.layer import DecoderSpec, ReducingDecoderLayer
+from tokenprune.adapters.vlm.masks import build_mask, check_decoder_attention, refuse_4d_mask
+from tokenprune.adapters.vlm.state import CacheSession, DecoderState, ForwardInFlight, VisualInputs
+from tokenprune.core.sequence import compact, gather_positions, gather_seq, segment_positions, top_per_row
+from tokenprune.methods.vlm import (
+    DecoderLayerContext,
+    PreLLMContext,
+    TowerSignals,
+    VisualPlan,
+    VisualTokenMethod,
+)
+from tokenprune.state import LayerLog
+
+
+class DecoderReducer:
+    """Removes visual tokens inside one text model (``LlamaModel``, ``Qwen2Model``, ...) for one patch.
+
+    Args:
+        language_model: The text model: has ``layers``, ``config``, ``embed_tokens`` and is called as
+            ``language_model(inputs_embeds=..., attention_mask=..., position_ids=..., cache=...)``.
+        runtime: The patch's runtime (``method``, ``config``, ``enabled``, ``state``).
+        owner: Model class name for error messages.
+        spec: Names inside a decoder layer.
+        rope: ``apply_rotary_pos_emb(q, k, cos, sin)``; default: the one in the layers' modeling module.
+    """
+
+    def __init__(
+        self,
+        language_model: nn.Module,
+        runtime: Any,
+        owner: str,
+        spec: DecoderSpec | None = None,
+        rope: Callable | None = None,
+    ) -> None:
+        self.lm = language_model
+        self.runtime = runtime
+        self.owner = owner
+        self.spec = spec or DecoderSpec()
+        self.layers = language_model.layers
+        attn = getattr(self.layers[0], self.spec.attn)
+        self.head_dim = attn.head_dim
+        self.scale = attn.scaling
+        if rope is None:
+            rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+            if rope is None:
+                raise TypeError(f"{type(attn).__name__} has no apply_rotary_pos_emb in its module; pass rope=")
+        self.rope = rope
+        self.flops = DecoderFlops(language_model, self.spec)
+        self.forward_in_flight: ForwardInFlight | None = None
+        #: Set by the family adapter before the text model runs (its inner model's pre-hook).
+        self.pending_visual: VisualInputs | None = None
+        self.sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._plans: dict[tuple, VisualPlan] = {}
+        self._originals: list[nn.Module] = []
+        self._handles: list[Any] = []
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    @property
+    def method(self) -> VisualTokenMethod:
+        return self.runtime.method
+
+    # ------------------------------------------------------------------------- install / uninstall
+    def install(self) -> None:
+        self._originals = list(self.layers)
+        for index, layer in enumerate(self._originals):
+            self.layers[index] = ReducingDecoderLayer(layer, index, self)
+        self._handles = [
+            self.lm.register_forward_pre_hook(self._entry, with_kwargs=True),
+            self.lm.register_forward_hook(self._exit, always_call=True),
+        ]
+
+    def uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for index, original in enumerate(self._originals):
+            wrapper = self.layers[index]
+            if isinstance(wrapper, ReducingDecoderLayer):
+                wrapper.remove_hooks()
+            self.layers[index] = original
+        self._originals, self._handles = [], []
+        self.forward_in_flight = self.pending_visual = None
+
+    # ------------------------------------------------------------------------- planning
+    def plan(self, spans: list[int], text: int, rows: int) -> VisualPlan:
+        """The plan of one sample with visual ``spans`` (tokens per image), ``text`` tokens, scoring ``rows``."""
+        key = (tuple(spans), text, rows)
+        if key not in self._plans:
+            method, depth = self.method, self.depth
+            budget = getattr(self.runtime.config, "flops", None)
+            if not sum(spans):  # no visual token: nothing to plan, the prompt runs unreduced
+                plan = VisualPlan.identity(depth)
+            elif budget is None:
+                plan = method.plan_for(depth)
+            else:
+
+                def cost(candidate: VisualPlan) -> float:
+                    merged = sum(method.merged_count(n, candidate.merge_keep) for n in spans)
+                    return self.flops.prefill(text, candidate.visual_counts(merged), rows)
+
+                plan = method.solve_budget(budget, depth, sum(spans), cost)
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def sample_flops(self, state: DecoderState, sample: int = 0) -> dict:
+        """Analytic FLOPs of one sample of a prefill: reduction before the LLM and each LLM layer.
+
+        Returns:
+            ``{"merge", "layers": [{"layer", "tokens_in", "tokens_out", "flops", "method_flops"}]}``: the
+            sample's own tokens (no padding or fill), ``method_flops`` the scoring at a removing layer.
+        """
+        plan, text, rows = state.plans[sample], state.text[sample], state.rows[sample]
+        channels = self.lm.config.hidden_size
+        merge = sum(
+            self.method.merge_flops(n, self.method.merged_count(n, plan.merge_keep), channels)
+            for n in state.spans[sample]
+        )
+        visual = [counts[sample] for counts in state.targets_list]
+        tokens_in = [text + v for v in visual]
+        return {"merge": merge, "layers": self.flops.rows(tokens_in, tokens_in[1:] + tokens_in[-1:], rows)}
+
+    def mask(self, key_valid: torch.Tensor | None, keys: int, hidden_states: torch.Tensor) -> Any:
+        implementation = self.lm.config._attn_implementation
+        q_len, dtype, device = hidden_states.shape[1], hidden_states.dtype, hidden_states.device
+        return build_mask(key_valid, keys, q_len, implementation, dtype, device)
+
+    # ------------------------------------------------------------------------- entry / exit hooks
+    def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.forward_in_flight = None
+
+    def _entry(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self.forward_in_flight = None
+        pending, self.pending_visual = self.pending_visual, None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        session = self.sessions.get(cache) if cache is not None else None
+        past = cache.get_seq_length() if cache is not None else 0
+        if session is not None and past == 0:  # the cache was reset: its old bookkeeping is void
+            del self.sessions[cache]
+            session = None
+        if args and (session is not None or self.runtime.enabled):
+            raise TypeError(
+                f"tokenprune: call {type(module).__name__} with keyword arguments (inputs_embeds=..., "
+                "attention_mask=...), or run that call inside tokenprune.disabled(model)"
+            )
+        if session is not None:
+            kwargs = decode_step(kwargs, session)
+            self.forward_in_flight = ForwardInFlight(decode=True, session=session)
+            return (), kwargs
+        if not self.runtime.enabled or past > 0:
+            return None  # unreduced, or a cache this patch did not fill: leave everything to HF
+        check_decoder_attention(self.lm.config, self.owner)
+        return self._enter_prefill(kwargs, pending)
+
+    def _embeds(self, kwargs: dict) -> torch.Tensor:
+        if kwargs.get("inputs_embeds") is not None:
+            return kwargs["inputs_embeds"]
+        embeds = self.lm.embed_tokens(kwargs["input_ids"])
+        kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
+        return embeds
+
+    def _enter_prefill(self, kwargs: dict, pending: VisualInputs | None) -> tuple[tuple, dict]:
+        x = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        batch, length = x.shape[:2]
+        device = x.device
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim != 2:
+            mask = None if pending is None else refuse_4d_mask()
+        valid = (
+            mask[:, -length:].bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        )
+        structural = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        if pending is not None:
+            visual = pending.visual.to(device) & valid
+            segments = torch.where(visual, pending.segments.to(device), -1)
+            if pending.structural is not None:
+                structural = pending.structural.to(device) & valid & ~visual
+        else:
+            visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
+            segments = torch.full((batch, length), -1, dtype=torch.long, device=device)
+
+        # Plan every sample: visual spans (tokens per image), text tokens, scoring rows.
+        spans_per_sample = segment_positions(segments)
+        text = (valid & ~visual).sum(dim=1).tolist()
+        after = (visual.long().cumsum(dim=1) > 0) & valid & ~visual & ~structural
+        rows = after.sum(dim=1).tolist() if self.method.query_rows == "text" else [1] * batch
+        samples = zip(spans_per_sample, text, rows, strict=True)
+        plans = [self.plan([len(p) for _, p in spans], t, r) for spans, t, r in samples]
+        merge = any(p.merge_keep < 1.0 for p, spans in zip(plans, spans_per_sample, strict=True) if spans)
+
+        index = torch.arange(length, device=device).expand(batch, length)
+        size = valid.to(x.dtype)
+        fwd = ForwardInFlight(decode=False, external_length=(mask.shape[1] if mask is not None else length))
+        fwd.shift = torch.zeros(batch, dtype=torch.long, device=device)
+        if merge:
+            x = self._embeds(kwargs)
+            tower = pending.tower() if pending is not None and pending.tower is not None else None
+            x, index, valid, visual, size, structural, kwargs = self._merge(
+                x, kwargs, valid, visual, structural, spans_per_sample, plans, fwd, tower
+            )
+        merged_counts = visual.sum(dim=1).tolist()
+        per_sample = [p.visual_counts(m) for p, m in zip(plans, merged_counts, strict=True)]
+        targets_list = [[counts[layer] for counts in per_sample] for layer in range(self.depth)]
+        targets = torch.tensor(targets_list, dtype=torch.long, device=device).reshape(self.depth, batch)
+        fwd.state = DecoderState(
+            index, valid, visual, size, length, plans, targets, targets_list, merged=merge, structural=structural
+        )
+        fwd.state.spans = [[len(p) for _, p in spans] for spans in spans_per_sample]
+        fwd.state.text, fwd.state.rows = text, rows
+        fwd.all_valid = bool(valid.all())
+        fwd.active = merge or any(self._prunes(fwd.state, layer) for layer in range(self.depth))
+        self.runtime.state = fwd.state
+        self.forward_in_flight = fwd
+        return (), kwargs
+
+    def _merge(self, x, kwargs, valid, visual, structural, spans_per_sample, plans, fwd, tower):
+        """Reduce visual spans before the LLM; returns the compacted sequence and the rewritten kwargs."""
+        batch, length, _ = x.shape
+        device = x.device
+        keep = valid & ~visual
+        x = x.clone()
+        size = valid.to(x.dtype)
+        groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+        for b, (spans, plan) in enumerate(zip(spans_per_sample, plans, strict=True)):
+            for _, span_positions in spans:
+                n = len(span_positions)
+                groups.setdefault((n, self.method.merged_count(n, plan.merge_keep)), []).append((b, span_positions))
+        for (n, target), members in groups.items():
+            rows = torch.tensor([b for b, _ in members], device=device)
+            positions = torch.tensor([p for _, p in members], device=device)  # (S, n), ascending per span
+            if target >= n:
+                keep[rows[:, None], positions] = True
+                continue
+            signals = None
+            if tower is not None:
+                signals = TowerSignals(
+                    tower.layer,
+                    tower.attention.to(device)[rows[:, None], positions],  # (S, n)
+                    tower.keys.to(device)[rows[:, None], positions],  # (S, n, D)
+                    tower.from_class_token,
+                )
+            context = PreLLMContext(x[rows[:, None], positions], target, signals)
+            local, merged, held = self.method.merge(context)  # (S, K), (S, K, C), (S, K)
+            stored = positions.gather(1, local)
+            x[rows[:, None], stored] = merged.to(x.dtype)
+            size[rows[:, None], stored] = held.to(x.dtype)
+            keep[rows[:, None], stored] = True
+        removed = valid & ~keep  # merged away (padding is dropped too, but never counted)
+        gather, slot_valid = compact(keep)
+        external = kwargs.get("position_ids")
+        if external is None:
+            external = torch.arange(length, device=device).expand(batch, length)
+        external = external.expand(batch, length) if external.ndim == 2 else external
+        compact_positions = getattr(self.runtime.config, "merge_positions", "original") == "compact"
+        if external.ndim != 2 and compact_positions:  # multi-axis (M-RoPE) positions: each token keeps its own
+            raise NotImplementedError(
+                "tokenprune: merge_positions='compact' supports 1D (per-sample) position ids only; "
+                "use merge_positions='original'"
+            )
+        positions = external
+        if compact_positions:
+            positions = external - removed.long().cumsum(dim=1)
+            fwd.shift = removed.sum(dim=1)
+        new_positions = torch.where(slot_valid, gather_positions(positions, gather), 0)
+        index = torch.where(slot_valid, gather, -1)
+        x = x.gather(1, gather[..., None].expand(-1, -1, x.shape[-1]))
+        visual = visual.gather(1, gather) & slot_valid
+        structural = structural.gather(1, gather) & slot_valid
+        size = torch.where(slot_valid, size.gather(1, gather), 0)
+        mask = kwargs.get("attention_mask")
+        kwargs["inputs_embeds"] = x
+        kwargs["attention_mask"] = slot_valid.to(mask.dtype if mask is not None else torch.long)
+        kwargs["position_ids"] = new_positions
+        return x, index, slot_valid, visual, size, structural, kwargs
+
+    # ------------------------------------------------------------------------- one prefill layer
+    def _prunes(self, state: DecoderState, layer: int) -> bool:
+        """Whether visual tokens are removed after ``layer`` (decided on the host from the plans)."""
+        if layer + 1 >= self.depth:
+            return False
+        pairs = zip(state.targets_list[layer], state.targets_list[layer + 1], strict=True)
+        return any(after < before for before, after in pairs)
+
+    def _open_session(self, fwd: ForwardInFlight, layer: int, cache: Any) -> None:
+        """Record what this layer leaves in the cache (a session is opened at layer 0)."""
+        state = fwd.state
+        if layer == 0:
+            check_cache(cache)
+            depth = self.depth
+            fwd.session = CacheSession(
+                [None] * depth, [0] * depth, [False] * depth, state.merged, fwd.shift, fwd.external_length, state
+            )
+            self.sessions[cache] = fwd.session
+        if fwd.session is not None:
+            fwd.session.key_valid[layer] = None if fwd.all_valid else state.valid
+            fwd.session.key_length[layer] = state.num_tokens
+            fwd.session.compact[layer] = state.version > 0
+
+    def run_prefill_layer(
+        self, wrapper: ReducingDecoderLayer, hidden_states: torch.Tensor, attention_mask: Any, kwargs: dict
+    ) -> torch.Tensor:
+        fwd, layer = self.forward_in_flight, wrapper.layer
+        state = fwd.state
+        if state.version > 0:  # the sequence changed after HF built the mask and cos/sin: use ours
+            if fwd.mask_version != state.version:
+                key_valid = None if fwd.all_valid else state.valid
+                fwd.mask, fwd.mask_version = self.mask(key_valid, state.num_tokens, hidden_states), state.version
+            attention_mask = fwd.mask
+            kwargs["position_embeddings"] = fwd.position_embeddings
+            if isinstance(kwargs.get("position_ids"), torch.Tensor):
+                kwargs["position_ids"] = fwd.position_ids
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if fwd.active and cache is not None and kwargs.get("use_cache", True) is not False:
+            self._open_session(fwd, layer, cache)
+        tokens_in = hidden_states.shape[1]
+        state.visual_in.append(state.visual.sum(dim=1))
+        state.index_in.append(state.index)
+        if not self._prunes(state, layer):
+            out = wrapper.base_layer(hidden_states, attention_mask=attention_mask, **kwargs)
+            state.log.append(LayerLog(layer, tokens_in, tokens_in))
+            state.scored_rows.append(0)
+            return out
+        capture = wrapper.capture
+        capture.active = True
+        try:
+            out = wrapper.base_layer(hidden_states, attention_mask=attention_mask, **kwargs)
+        finally:
+            capture.active = False
+        queries, keys = capture.pop()  # (B, H, N, D), (B, Hkv, N, D)
+        position_embeddings = kwargs["position_embeddings"]
+        ctx = DecoderLayerContext(
+            layer,
+            queries,
+            keys,
+            position_embeddings,
+            state.valid,
+            state.visual,
+            self.rope,
+            self.scale,
+            structural=state.structural,
+        )
+        scores = self.method.importance(ctx).float()  # (B, N)
+        keep = (state.valid & ~state.visual) | top_per_row(scores, state.visual, state.targets[layer + 1])
+        gather, slot_valid = compact(keep)
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1]))
+        state.index = torch.where(slot_valid, state.index.gather(1, gather), -1)
+        state.visual = state.visual.gather(1, gather) & slot_valid
+        state.structural = state.structural.gather(1, gather) & slot_valid
+        state.size = torch.where(slot_valid, state.size.gather(1, gather), 0)
+        state.valid = slot_valid
+        state.version += 1
+        fwd.all_valid = bool(slot_valid.all())
+        fwd.position_embeddings = tuple(gather_seq(t, gather) for t in position_embeddings)
+        positions = kwargs.get("position_ids")
+        fwd.position_ids = gather_positions(positions, gather) if isinstance(positions, torch.Tensor) else None
+        state.log.append(LayerLog(layer, tokens_in, hidden.shape[1]))
+        state.scored_rows.append(ctx.scored_rows)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden

@@ -1,0 +1,149 @@
+"""Bookkeeping of one reduced prefill, of the cache it leaves, and of the forward in flight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tokenprune.methods.vlm import VisualPlan
+from tokenprune.state import LayerLog
+
+
+@dataclass
+class DecoderState:
+    """Bookkeeping of one reduced prefill (``patch.state`` of a VLM patch). ``B`` samples.
+
+    Attributes:
+        index: ``(B, N)`` position in the LLM input (before merging) of each current token; -1 for fill.
+        valid: ``(B, N)`` real tokens.
+        visual: ``(B, N)`` visual tokens.
+        size: ``(B, N)`` input tokens each current token holds (merging), 0 for fill.
+        structural: ``(B, N)`` image-layout tokens (kept like text, never query rows).
+        num_original: Sequence length entering the LLM.
+        plans: One :class:`VisualPlan` per sample.
+        targets: ``(depth, B)`` visual tokens planned to enter each layer (also as nested lists, ``targets_list``).
+        log: One :class:`LayerLog` per layer (sequence lengths, fill included).
+        visual_in: Per layer, ``(B,)`` visual tokens that entered it.
+        index_in: Per layer, the ``index`` of the tokens that entered it.
+        scored_rows: Per layer, query rows scored there (0: no pruning).
+        spans: Per sample, visual tokens of each span (an image, or a part of one the adapter merges on its own;
+            before merging).
+        text: Per sample, real text tokens.
+        rows: Per sample, query rows its importance reads at a pruning layer.
+        generated: Tokens decoded on top of this prefill's cache so far.
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor
+    size: torch.Tensor
+    num_original: int
+    plans: list[VisualPlan]
+    targets: torch.Tensor
+    targets_list: list[list[int]]
+    log: list[LayerLog] = field(default_factory=list)
+    visual_in: list[torch.Tensor] = field(default_factory=list)
+    index_in: list[torch.Tensor] = field(default_factory=list)
+    scored_rows: list[int] = field(default_factory=list)
+    spans: list[list[int]] = field(default_factory=list)
+    text: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    generated: int = 0
+    merged: bool = False
+    structural: torch.Tensor | None = None
+    version: int = 0  # removals inside the LLM so far in this forward
+
+    @property
+    def num_tokens(self) -> int:
+        """Current sequence length (fill slots included)."""
+        return self.index.shape[1]
+
+    @property
+    def reduced(self) -> bool:
+        """True once any token was merged before, or removed inside, the LLM."""
+        return self.merged or self.version > 0
+
+    def tokens_per_layer(self) -> list[tuple[int, int]]:
+        """``(tokens_in, tokens_out)`` per layer (batch sequence lengths)."""
+        return [(entry.tokens_in, entry.tokens_out) for entry in self.log]
+
+    def visual_per_layer(self) -> list[list[int]]:
+        """Per layer, the visual tokens of each sample that entered it."""
+        return [v.tolist() for v in self.visual_in]
+
+
+@dataclass
+class CacheSession:
+    """What a compact KV cache needs at every later forward.
+
+    Attributes:
+        key_valid: Per layer, ``(B, K_l)`` validity of the cached keys (and, during a forward, the new ones);
+            None while every one is valid.
+        key_length: Per layer, ``K_l``.
+        compact: Per layer, whether its cache differs from layer 0's (it needs its own mask).
+        merged: Whether layer 0's cache differs from the caller's sequence (merging before the LLM).
+        shift: ``(B,)`` positions merged away per sample (subtracted from the caller's decode positions).
+        external_length: Tokens the caller has fed so far (its view of the sequence length).
+        state: The prefill's :class:`DecoderState`.
+    """
+
+    key_valid: list[torch.Tensor | None]
+    key_length: list[int]
+    compact: list[bool]
+    merged: bool
+    shift: torch.Tensor
+    external_length: int
+    state: DecoderState
+
+
+@dataclass
+class ForwardInFlight:
+    """The forward in flight (set by the entry hook, read by the layer wrappers)."""
+
+    decode: bool
+    active: bool = False  # something is merged or removed (else HF runs untouched and we only log)
+    state: DecoderState | None = None
+    session: CacheSession | None = None
+    external_length: int = 0
+    shift: torch.Tensor | None = None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    position_ids: torch.Tensor | None = None
+    mask: Any = None
+    mask_version: int = -1
+    all_valid: bool = True  # every current token is real (no padding / fill)
+
+
+@dataclass
+class TowerSequence:
+    """Vision-tower signals scattered onto the LLM input sequence (one entry per placeholder, as the features).
+
+    Attributes:
+        layer: Tower layer they come from.
+        attention: ``(B, L)`` class-token attention (or mean attention received) of each visual token; 0 elsewhere.
+        keys: ``(B, L, D)`` head-averaged tower keys of each visual token; 0 elsewhere.
+        from_class_token: Which of the two ``attention`` is.
+    """
+
+    layer: int
+    attention: torch.Tensor
+    keys: torch.Tensor
+    from_class_token: bool
+
+
+@dataclass
+class VisualInputs:
+    """What a family adapter found in one call's inputs, for the reducer (every tensor ``(B, L)``).
+
+    Attributes:
+        visual: Visual placeholders (tokens a method may merge or remove).
+        segments: Span id of every visual token (-1: not visual); tokens sharing an id are merged together.
+        structural: Image-layout tokens (kept like text, never query rows), or None.
+        tower: Computes the :class:`TowerSequence` once the tower has run (None: the family has no tower hook).
+    """
+
+    visual: torch.Tensor
+    segments: torch.Tensor
+    structural: torch.Tensor | None = None
+    tower: Any = None

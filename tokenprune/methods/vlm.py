@@ -1,0 +1,331 @@
+"""The vision-language method contract: what a VLM method decides, and the typed contexts it decides from.
+
+A ViT method reduces a token sequence layer by layer (``Method.reduce``). A language model is different: visual
+tokens are per-sample spans inside text that is never touched, their number is only known per prompt, and the
+adapter (not the method) must follow masks, rotary positions and the KV cache. A :class:`VisualTokenMethod`
+therefore only *decides*, at two points:
+
+* **before the LLM**, once per image span: :meth:`VisualTokenMethod.merge` receives a :class:`PreLLMContext`
+  (the projected visual embeddings of same-size spans and, if the method sets ``tower_layer``, the
+  :class:`TowerSignals` of that vision-tower layer) and returns which tokens stay, merged or selected;
+* **inside the LLM**, at each layer after which the plan has fewer visual tokens:
+  :meth:`VisualTokenMethod.importance` receives a :class:`DecoderLayerContext` (the layer's queries and keys,
+  rotary-embedded on request, its valid/visual/text rows) and scores every token.
+
+:meth:`VisualTokenMethod.plan_for` says how many visual tokens survive each of the two (a :class:`VisualPlan`);
+the adapter (``tokenprune.adapters.vlm``) does everything else: spans, per-sample top-k, real removal,
+positions, masks, cache bookkeeping, FLOPs budgets and ``generate()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+from tokenprune.config import ConfigOptions
+from tokenprune.core.sequence import compact, gather_seq
+from tokenprune.methods.base import Method
+
+
+def count(fraction: float, total: int) -> int:
+    """``fraction`` of ``total`` tokens, rounded half up, clamped to ``[0, total]``."""
+    return min(total, max(0, math.floor(fraction * total + 0.5 + 1e-9)))
+
+
+def check_fraction(name: str, value: Any, low_open: bool) -> float:
+    """``value`` as a float in ``(0, 1]`` (``low_open``) or ``[0, 1]``; raises naming the valid interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not ((0.0 < value) if low_open else (0.0 <= value)) or value > 1.0:
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+@dataclass
+class VLMReductionConfig(ConfigOptions):
+    """Options shared by the vision-language methods.
+
+    There is no ``r``/``input_size``/``trace_source``: visual token counts are read from each prompt.
+
+    Attributes:
+        flops: Instead of the method's own ratio: target LLM *prefill* FLOPs as a fraction of the unreduced
+            prefill (vision tower, projector and LM head excluded), in (0, 1]. Solved per prompt (its text and
+            visual token counts), so every sample of a batch gets the budget.
+    """
+
+    flops: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.flops is not None:
+            self.flops = check_fraction("flops (fraction of the unreduced LLM prefill FLOPs)", self.flops, True)
+
+
+@dataclass(frozen=True)
+class VisualPlan:
+    """What a method does to one prompt's visual tokens.
+
+    Attributes:
+        merge_keep: Fraction of each image's tokens left before the LLM, merged or selected (1.0: untouched).
+        fractions: One entry per LLM layer: fraction of the (pre-LLM reduced) visual tokens entering that layer.
+            ``fractions[0]`` is 1.0 (the first layer's attention is what the first pruning scores with) and
+            the entries never increase.
+    """
+
+    merge_keep: float
+    fractions: tuple[float, ...]
+
+    @classmethod
+    def identity(cls, depth: int) -> VisualPlan:
+        """Every visual token in every one of ``depth`` layers."""
+        return cls(1.0, (1.0,) * depth)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when nothing is merged or pruned."""
+        return self.merge_keep >= 1.0 and all(f >= 1.0 for f in self.fractions)
+
+    def visual_counts(self, merged: int) -> list[int]:
+        """Visual tokens entering each layer for a prompt with ``merged`` visual tokens after merging."""
+        return [count(f, merged) for f in self.fractions]
+
+
+# ----------------------------------------------------------------------------- before the LLM
+@dataclass
+class TowerSignals:
+    """What one vision-tower layer says about the visual tokens of ``S`` spans, one row per LLM token.
+
+    Computed from the layer's own queries and keys (forward hooks), never from ``output_attentions``: the
+    tower's attention stays fused. Where one LLM token stands for several patches (a patch merger, pixel
+    shuffle), its entries are the mean over those patches.
+
+    Attributes:
+        layer: Tower layer index the signals come from.
+        attention: ``(S, n)`` the attention the class token pays to each token's patches (towers with a class
+            token), or the mean attention each token's patches receive from all patches (towers without one),
+            averaged over heads.
+        keys: ``(S, n, D)`` the layer's keys, averaged over heads.
+        from_class_token: Which of the two ``attention`` is.
+    """
+
+    layer: int
+    attention: torch.Tensor
+    keys: torch.Tensor
+    from_class_token: bool
+
+
+class SpanReduction(NamedTuple):
+    """What a pre-LLM method keeps of ``S`` spans: ``K`` tokens each.
+
+    Attributes:
+        index: ``(S, K)`` ascending position in the span each kept token is stored at.
+        embeds: ``(S, K, C)`` the kept (possibly merged) embeddings.
+        size: ``(S, K)`` original tokens each kept token stands for.
+    """
+
+    index: torch.Tensor
+    embeds: torch.Tensor
+    size: torch.Tensor
+
+
+@dataclass
+class PreLLMContext:
+    """``S`` visual spans of ``n`` tokens each (images, frames or crops of one size) about to enter the LLM.
+
+    Attributes:
+        embeds: ``(S, n, C)`` projected visual embeddings (what the LLM would read).
+        keep: Tokens every span keeps.
+        tower: Signals of the vision-tower layer the method asked for (``tower_layer``); None otherwise.
+    """
+
+    embeds: torch.Tensor
+    keep: int
+    tower: TowerSignals | None = None
+
+    def select(self, scores: torch.Tensor) -> SpanReduction:
+        """Keep the ``keep`` highest ``scores`` ``(S, n)`` of every span, in spatial order, unmerged."""
+        index = scores.topk(self.keep, dim=1).indices.sort(dim=1).values  # (S, K)
+        embeds = self.embeds.gather(1, index[..., None].expand(-1, -1, self.embeds.shape[-1]))
+        return SpanReduction(index, embeds, torch.ones_like(index, dtype=self.embeds.dtype))
+
+
+# ----------------------------------------------------------------------------- inside the LLM
+@dataclass
+class DecoderLayerContext:
+    """One pruning layer's view for a :class:`VisualTokenMethod`. Shapes: ``B`` samples, ``N`` current tokens.
+
+    Attributes:
+        layer: Layer index.
+        queries: ``(B, H, N, D)`` the layer's queries before the rotary embedding (after q-norm, if it has one).
+        keys: ``(B, Hkv, N, D)`` its keys before the rotary embedding (after k-norm, if it has one).
+        position_embeddings: The ``(cos, sin)`` the layer used.
+        valid: ``(B, N)`` real tokens (False: padding / fill).
+        visual: ``(B, N)`` visual tokens.
+        rope: The model's ``apply_rotary_pos_emb(q, k, cos, sin)``.
+        scale: Softmax scale of the attention.
+        structural: ``(B, N)`` image-layout tokens (kept like text, never query rows), or None.
+        scored_rows: Query rows :meth:`attention_rows` scored (for FLOPs bookkeeping).
+    """
+
+    layer: int
+    queries: torch.Tensor
+    keys: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    valid: torch.Tensor
+    visual: torch.Tensor
+    rope: Callable
+    scale: float
+    structural: torch.Tensor | None = None
+    scored_rows: int = field(default=0)
+
+    @property
+    def num_heads(self) -> int:
+        return self.queries.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.queries.shape[-1]
+
+    def last_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, row_valid)`` ``(B, 1)``: the last real token of every sample (the one that decodes next)."""
+        positions = torch.arange(self.valid.shape[1], device=self.valid.device)
+        rows = torch.where(self.valid, positions, -1).amax(dim=1, keepdim=True).clamp(min=0)
+        return rows, self.valid.any(dim=1, keepdim=True)
+
+    def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, row_valid)`` ``(B, T)``: real text tokens after a sample's first visual token."""
+        after_image = self.visual.long().cumsum(dim=1) > 0
+        text = self.valid & ~self.visual & after_image
+        return compact(text if self.structural is None else text & ~self.structural)
+
+    def rotated_queries(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(B, H, T, D)`` the queries of ``rows`` ``(B, T)`` after the rotary embedding (as attention uses them)."""
+        batch, t = rows.shape
+        heads, dim = self.num_heads, self.head_dim
+        cos, sin = self.position_embeddings
+        q = self.queries.gather(2, rows[:, None, :, None].expand(batch, heads, t, dim))  # (B, H, T, D)
+        return self.rope(q, q, gather_seq(cos, rows), gather_seq(sin, rows))[0]
+
+    def rotated_keys(self) -> torch.Tensor:
+        """``(B, Hkv, N, D)`` every key after the rotary embedding."""
+        cos, sin = self.position_embeddings
+        return self.rope(self.keys, self.keys, cos, sin)[0]
+
+    def attention_rows(self, rows: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities of the query ``rows`` ``(B, T)`` over all current tokens, head-averaged.
+
+        The layer's causal, padding-aware softmax, recomputed for these rows only in float32 from its own
+        (rotary-embedded) queries and keys. Rows with ``row_valid`` False are zero.
+
+        Returns:
+            ``(B, T, N)``.
+        """
+        batch, n = self.valid.shape
+        t, heads, kv_heads, dim = rows.shape[1], self.num_heads, self.num_kv_heads, self.head_dim
+        self.scored_rows = max(self.scored_rows, t)
+        q = self.rotated_queries(rows).float().view(batch, kv_heads, heads // kv_heads, t, dim)
+        k = self.rotated_keys().float().transpose(-1, -2)  # (B, Hkv, D, N)
+        positions = torch.arange(n, device=rows.device)
+        allowed = self.valid[:, None, :] & (positions[None, None, :] <= rows[:, :, None])  # (B, T, N)
+        probs = torch.zeros(batch, t, n, device=rows.device)
+        for group in range(kv_heads):  # one key/value head at a time bounds memory to (B, G, T, N)
+            logits = (q[:, group] @ k[:, group, None]) * self.scale  # (B, G, T, N)
+            probs += logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).sum(dim=1)
+        probs /= heads
+        return torch.where((row_valid & allowed.any(dim=-1))[..., None], probs, torch.zeros((), device=rows.device))
+
+
+# ----------------------------------------------------------------------------- the method
+class VisualTokenMethod(Method):
+    """Base class of methods that reduce the visual tokens of a vision-language model.
+
+    Subclasses implement :meth:`plan_for` and, if they prune inside the LLM, :meth:`importance`; if they act
+    before the LLM, :meth:`merge` (and :meth:`merge_flops`). The adapter calls them; it never lets a method touch
+    masks, positions or caches.
+    """
+
+    kinds: ClassVar[frozenset[str]] = frozenset({"vlm"})
+    #: Which query rows :meth:`importance` reads (for FLOPs accounting): ``"last"`` or ``"text"``.
+    query_rows: ClassVar[str] = "last"
+    #: The free parameter a FLOPs budget is solved for (a config field name).
+    budget_parameter: ClassVar[str] = ""
+    #: Vision-tower layer whose :class:`TowerSignals` :meth:`merge` reads (e.g. -2, the penultimate); None: none.
+    tower_layer: ClassVar[int | None] = None
+
+    def plan_for(self, depth: int, value: float | None = None) -> VisualPlan:
+        """The plan for an LLM of ``depth`` layers; ``value`` overrides :attr:`budget_parameter`."""
+        raise NotImplementedError
+
+    def validate(self, depth: int) -> None:
+        """Raise if the config cannot work with an LLM of ``depth`` layers."""
+
+    def check_model(self, adapter: Any) -> None:
+        self.validate(adapter.depth)
+
+    def candidates(self, visual: int) -> list[float]:
+        """Values of :attr:`budget_parameter` a FLOPs budget may pick for a prompt with ``visual`` tokens."""
+        return [c / visual for c in range(visual + 1)] if visual else [1.0]
+
+    def merged_count(self, tokens: int, merge_keep: float) -> int:
+        """Tokens one image of ``tokens`` visual tokens keeps before the LLM (at least one if it reduces)."""
+        return tokens if merge_keep >= 1.0 else max(1, count(merge_keep, tokens))
+
+    def merge_flops(self, tokens: int, keep: int, channels: int) -> float:
+        """Matmul FLOPs (2 x MAC) of :meth:`merge` on one image of ``tokens`` down to ``keep`` tokens."""
+        return 0.0
+
+    def merge(self, ctx: PreLLMContext) -> SpanReduction:
+        """Reduce each of the ``S`` spans of ``ctx.embeds`` ``(S, n, C)`` to ``ctx.keep`` tokens."""
+        raise NotImplementedError(f"method {self.name!r} does not reduce visual tokens before the LLM")
+
+    def importance(self, ctx: DecoderLayerContext) -> torch.Tensor:
+        """``(B, N)`` importance of every current token at a pruning layer (only visual entries are used)."""
+        raise NotImplementedError(f"method {self.name!r} does not prune inside the LLM")
+
+    def max_removable(self, reducible: int) -> int:
+        return reducible
+
+    def reduce(self, x, state, r, ctx):  # pragma: no cover - the ViT interface is not used by VLM adapters
+        raise TypeError(f"method {self.name!r} reduces visual tokens of a vision-language model only")
+
+    def solve_budget(self, fraction: float, depth: int, visual: int, cost: Callable[[VisualPlan], float]) -> VisualPlan:
+        """The plan whose ``cost`` is closest to ``fraction`` of the unreduced cost (ties: fewer removed).
+
+        ``cost`` grows with the budget parameter, so the candidates are bisected.
+
+        Raises:
+            ValueError: The budget is below what the method reaches.
+        """
+        values = self.candidates(visual)
+        identity = VisualPlan.identity(depth)
+        full = cost(identity)
+        if fraction >= 1.0 or full <= 0:
+            return identity
+
+        def relative(i: int) -> float:
+            return cost(self.plan_for(depth, values[i])) / full
+
+        floor = relative(0)
+        if floor > fraction + 1e-12:
+            raise ValueError(
+                f"flops budget {fraction} is below what {self.name!r} reaches on this prompt "
+                f"({visual} visual tokens; lowest: {floor:.3f}); valid budgets are in [{floor:.3f}, 1]"
+            )
+        low, high = 0, len(values) - 1  # relative(low) <= fraction < relative(high) (or high is the top)
+        while high - low > 1:
+            mid = (low + high) // 2
+            if relative(mid) <= fraction:
+                low = mid
+            else:
+                high = mid
+        best = min((low, high), key=lambda i: (abs(relative(i) - fraction), -i))
+        return self.plan_for(depth, values[best])
