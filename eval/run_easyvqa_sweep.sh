@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Accuracy vs LLM prefill FLOPs of llava-easyvqa (the shipped checkpoint) on the easy-VQA test split.
-#   pip install -e '.[vqa]' && bash eval/run_easyvqa_sweep.sh      (CPU, 1 thread; ~1 min per setting)
+#   pip install -e '.[zoo,eval,vqa]' && bash eval/run_easyvqa_sweep.sh      (CPU, 1 thread; ~1 min per setting)
 # Writes eval/results/easyvqa_sweep/: one JSON per setting, sweep.json, table.md, pareto.png; then the unpruned
 # accuracy on the whole test split (none_full_test.json). LIMIT / BUDGETS / METHODS override the defaults;
 # reruns keep finished settings (--resume). fastv/random keep every visual token in layers 0-1 (FastV's K = 2),
