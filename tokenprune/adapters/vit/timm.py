@@ -5,7 +5,7 @@ that reduce, runs the block's own submodules around the reduction (attention res
 residual), so LayerScale, drop-path, qk-norm and fused SDPA are whatever the block has. Keys/queries come
 from forward hooks on ``attn.q_norm``/``attn.k_norm`` (identities when qk-norm is off), so attention
 stays fused. Proportional attention is an additive float ``attn_mask`` of ``log(size)``. The wrapper flow
-is shared with the Hugging Face adapters (:mod:`tokenprune.adapters.reducing`).
+is shared with the Hugging Face adapters (:mod:`tokenprune.adapters.vit.reducing`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.base import Adapter, linear_macs
-from tokenprune.adapters.reducing import (
+from tokenprune.adapters.vit.reducing import (
     PreNormParts,
     QKCapture,
     ReducingLayer,
