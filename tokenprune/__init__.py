@@ -1,4 +1,4 @@
-"""tokenprune: one-call token merging and pruning for Vision Transformers, with exact undo.
+"""tokenprune: one-call token merging and pruning for Vision Transformers and vision-language models, exact undo.
 
 >>> patch = tokenprune.apply(model, "tome", r=8)   # or flops=0.5
 >>> logits = model(images)
@@ -9,18 +9,39 @@
 from tokenprune import adapters as _adapters  # noqa: F401  (registers adapters)
 from tokenprune import methods as _methods  # noqa: F401  (registers methods)
 from tokenprune.api import Patch, apply, disabled, get_patch
+from tokenprune.config import ReductionConfig
 from tokenprune.measure.flops import FlopsReport, count_flops
-from tokenprune.registry import methods, register_adapter, register_method
+from tokenprune.methods.base import LayerContext, Method
+from tokenprune.methods.vlm import (
+    DecoderLayerContext,
+    PreLLMContext,
+    SpanReduction,
+    TowerSignals,
+    VisualPlan,
+    VisualTokenMethod,
+    VLMReductionConfig,
+)
+from tokenprune.registry import methods, register_adapter, register_method, unregister_method
 from tokenprune.state import LayerLog, TokenState
 from tokenprune.zoo import available_models, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecoderLayerContext",
     "FlopsReport",
+    "LayerContext",
     "LayerLog",
+    "Method",
     "Patch",
+    "PreLLMContext",
+    "ReductionConfig",
+    "SpanReduction",
     "TokenState",
+    "TowerSignals",
+    "VLMReductionConfig",
+    "VisualPlan",
+    "VisualTokenMethod",
     "apply",
     "available_models",
     "count_flops",
@@ -30,4 +51,5 @@ __all__ = [
     "methods",
     "register_adapter",
     "register_method",
+    "unregister_method",
 ]

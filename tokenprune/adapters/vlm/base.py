@@ -64,6 +64,8 @@ class VLMAdapter(Adapter):
     decoder: ClassVar[DecoderSpec] = DecoderSpec()
     #: The layout this family expects, for messages.
     layout: ClassVar[str] = "transformers 5.x"
+    #: Whether :meth:`tower_tokens` maps vision-tower signals onto LLM tokens (pre-LLM methods with tower_layer).
+    tower_signals: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -135,12 +137,12 @@ class VLMAdapter(Adapter):
         """Vision FLOPs per image in analytic tables of a prompt given without its inputs (0 where sizes vary)."""
         return self.vision_flops()
 
-    def tower_tokens(self, signal: torch.Tensor) -> torch.Tensor | None:
+    def tower_tokens(self, signal: torch.Tensor) -> torch.Tensor:
         """Map a per-patch signal ``(I, P, ...)`` of the tower's images to ``(I, n, ...)`` per LLM token.
 
-        None (the default): this family does not expose tower signals yet.
+        Families that implement it set :attr:`tower_signals`.
         """
-        return None
+        raise NotImplementedError
 
     # ----------------------------------------------------------------- what apply() asks
     def num_tokens(self, input_size: tuple[int, int] | None = None) -> int:
@@ -242,8 +244,7 @@ class VLMAdapter(Adapter):
 
     # ----------------------------------------------------------------- vision-tower signals
     def _check_tower(self, method: Any) -> None:
-        probe = self.tower_tokens(torch.zeros(1, self._tower_patches()))
-        if probe is None:
+        if not self.tower_signals:
             raise NotImplementedError(
                 f"method {method.name!r} reads vision-tower signals (tower_layer={method.tower_layer}); "
                 f"{type(self.model).__name__} does not expose them yet"
@@ -254,11 +255,6 @@ class VLMAdapter(Adapter):
                 f"method {method.name!r}: tower_layer={method.tower_layer} is out of range for a vision tower of "
                 f"{len(layers)} layers (valid: {-len(layers)} .. {len(layers) - 1})"
             )
-
-    def _tower_patches(self) -> int:
-        """Tokens of one image in the tower: patches plus a class token if it has one."""
-        config = self.vision_tower.config
-        return (config.image_size // config.patch_size) ** 2 + int(self._tower_has_class_token())
 
     def _tower_has_class_token(self) -> bool:
         embeddings = getattr(self.vision_tower, "vision_model", self.vision_tower).embeddings
@@ -275,7 +271,7 @@ class VLMAdapter(Adapter):
         attention = patch_attention(queries, keys, has_class)  # (I, P)
         per_token = self.tower_tokens(attention)  # (I, n)
         per_token_keys = self.tower_tokens(keys.mean(dim=1))  # (I, n, D)
-        if per_token is None or per_token.numel() != int(visual.sum()):
+        if per_token.numel() != int(visual.sum()):
             return None  # the placeholders do not match the tower's images (HF raises on such a call itself)
         batch, length = visual.shape
         attention_seq = torch.zeros(batch, length, dtype=per_token.dtype, device=visual.device)

@@ -38,6 +38,7 @@ class Idefics3Adapter(VLMAdapter):
     """``Idefics3ForConditionalGeneration`` / ``SmolVLMForConditionalGeneration``: sub-images, pixel shuffle."""
 
     description = "transformers Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration"
+    tower_signals = True
     layout = "transformers 5.x Idefics3/SmolVLM"
 
     def parts(self) -> VLMParts:

@@ -21,6 +21,7 @@ class LlavaAdapter(VLMAdapter):
     """``LlavaForConditionalGeneration`` with a Llama/Qwen2/Mistral-layout text model."""
 
     description = "transformers LlavaForConditionalGeneration"
+    tower_signals = True
     layout = "Llama/Qwen2/Mistral, transformers 5.x"
 
     def parts(self) -> VLMParts:

@@ -1,0 +1,202 @@
+"""The README's "Write your own method" code, run exactly as written, and the vision-tower signals contract.
+
+The custom VLM method (defined outside the package with the public base classes) must work on every VLM family of
+the test matrix with no adapter change; the custom ViT method on the ViT model forms. Tower signals (what a
+pre-LLM method reads with ``tower_layer``) must equal what the tower's own eager attention map says.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import tokenprune
+from tests.helpers.vlm_families import FAMILIES, families
+from tokenprune.adapters.vlm.flops import tower_layers
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(label: str) -> str:
+    """The fenced Python block that follows ``<!-- test: {label} -->`` in the README."""
+    match = re.search(rf"<!-- test: {re.escape(label)} -->\n```python\n(.*?)```", README.read_text(), re.DOTALL)
+    assert match, f"README has no block labelled {label!r}"
+    return match.group(1)
+
+
+@pytest.fixture
+def registered():
+    """Run a README block (it registers a method); unregister what it added afterwards."""
+    before = set(tokenprune.methods())
+
+    def run(label: str) -> dict:
+        namespace: dict = {}
+        exec(compile(readme_block(label), f"README:{label}", "exec"), namespace)  # noqa: S102 - our own README
+        return namespace
+
+    yield run
+    for name in set(tokenprune.methods()) - before:
+        tokenprune.unregister_method(name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_readme_vlm_method_works_on_every_family(family, registered):
+    registered("custom VLM method")
+    assert "keep_by_norm" in tokenprune.methods(kind="vlm") and "keep_by_norm" not in tokenprune.methods(kind="vit")
+    case = families()[family]
+    model, inputs = case.build(), case.inputs(["a"])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        patch = tokenprune.apply(model, "keep_by_norm", **tokenprune.registry.get_method("keep_by_norm").identity)
+        assert torch.equal(model(**inputs).logits, expected) and not patch.state.reduced
+        patch.remove()
+
+        patch = tokenprune.apply(model, "keep_by_norm", keep=0.5)
+        reduced = model(**inputs).logits
+        spans = patch.state.spans[0]
+        kept = int(patch.state.visual_in[0][0])
+        assert kept == sum(max(1, (n + 1) // 2) for n in spans) < sum(spans)  # half of every span, before the LLM
+        assert reduced.shape[1] == expected.shape[1] - (sum(spans) - kept)
+        tokens = case.greedy(model, inputs)  # decoding on the compact cache
+        assert tokens.shape[1] == inputs["input_ids"].shape[1] + case.steps
+
+        names = list(case.batches[0])  # a padded batch, and a prompt without any image
+        model(**case.inputs(names, "left"))
+        assert [int(v) for v in patch.state.visual_in[0]] == [
+            sum(max(1, (n + 1) // 2) for n in spans) for spans in patch.state.spans
+        ]
+        text = model(**case.inputs(["text"])).logits
+        assert text.shape[1] == len(case.samples["text"]) and not patch.state.reduced
+        patch.remove()
+
+        patch = tokenprune.apply(model, "keep_by_norm", flops=0.6)  # solved per prompt, as for the built-ins
+        model(**inputs)
+        full = patch.adapter.llm_flops.prefill(patch.state.text[0], [sum(patch.state.spans[0])] * case.depth, 1)
+        got = sum(row["flops"] for row in patch.adapter.flops_for(patch.state)["layers"])
+        assert abs(got / full - 0.6) < 0.05
+        patch.remove()
+        assert torch.equal(model(**inputs).logits, expected)
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"class_token": True},
+        {"class_token": False, "global_pool": "avg"},
+        {"reg_tokens": 2, "init_values": 1e-5},
+    ],
+    ids=["cls", "no-cls", "registers-layerscale"],
+)
+def test_readme_vit_method_works_on_vit_forms(form, registered):
+    registered("custom ViT method")
+    assert "drop_low_norm" in tokenprune.methods(kind="vit")
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5, **form)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        patch = tokenprune.apply(model, "drop_low_norm", r=0)
+        assert torch.equal(model(x), expected)
+        patch.remove()
+        patch = tokenprune.apply(model, "drop_low_norm", r=2)
+        out = model(x)
+        assert out.shape == expected.shape
+        assert [(e.tokens_in - e.tokens_out) for e in patch.state.log] == [2, 2, 2]
+        index = patch.state.index  # (B, N0 - 6): pruned, not merged, so each kept token stands for itself
+        assert index.shape[1] == patch.state.num_original - 6
+        assert torch.equal(patch.state.size, torch.ones(2, index.shape[1], 1))
+        assert bool((index[:, 1:] > index[:, :-1]).all())  # kept positions valid and sorted
+        alone = torch.cat([model(x[i : i + 1]) for i in range(2)])
+        torch.testing.assert_close(out, alone, rtol=0, atol=1e-5)
+        patch.remove()
+        patch = tokenprune.apply(model, "drop_low_norm", flops=0.6)
+        assert sum(patch.schedule) > 0
+        patch.remove()
+        assert torch.equal(model(x), expected)
+
+
+# ----------------------------------------------------------------------------- vision-tower signals
+class _Recorder(tokenprune.VisualTokenMethod):
+    """Keeps half of each span by tower attention and records every context it received."""
+
+    name = "tower_recorder"
+    identity = {"keep": 1.0}
+    example = {"keep": 0.5}
+    tower_layer = -2
+    seen: list = []
+
+    def plan_for(self, depth, value=None):
+        return tokenprune.VisualPlan(self.config.keep if value is None else value, (1.0,) * depth)
+
+    def merge(self, ctx):
+        type(self).seen.append(ctx)
+        return ctx.select(ctx.tower.attention)
+
+
+@pytest.fixture
+def recorder():
+    from dataclasses import dataclass
+
+    @dataclass
+    class RecorderConfig(tokenprune.VLMReductionConfig):
+        keep: float = 0.5
+
+    _Recorder.seen = []
+    tokenprune.register_method("tower_recorder", RecorderConfig, _Recorder)
+    yield _Recorder
+    tokenprune.unregister_method("tower_recorder")
+
+
+def _eager_attention(tower: torch.nn.Module, call: tuple, layer: int) -> torch.Tensor:
+    """``(I, H, P, P)`` attention map of ``layer`` of the tower rerun on its recorded call, eager attention."""
+    args, kwargs = call
+    tower.set_attn_implementation("eager")
+    try:
+        out = tower(*args, **{**kwargs, "output_attentions": True})
+    finally:
+        tower.set_attn_implementation("sdpa")
+    return out.attentions[layer]
+
+
+@pytest.mark.parametrize("family", ["llava-llama", "idefics3"])
+def test_tower_signals_equal_the_towers_own_attention(family, recorder):
+    case = families()[family]
+    model, inputs = case.build(), case.inputs(["a"])
+    tower = model.model.vision_tower if family.startswith("llava") else model.model.vision_model
+    calls = []
+    handle = tower.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
+    with torch.no_grad():
+        patch = tokenprune.apply(model, "tower_recorder", keep=0.5)
+        model(**inputs)
+        handle.remove()
+        layer = len(tower_layers(tower)) - 2
+        attention = _eager_attention(tower, calls[0], layer).float()  # (I, H, P, P)
+    (ctx,) = recorder.seen  # one group: every span of this prompt has the same size
+    signals = ctx.tower
+    assert signals.layer == layer and signals.attention.shape == ctx.embeds.shape[:2]
+    if family.startswith("llava"):  # CLIP: the class token's row; LLaVA's "default" strategy drops the class token
+        assert signals.from_class_token
+        reference = attention[:, :, 0].mean(dim=1)[:, 1:]  # (I, 16)
+    else:  # SigLIP-style tower, no class token: mean attention received, then the pixel shuffle's 2 x 2 blocks
+        assert not signals.from_class_token
+        received = attention.mean(dim=(1, 2)).view(-1, 8, 8)  # (I, 8, 8) patches
+        reference = torch.stack(
+            [received[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean(dim=(1, 2)) for i in range(4) for j in range(4)],
+            dim=1,
+        )  # (I, 16) in row-major order of the shuffled grid
+    torch.testing.assert_close(signals.attention, reference, rtol=0, atol=1e-5)
+    assert signals.keys.shape == (*ctx.embeds.shape[:2], tower.config.hidden_size // tower.config.num_attention_heads)
+    assert patch.state.visual_in[0][0] == sum((n + 1) // 2 for n in patch.state.spans[0])
+    patch.remove()
+
+
+@pytest.mark.parametrize("family", ["llava-onevision", "qwen2-vl"])
+def test_tower_signals_refused_where_a_family_does_not_map_them(family, recorder):
+    model = families()[family].build()
+    with pytest.raises(NotImplementedError, match="does not expose them yet"):
+        tokenprune.apply(model, "tower_recorder", keep=0.5)
