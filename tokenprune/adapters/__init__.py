@@ -1,7 +1,7 @@
 """Model-family adapters; importing this package registers them.
 
 The Hugging Face adapters (``hf_*``) never import transformers themselves: they match models only once
-transformers is loaded (see ``vit.hf_encoder.hf_classes``).
+transformers is loaded (see ``base.hf_classes``).
 """
 
 from tokenprune.adapters import vlm  # noqa: F401

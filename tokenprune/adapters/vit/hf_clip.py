@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from tokenprune.adapters.base import linear_macs
-from tokenprune.adapters.vit.hf_encoder import HFEncoderAdapter, HFLayerSpec, hf_classes
+from tokenprune.adapters.base import hf_classes, linear_macs
+from tokenprune.adapters.vit.hf_encoder import HFEncoderAdapter, HFLayerSpec
 from tokenprune.adapters.vit.reducing import PreNormParts
 from tokenprune.registry import register_adapter
 

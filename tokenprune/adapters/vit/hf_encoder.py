@@ -30,8 +30,6 @@ What changes for callers once tokens are removed:
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -137,22 +135,6 @@ class HFReducingLayer(ReducingLayer):
                 "image placeholders: patch.remove() and apply a vision-language method to the VLM itself "
                 "(where tokenprune has an adapter for it), or run that call inside tokenprune.disabled(model)."
             )
-
-
-def hf_classes(*names: str) -> Callable[[Any], bool]:
-    """Predicate: ``model`` is an instance of one of the named ``transformers`` classes.
-
-    Never imports transformers itself: if it is not loaded, no model can be one of its classes.
-    """
-
-    def predicate(model: Any) -> bool:
-        module = sys.modules.get("transformers")
-        if module is None or not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
-            return False  # cheap exit: no lazy transformers import for timm or other models
-        classes = tuple(getattr(module, name) for name in names if hasattr(module, name))
-        return bool(classes) and isinstance(model, classes)
-
-    return predicate
 
 
 class HFEncoderAdapter(Adapter):

@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from tokenprune.adapters.base import linear_macs
+from tokenprune.adapters.base import hf_classes, linear_macs
 from tokenprune.adapters.vit.hf_clip import CLIP_STYLE_SPEC
-from tokenprune.adapters.vit.hf_encoder import HFEncoderAdapter, hf_classes
+from tokenprune.adapters.vit.hf_encoder import HFEncoderAdapter
 from tokenprune.registry import register_adapter
 
 
