@@ -152,15 +152,12 @@ def _count_flops_keyword(model: nn.Module, inputs: Mapping[str, Any]) -> FlopsRe
         adapter = patch.adapter if patch is not None else registry.find_adapter(model)(model)
     except TypeError:
         return report
-    if batch != 1 or not hasattr(adapter, "flops_for"):
+    if batch != 1 or adapter.kind != "vlm":
         return report  # per-sample token counts differ in a batch: measured only
     if patch is not None and patch.runtime.enabled:
         table = adapter.flops_for(patch.state, 0)
-    elif hasattr(adapter, "flops_for_inputs"):  # the adapter reads image counts/sizes from the inputs
+    else:  # unreduced: the adapter reads image counts and sizes from the inputs
         table = adapter.flops_for_inputs(inputs)
-    else:
-        num_images = int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else 0
-        table = adapter.analytic_flops(int(inputs["input_ids"].shape[1]), [0] * adapter.depth, num_images=num_images)
     report.analytic, report.layers = table["total"], table["layers"]
     report.embed, report.head = table["embed"], table["head"]
     return report

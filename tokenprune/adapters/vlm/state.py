@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,4 +147,4 @@ class VisualInputs:
     visual: torch.Tensor
     segments: torch.Tensor
     structural: torch.Tensor | None = None
-    tower: Any = None
+    tower: Callable[[], TowerSequence | None] | None = None
