@@ -1,0 +1,1 @@
+"""Shared test cases: the tiny VLM families and ViT model forms the matrix suites run every method on."""

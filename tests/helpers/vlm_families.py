@@ -1,0 +1,445 @@
+"""One case per vision-language family: how to build its tiny random-weight model and its inputs.
+
+Every model is built from a config (nothing is downloaded): a small vision tower, and a text model of hidden 64,
+4 layers, GQA 4/2 heads, vocab 200, with a larger-than-default init (peaky attention: rankings far from ties).
+A case names its prompts (``samples``): ``"a"`` and ``"b"`` hold images of different layouts or sizes,
+``"text"`` none; families with video add ``"video"`` (a video alone) and ``"mixed"`` (an image and a video).
+``case.inputs(names, side)`` builds the keyword inputs of one prompt (``len(names) == 1``: unpadded, as a user
+calls it) or of a padded batch. A new family is one entry here: a subclass of :class:`VLMCase` in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import transformers as hf
+
+PAD = 0
+DEPTH = 4
+TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": DEPTH,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 200,
+    "initializer_range": 0.1,
+}
+
+
+def padded(prompts: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``(B, L)``: ``prompts`` padded with PAD on ``side``."""
+    width = max(map(len, prompts))
+    ids, mask = [], []
+    for p in prompts:
+        pad = [PAD] * (width - len(p))
+        ids.append(pad + p if side == "left" else p + pad)
+        mask.append([0] * len(pad) + [1] * len(p) if side == "left" else [1] * len(p) + [0] * len(pad))
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+@dataclass
+class VLMCase:
+    """A family's tiny model and prompts (subclasses fill in the class attributes and the three hooks).
+
+    Attributes:
+        name: Test id.
+        samples: Prompt token ids by sample name (``"a"``, ``"b"``, ``"text"``, optionally ``"video"``/``"mixed"``).
+        visual_ids: Placeholder ids of visual tokens (image and video).
+        steps: Greedy decode steps of the shared generate checks.
+        options: apply() options the family needs, given to every method whose config has that field.
+        batches: Pairs of samples run as a padded batch (the first pair: two image prompts).
+        beams: Beam widths of the batched-generate check.
+    """
+
+    name: str
+    samples: dict[str, list[int]] = field(default_factory=dict)
+    visual_ids: tuple[int, ...] = ()
+    steps: int = 3
+    options: dict[str, Any] = field(default_factory=dict)
+    batches: tuple[tuple[str, str], ...] = (("a", "b"),)
+    beams: tuple[int, ...] = (1,)
+    _built: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
+    depth: ClassVar[int] = DEPTH
+
+    # ------------------------------------------------------------------ hooks a family implements
+    def _build(self, attn: str) -> torch.nn.Module:
+        """A new eval-mode model with the given attention implementation (seeded: the same weights each time)."""
+        raise NotImplementedError
+
+    def inputs(self, names: list[str], side: str = "left") -> dict:
+        """Keyword inputs of the samples ``names``: one unpadded prompt, or a batch padded on ``side``."""
+        raise NotImplementedError
+
+    def greedy(self, model: torch.nn.Module, inputs: dict, steps: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """Greedy ``generate()`` tokens ``(B, L + steps)``."""
+        inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
+        return model.generate(**inputs, max_new_tokens=steps or self.steps, do_sample=False, **kwargs)
+
+    # ------------------------------------------------------------------ shared
+    def build(self, attn: str = "sdpa") -> torch.nn.Module:
+        """A fresh copy of the family's model (built once per attention implementation, then deep-copied)."""
+        if attn not in self._built:
+            torch.manual_seed(0)
+            model = self._build(attn).eval()
+            model.set_attn_implementation(attn)
+            self._built[attn] = model
+        return copy.deepcopy(self._built[attn])
+
+    def options_for(self, config_cls: type, options: dict) -> dict:
+        """``options`` plus the family's own options the method's config declares."""
+        fields = set(config_cls.field_names())
+        return {**{k: v for k, v in self.options.items() if k in fields}, **options}
+
+    def lengths(self, names: list[str]) -> list[int]:
+        return [len(self.samples[n]) for n in names]
+
+    def has_visual(self, name: str) -> bool:
+        return any(t in self.visual_ids for t in self.samples[name])
+
+
+# ----------------------------------------------------------------------------- LLaVA
+LLAVA_IMAGE, LLAVA_TOKENS, LLAVA_ID = 32, 16, 199
+
+
+def llava_prompt(before: list[int], after: list[int], images: int = 1) -> list[int]:
+    """Token ids: ``before`` text, ``images`` image placeholder runs separated by token 3, ``after`` text."""
+    ids = list(before)
+    for i in range(images):
+        ids += ([3] if i else []) + [LLAVA_ID] * LLAVA_TOKENS
+    return ids + list(after)
+
+
+def llava_pixels(n: int, seed: int = 1) -> torch.Tensor:
+    """``(n, 3, 32, 32)`` random images."""
+    return torch.randn(n, 3, LLAVA_IMAGE, LLAVA_IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def build_llava(text: str = "llama", attn: str = "sdpa") -> hf.LlavaForConditionalGeneration:
+    """A tiny LLaVA (CLIP 32px / patch 8: 16 visual tokens per image) on a Llama or Qwen2 text model."""
+    torch.manual_seed(0)
+    vision = hf.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=LLAVA_IMAGE,
+        patch_size=8,
+    )
+    text_cls = {"llama": hf.LlamaConfig, "qwen2": hf.Qwen2Config}[text]
+    config = hf.LlavaConfig(
+        vision_config=vision,
+        text_config=text_cls(**TEXT, max_position_embeddings=256),
+        image_token_id=LLAVA_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=PAD,
+    )
+    model = hf.LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+@dataclass
+class LlavaCase(VLMCase):
+    """LLaVA; one image per image prompt (the batch's images in sample order)."""
+
+    text: str = "llama"
+
+    def _build(self, attn: str) -> torch.nn.Module:
+        return build_llava(self.text, attn)
+
+    def inputs(self, names: list[str], side: str = "left") -> dict:
+        images = llava_pixels(2)  # sample "a" has the first, "b" the second
+        pictures = [images["ab".index(n)][None] for n in names if self.has_visual(n)]
+        prompts = [self.samples[n] for n in names]
+        if len(names) == 1:
+            out = {"input_ids": torch.tensor(prompts)}
+        else:
+            ids, mask = padded(prompts, side)
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate() numbers them
+            out = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        if pictures:
+            out["pixel_values"] = torch.cat(pictures)
+        return out
+
+
+def llava_samples() -> dict[str, list[int]]:
+    return {
+        "a": llava_prompt([1, 5, 6], [7, 8, 9, 10]),
+        "b": llava_prompt([1, 11], [12, 13, 14, 15, 16, 17]),
+        "text": [1, 5, 6, 7, 8, 9, 10],
+    }
+
+
+# ----------------------------------------------------------------------------- LLaVA-OneVision
+OV_IMAGE, OV_VIDEO, OV_CROP = 199, 198, 32
+OV_WIDE, OV_SQUARE, OV_SMALL = (40, 70), (64, 64), (30, 30)
+#: Placeholders per image size: base 16 + high-res rows (+ one newline each); see test_hf_llava_onevision.
+OV_PLACEHOLDERS = {OV_WIDE: 52, OV_SQUARE: 88, OV_SMALL: 36}
+
+
+def ov_images(sizes: list[tuple[int, int]], seed: int = 1) -> dict:
+    """``pixel_values`` ``(I, 5, 3, 32, 32)`` (crops padded to 5) and ``image_sizes`` ``(I, 2)``."""
+    pixels = torch.randn(len(sizes), 5, 3, OV_CROP, OV_CROP, generator=torch.Generator().manual_seed(seed))
+    return {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
+
+
+def build_onevision(attn: str = "sdpa") -> hf.LlavaOnevisionForConditionalGeneration:
+    """A tiny LLaVA-OneVision (SigLIP 32px / patch 8: 16 tokens per crop; anyres pinpoints 32x64, 64x32, 64x64)."""
+    torch.manual_seed(0)
+    vision = hf.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=OV_CROP,
+        patch_size=8,
+        vision_use_head=False,
+    )
+    config = hf.LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=hf.Qwen2Config(**TEXT, max_position_embeddings=512),
+        image_token_index=OV_IMAGE,
+        video_token_index=OV_VIDEO,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        vision_feature_layer=-1,
+        pad_token_id=PAD,
+    )
+    model = hf.LlavaOnevisionForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+@dataclass
+class OneVisionCase(VLMCase):
+    """LLaVA-OneVision: ``"a"`` a wide image (52 placeholders, 4 newlines), ``"b"`` a square one (88, 8)."""
+
+    sizes: tuple[tuple[int, int], ...] = (OV_WIDE, OV_SQUARE)
+
+    def _build(self, attn: str) -> torch.nn.Module:
+        return build_onevision(attn)
+
+    def inputs(self, names: list[str], side: str = "left") -> dict:
+        images = ov_images(list(self.sizes))
+        chosen = [("a", "b").index(n) for n in names if self.has_visual(n)]
+        prompts = [self.samples[n] for n in names]
+        if len(names) == 1:
+            out = {"input_ids": torch.tensor(prompts)}
+        else:
+            ids, mask = padded(prompts, side)
+            out = {"input_ids": ids, "attention_mask": mask}
+        if chosen:
+            out |= {key: value[chosen] for key, value in images.items()}
+        return out
+
+
+def ov_samples() -> dict[str, list[int]]:
+    return {
+        "a": [1, 5, 6] + [OV_IMAGE] * OV_PLACEHOLDERS[OV_WIDE] + [7, 8, 9],
+        "b": [1, 11] + [OV_IMAGE] * OV_PLACEHOLDERS[OV_SQUARE] + [12, 13, 14, 15, 16, 17],
+        "text": [1, 5, 6, 7, 8, 9],
+    }
+
+
+# ----------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 199, 198, 197, 196
+QWEN_PATCH_DIM = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch
+QWEN_SECONDS = 2.0  # Qwen2.5-VL: seconds per temporal grid step (x tokens_per_second 4: 8 positions apart)
+
+
+def qwen_prompt(
+    before: list[int], after: list[int], grids: list[tuple[int, int, int]], tokens: list[int] | None = None
+) -> list[int]:
+    """Text, then one image per grid (``tokens``: the placeholder id of each, default the image id), then text."""
+    ids = list(before)
+    for (t, h, w), token in zip(grids, tokens or [QWEN_IMAGE] * len(grids), strict=True):
+        ids += [QWEN_START] + [token] * (t * h * w // 4) + [QWEN_END]
+    return ids + list(after)
+
+
+def build_qwen2_vl(attn: str = "sdpa", family: str = "qwen2") -> torch.nn.Module:
+    """A tiny Qwen2-VL (vision depth 1, patch 14, spatial merge 2: an 8x8-patch image gives 16 tokens).
+
+    ``family="qwen2.5"``: Qwen2.5-VL (windowed vision attention); ``"qwen2.5-windows"``: a windowed block after
+    the full one (8x8 patches -> 3x3 windows). Text: M-RoPE sections [2, 3, 3] of head_dim 16.
+    """
+    torch.manual_seed(0)
+    vision = {"depth": 1, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if family == "qwen2":
+        config_cls, model_cls = hf.Qwen2VLConfig, hf.Qwen2VLForConditionalGeneration
+        vision |= {"embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2}
+    else:
+        config_cls, model_cls = hf.Qwen2_5_VLConfig, hf.Qwen2_5_VLForConditionalGeneration
+        vision |= {"hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "window_size": 56}
+        vision |= {"fullatt_block_indexes": [0]}
+        if family == "qwen2.5-windows":
+            vision |= {"depth": 2, "fullatt_block_indexes": [0], "window_size": 84}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    config = config_cls(
+        vision_config=vision,
+        text_config={**TEXT, "max_position_embeddings": 256, "rope_parameters": rope},
+        image_token_id=QWEN_IMAGE,
+        video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = model_cls(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+#: Per sample: text before, [(kind, grid (t, h, w) in patches, pixel seed), ...], text after.
+QWEN_MEDIA = {
+    "a": ([1, 5], [("image", (1, 8, 8), 1)], [7, 8, 9, 10]),  # 16 visual tokens
+    "b": ([1, 11, 4], [("image", (1, 4, 8), 2)], [12, 13, 14, 15, 16, 17]),  # 8, not square: h and w differ
+    "text": ([1, 5, 7, 8, 9, 10], [], []),
+    "video": ([1, 5], [("video", (3, 4, 8), 0)], [7, 8, 9, 10]),  # 3 frames of 8 tokens
+    "mixed": ([1, 6], [("image", (1, 8, 8), 20), ("video", (3, 4, 8), 21)], [7, 8, 9]),
+}
+
+
+@dataclass
+class QwenCase(VLMCase):
+    """Qwen2-VL / Qwen2.5-VL, images and videos; every image or video has its own seeded patches."""
+
+    family: str = "qwen2"
+
+    def _build(self, attn: str) -> torch.nn.Module:
+        return build_qwen2_vl(attn, self.family)
+
+    def inputs(self, names: list[str], side: str = "left") -> dict:
+        ids, mask = padded([self.samples[n] for n in names], side)
+        media: dict[str, list] = {"image": [], "video": []}
+        for name in names:
+            for kind, (t, h, w), seed in QWEN_MEDIA[name][1]:
+                patches = torch.randn(t * h * w, QWEN_PATCH_DIM, generator=torch.Generator().manual_seed(seed))
+                media[kind].append(((t, h, w), patches))
+        out = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "mm_token_type_ids": (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int(),  # text 0, image 1, video 2
+        }
+        for kind, pixels, grids in (
+            ("image", "pixel_values", "image_grid_thw"),
+            ("video", "pixel_values_videos", "video_grid_thw"),
+        ):
+            if media[kind]:
+                out[pixels] = torch.cat([p for _, p in media[kind]])
+                out[grids] = torch.tensor([g for g, _ in media[kind]])
+        if self.family != "qwen2" and media["video"]:
+            out["second_per_grid_ts"] = torch.full((len(media["video"]),), QWEN_SECONDS)
+        return out
+
+
+def qwen_samples() -> dict[str, list[int]]:
+    samples = {}
+    for name, (before, media, after) in QWEN_MEDIA.items():
+        tokens = [QWEN_IMAGE if kind == "image" else QWEN_VIDEO for kind, _, _ in media]
+        samples[name] = qwen_prompt(before, after, [grid for _, grid, _ in media], tokens)
+    return samples
+
+
+# ----------------------------------------------------------------------------- Idefics3 / SmolVLM
+IDEFICS_IMAGE, IDEFICS_SIDE, IDEFICS_TOKENS = 199, 32, 16
+FAKE, GLOBAL, ROW1_COL1, ROW1_COL2, NEWLINE = 190, 191, 180, 181, 10
+_SUB = [IDEFICS_IMAGE] * IDEFICS_TOKENS
+#: A 1 x 2 split image + its global view (3 sub-images, 48 visual tokens), as the processor writes it.
+IDEFICS_SPLIT = [1, 5, FAKE, ROW1_COL1, *_SUB, FAKE, ROW1_COL2, *_SUB, NEWLINE, NEWLINE, FAKE, GLOBAL, *_SUB, FAKE]
+IDEFICS_SPLIT += [7, 8, 9]
+#: An image that is not split: the global view only.
+IDEFICS_WHOLE = [1, 11, FAKE, GLOBAL, *_SUB, FAKE, 12, 13, 14, 15, 16, 17]
+IDEFICS_SUB_IMAGES = {"a": 3, "b": 1}
+
+
+def idefics_pixels(seed: int = 1) -> torch.Tensor:
+    """``(2, 3, 3, 32, 32)``: the split image's three sub-images, the whole one's one (then zeros, as HF pads)."""
+    values = torch.randn(2, 3, 3, IDEFICS_SIDE, IDEFICS_SIDE, generator=torch.Generator().manual_seed(seed))
+    values[1, 1:] = 0
+    return values
+
+
+def build_idefics3(family: str = "idefics3", attn: str = "sdpa") -> torch.nn.Module:
+    """A tiny Idefics3 or SmolVLM (32px / patch 4 -> 64 patches, pixel shuffle x2 -> 16 tokens per sub-image)."""
+    torch.manual_seed(0)
+    vision_cls, config_cls, model_cls = {
+        "idefics3": (hf.Idefics3VisionConfig, hf.Idefics3Config, hf.Idefics3ForConditionalGeneration),
+        "smolvlm": (hf.SmolVLMVisionConfig, hf.SmolVLMConfig, hf.SmolVLMForConditionalGeneration),
+    }[family]
+    vision = vision_cls(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IDEFICS_SIDE,
+        patch_size=4,
+    )
+    text = hf.LlamaConfig(**TEXT, max_position_embeddings=512, pad_token_id=PAD)
+    config = config_cls(vision_config=vision, text_config=text, image_token_id=IDEFICS_IMAGE, scale_factor=2)
+    model = model_cls(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+@dataclass
+class IdeficsCase(VLMCase):
+    """Idefics3 / SmolVLM: ``"a"`` a split image (3 sub-images), ``"b"`` a whole one (1)."""
+
+    family: str = "idefics3"
+
+    def _build(self, attn: str) -> torch.nn.Module:
+        return build_idefics3(self.family, attn)
+
+    def inputs(self, names: list[str], side: str = "left") -> dict:
+        pixels = idefics_pixels()
+        rows = [("a", "b").index(n) for n in names if self.has_visual(n)]
+        prompts = [self.samples[n] for n in names]
+        if len(names) == 1:
+            out = {"input_ids": torch.tensor(prompts)}
+            if rows:
+                out["pixel_values"] = pixels[rows, : IDEFICS_SUB_IMAGES[names[0]]]
+            return out
+        ids, mask = padded(prompts, side)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if rows:  # one row per sample with an image, all-zero sub-images as padding
+            out["pixel_values"] = pixels[rows, : max(IDEFICS_SUB_IMAGES[n] for n in names if self.has_visual(n))]
+        return out
+
+    def greedy(self, model, inputs, steps=None, **kwargs):
+        return super().greedy(model, inputs, steps, pad_token_id=PAD, **kwargs)
+
+
+def idefics_samples() -> dict[str, list[int]]:
+    return {"a": IDEFICS_SPLIT, "b": IDEFICS_WHOLE, "text": [1, 5, 6, 7, 8, 9, 12]}
+
+
+# ----------------------------------------------------------------------------- the families
+QWEN_OPTIONS = {"merge_positions": "original"}  # M-RoPE: a merged token keeps a 3-axis position of its image
+QWEN_BATCHES = (("a", "b"), ("video", "a"), ("video", "mixed"))
+
+
+@functools.cache
+def families() -> dict[str, VLMCase]:
+    """Every VLM family's case, by id (built lazily: models are made on first use, once per module run)."""
+    cases = [
+        LlavaCase("llava-llama", llava_samples(), (LLAVA_ID,), steps=5, beams=(1, 3), text="llama"),
+        LlavaCase("llava-qwen2", llava_samples(), (LLAVA_ID,), steps=5, text="qwen2"),
+        OneVisionCase("llava-onevision", ov_samples(), (OV_IMAGE, OV_VIDEO)),
+        QwenCase("qwen2-vl", qwen_samples(), (QWEN_IMAGE, QWEN_VIDEO), 5, QWEN_OPTIONS, QWEN_BATCHES),
+        QwenCase(
+            "qwen2.5-vl", qwen_samples(), (QWEN_IMAGE, QWEN_VIDEO), 4, QWEN_OPTIONS, QWEN_BATCHES, family="qwen2.5"
+        ),
+        IdeficsCase("idefics3", idefics_samples(), (IDEFICS_IMAGE,), family="idefics3"),
+        IdeficsCase("smolvlm", idefics_samples(), (IDEFICS_IMAGE,), family="smolvlm"),
+    ]
+    return {case.name: case for case in cases}
+
+
+FAMILIES = list(families())

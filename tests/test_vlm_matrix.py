@@ -1,0 +1,266 @@
+"""Every vision-language method x every VLM family: the properties any method on any family must have.
+
+Methods come from the registry (``tokenprune.methods(kind="vlm")``): zero reduction runs with the method's
+``identity`` options, reduction with its ``example`` options (plus what a family needs, e.g. Qwen2-VL's
+``merge_positions``, for methods whose config has that field). Families and their prompts are the cases of
+``tests/helpers/vlm_families.py``. What is specific to one family (layouts, spans, positions, exact per-layer
+counts of one method, references run by hand) stays in that family's file.
+
+Tolerances: bit-exact (``torch.equal``) where nothing is reduced and after ``remove()``; 1e-5 (float32) for
+batch-vs-alone and sdpa-vs-eager; analytic FLOPs == torch's flop counter to 1e-9 (relative).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import tokenprune
+from tests.helpers.vlm_families import FAMILIES, VLMCase, families
+from tests.vlm_checks import (
+    assert_batch_rows_equal_alone,
+    assert_batched_generate_equals_alone,
+    assert_remove_restores,
+    assert_zero_reduction_exact,
+)
+from tokenprune import registry
+
+METHODS = tokenprune.methods(kind="vlm")
+
+
+@pytest.fixture(params=FAMILIES)
+def case(request) -> VLMCase:
+    return families()[request.param]
+
+
+@pytest.fixture(params=METHODS)
+def method(request) -> str:
+    return request.param
+
+
+def identity(case: VLMCase, method: str) -> dict:
+    entry = registry.get_method(method)
+    return case.options_for(entry.config_cls, entry.identity)
+
+
+def example(case: VLMCase, method: str) -> dict:
+    entry = registry.get_method(method)
+    return case.options_for(entry.config_cls, entry.example)
+
+
+def reduces(method: str) -> bool:
+    """Whether the method's example options remove tokens (a method whose example is its identity never does)."""
+    entry = registry.get_method(method)
+    return entry.example != entry.identity
+
+
+def deterministic(method: str) -> bool:
+    """False for a method drawing from a seeded generator (its config has a ``seed``): in a batch it draws other
+    numbers than alone, so a batch keeps as many tokens per sample as each alone, not the same ones."""
+    return "seed" not in registry.get_method(method).config_cls.field_names()
+
+
+def budget(case: VLMCase, method: str, flops: float) -> dict | None:
+    """Options asking ``method`` for a FLOPs budget, or None if its config refuses one (it takes no budget)."""
+    entry = registry.get_method(method)
+    options = case.options_for(entry.config_cls, {"flops": flops})
+    try:
+        entry.config_cls.from_dict(options)
+    except (TypeError, ValueError):
+        return None
+    return options
+
+
+def visual_samples(case: VLMCase) -> list[str]:
+    return [name for name in case.samples if case.has_visual(name)]
+
+
+def llm_flops(rows: list[dict]) -> float:
+    return sum(row["flops"] for row in rows)
+
+
+# ----------------------------------------------------------------------------- exactness first
+def test_zero_reduction_is_bit_exact(case, method):
+    """Identity options: bit-equal logits and greedy tokens, on one prompt and on every padded batch."""
+    model = case.build()
+    x = case.inputs(["a"])
+    patch = assert_zero_reduction_exact(model, x, method, identity(case, method), case.greedy)
+    length = len(case.samples["a"])
+    assert patch.state.tokens_per_layer() == [(length, length)] * case.depth
+    assert patch.schedule == [1.0] * case.depth
+    patch.remove()
+    x = case.inputs(list(case.batches[-1]))  # a padded batch (with videos where the family has them)
+    assert_zero_reduction_exact(model, x, method, identity(case, method), case.greedy).remove()
+
+
+def test_remove_restores_modules_hooks_weights_and_outputs(case, method):
+    options = example(case, method)
+    assert_remove_restores(case.build(), case.inputs(["a"]), method, options, case.greedy, reduces(method))
+
+
+# ----------------------------------------------------------------------------- lengths follow the state
+def test_sequence_and_cache_lengths_follow_the_state(case, method):
+    """Per layer: sequence length, KV-cache length and kept positions agree with ``patch.state``; text stays."""
+    model = case.build()
+    patch = tokenprune.apply(model, method, **example(case, method))
+    for name in visual_samples(case):  # generate() on the first only
+        ids = case.samples[name]
+        x = case.inputs([name])
+        with torch.no_grad():
+            out = model(**x)
+        state = patch.state
+        lengths = [n for n, _ in state.tokens_per_layer()]
+        assert len(lengths) == case.depth
+        assert [n for _, n in state.tokens_per_layer()] == lengths[1:] + lengths[-1:]
+        assert [layer.keys.shape[-2] for layer in out.cache.layers] == lengths  # each layer caches what it saw
+        assert out.logits.shape[1] == lengths[-1] == state.num_tokens
+        assert [index.shape[1] for index in state.index_in] == lengths
+        assert state.visual_per_layer() == state.targets_list
+        structural = 0 if state.structural is None else int(state.structural[0].sum())
+        visual = sum(t in case.visual_ids for t in ids) - structural
+        text = [i for i, t in enumerate(ids) if t not in case.visual_ids]
+        for layer, index in enumerate(state.index_in):
+            index = index[0].tolist()
+            assert index == sorted(index) and [i for i in index if ids[i] not in case.visual_ids] == text, layer
+            assert sum(ids[i] in case.visual_ids for i in index) - structural == state.visual_in[layer][0], layer
+        if reduces(method):
+            assert state.reduced and state.visual_in[-1][0] < visual
+        else:
+            assert not state.reduced and lengths == [len(ids)] * case.depth
+
+        if name != "a":
+            continue
+        steps = case.steps
+        with torch.no_grad():
+            generated = case.greedy(model, x, steps, return_dict_in_generate=True)
+        assert generated.sequences.shape[1] == len(ids) + steps
+        fed = steps - 1  # the last generated token is never fed back
+        assert [layer.keys.shape[-2] for layer in generated.cache.layers] == [n + fed for n in lengths]
+        if reduces(method):  # decode steps on a compact cache are counted (an unreduced cache is HF's own)
+            assert patch.state.generated == fed
+
+
+# ----------------------------------------------------------------------------- batches
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_samples_run_alone(case, method, side):
+    model = case.build()
+    patch = tokenprune.apply(model, method, **example(case, method))
+    for names in case.batches:
+        with torch.no_grad():
+            batched = model(**case.inputs(list(names), side)).logits
+        state = patch.state
+        singles = [case.inputs([n]) for n in names]
+        exact = [deterministic(method)] * len(names)
+        assert_batch_rows_equal_alone(model, patch, batched, state, singles, case.lengths(list(names)), side, exact)
+
+
+def test_batched_generate_equals_samples_alone(case, method):
+    """Left-padded batches (beam search, where the case asks, reorders the compact cache too) == each alone."""
+    model = case.build()
+    patch = tokenprune.apply(model, method, **example(case, method))
+    for beams in case.beams:
+        for names in case.batches:
+            singles = [case.inputs([n]) for n in names]
+            greedy = functools.partial(case.greedy, num_beams=beams)
+            if not deterministic(method):  # other draws in a batch: it runs, its tokens are not compared
+                with torch.no_grad():
+                    tokens = greedy(model, case.inputs(list(names)))
+                assert tokens.shape == (len(names), max(case.lengths(names)) + case.steps)
+                continue
+            assert_batched_generate_equals_alone(model, greedy, case.inputs(list(names)), singles, case.lengths(names))
+            if reduces(method):
+                assert patch.state.generated == case.steps - 1
+
+
+def test_sdpa_and_eager_agree(case, method):
+    results = []
+    for attn in ("sdpa", "eager"):
+        model = case.build(attn)
+        patch = tokenprune.apply(model, method, **example(case, method))
+        with torch.no_grad():
+            results.append((model(**case.inputs(["a"])).logits, patch.state))
+    (sdpa, sdpa_state), (eager, eager_state) = results
+    torch.testing.assert_close(sdpa, eager, rtol=0, atol=1e-5)
+    assert torch.equal(sdpa_state.index, eager_state.index) and torch.equal(sdpa_state.valid, eager_state.valid)
+    assert sdpa_state.tokens_per_layer() == eager_state.tokens_per_layer()
+    assert sdpa_state.visual_per_layer() == eager_state.visual_per_layer()
+    assert all(torch.equal(s, e) for s, e in zip(sdpa_state.index_in, eager_state.index_in, strict=True))
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def test_analytic_flops_equal_the_flop_counter(case, method):
+    """Vision tower + projector + merging + every LLM layer (+ scoring) + LM head, as torch counts them."""
+    model = case.build()
+    names = [n for n in ("a", "mixed") if n in case.samples]
+    full = {name: tokenprune.count_flops(model, case.inputs([name])) for name in names}
+    for report in full.values():
+        assert report.analytic == pytest.approx(report.measured, rel=1e-9)
+    for options in (example(case, method), budget(case, method, 0.8)):
+        if options is None:
+            continue
+        patch = tokenprune.apply(model, method, **options)
+        for name in names:
+            reduced = tokenprune.count_flops(model, case.inputs([name]))
+            assert reduced.analytic == pytest.approx(reduced.measured, rel=1e-9)
+            assert patch.adapter.flops_for(patch.state)["total"] == pytest.approx(reduced.measured, rel=1e-9)
+            assert reduced.embed > 0
+            assert [row["tokens_in"] for row in reduced.layers] == [n for n, _ in patch.state.tokens_per_layer()]
+            if reduces(method) or "flops" in options:
+                assert reduced.measured < full[name].measured
+            else:
+                assert reduced.measured == pytest.approx(full[name].measured, rel=1e-12)
+        patch.remove()
+
+
+def test_flops_budget_is_a_fraction_of_llm_prefill(case, method):
+    options = budget(case, method, 0.75)
+    if options is None:
+        pytest.skip(f"{method!r} takes no FLOPs budget")
+    model = case.build()
+    x = case.inputs(["a"])
+    full = llm_flops(tokenprune.count_flops(model, x).layers)
+    patch = tokenprune.apply(model, method, **options)
+    assert patch.schedule is None  # solved per prompt
+    report = tokenprune.count_flops(model, x)
+    # One visual token more or less moves the cost by a fraction of a layer: the closest reachable budget.
+    assert abs(llm_flops(report.layers) / full - 0.75) < 0.03
+    assert llm_flops(patch.adapter.flops_for(patch.state)["layers"]) == pytest.approx(llm_flops(report.layers))
+    assert patch.state.reduced
+
+
+# ----------------------------------------------------------------------------- prompts without visual tokens
+def test_text_only_prompt_runs_unreduced(case, method):
+    """A prompt with no image runs exactly as unpatched, with the example options and under a FLOPs budget."""
+    model = case.build()
+    x = case.inputs(["text"])
+    for options in (example(case, method), budget(case, method, 0.5)):
+        if options is None:
+            continue
+        patch = assert_zero_reduction_exact(model, x, method, options, case.greedy)
+        length = len(case.samples["text"])
+        assert patch.state.tokens_per_layer() == [(length, length)] * case.depth
+        assert patch.state.visual_per_layer() == [[0]] * case.depth
+        patch.remove()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batch_mixing_text_only_and_image_prompts(case, method, side):
+    """An image prompt and a text-only one in one padded batch == each alone; the text one is never reduced."""
+    model = case.build()
+    names = ["a", "text"]
+    singles, lengths = [case.inputs([n]) for n in names], case.lengths(names)
+    for options in (example(case, method), budget(case, method, 0.8)):
+        if options is None:
+            continue
+        patch = tokenprune.apply(model, method, **options)
+        with torch.no_grad():
+            batched = model(**case.inputs(names, side)).logits
+        state = patch.state
+        assert [visual[1] for visual in state.visual_per_layer()] == [0] * case.depth
+        exact = [deterministic(method), True]  # the text-only prompt's rows: always exactly as alone
+        assert_batch_rows_equal_alone(model, patch, batched, state, singles, lengths, side, exact)
+        if side == "left" and deterministic(method) and options is not None and "flops" not in options:
+            assert_batched_generate_equals_alone(model, case.greedy, case.inputs(names), singles, lengths)
+        patch.remove()
