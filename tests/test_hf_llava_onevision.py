@@ -5,13 +5,14 @@ pinpoints 32x64, 64x32, 64x64; Qwen2 text model, hidden 64, 4 layers, GQA 4/2 he
 downloaded. Image sizes pick the layouts: (40, 70) -> base 16 + 4 high-res rows of 8 + 4 newlines = 52
 placeholders; (64, 64) -> 16 + 8 x (8 + 1) = 88; (30, 30) -> 16 + 4 x (4 + 1) = 36.
 
-Tolerances: bit-exact (``torch.equal``) where nothing is reduced and after ``remove()``; 1e-5 (float32) for
-batch-vs-single and SDPA-vs-eager comparisons.
+What every method has on every family (zero reduction, remove(), lengths following the state, batches,
+generate, sdpa == eager, FLOPs == counter) is in test_vlm_matrix; here, the anyres layout, its structural
+newlines, per-grid merging and each method's exact counts. Tolerances: bit-exact (``torch.equal``) where
+nothing is reduced.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest
@@ -19,19 +20,10 @@ import torch
 import transformers as hf
 
 import tokenprune
-from tests.vlm_checks import (
-    assert_batch_rows_equal_alone,
-    assert_batched_generate_equals_alone,
-    assert_remove_restores,
-    assert_zero_reduction_exact,
-)
+from tests.helpers.vlm_families import families
+from tests.helpers.vlm_families import ov_images as images
 
-IMG_ID, VIDEO_ID, PAD, CROP = 199, 198, 0, 32
-ZERO = {
-    "fastv": {"keep": 1.0},
-    "aim": {"merge_keep": 1.0, "prune_start": 1.0, "prune_end": 1.0},
-    "none": {},
-}
+IMG_ID = 199
 REDUCING = {
     "fastv": {"k": 2, "keep": 0.5},
     "aim": {"merge_keep": 0.5, "prune_start": 0.25, "prune_end": 0.75},
@@ -43,46 +35,11 @@ NEWLINES = {WIDE: 4, SQUARE: 8, SMALL: 4}
 # sequence lengths (text + newlines + visual). AIM merges base 16 -> 8 and high-res 32 -> 16.
 EXPECTED_VISUAL = {"fastv": [48, 48, 24, 24], "aim": [24, 24, 12, 0]}
 EXPECTED_TOKENS = {"fastv": [58, 58, 34, 34], "aim": [34, 34, 22, 10]}
-_BUILT: dict[str, hf.LlavaOnevisionForConditionalGeneration] = {}
 
 
 def build(attn: str = "sdpa") -> hf.LlavaOnevisionForConditionalGeneration:
     """A fresh eval-mode tiny LLaVA-OneVision (the same weights every call)."""
-    if attn not in _BUILT:
-        torch.manual_seed(0)
-        vision = hf.SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=CROP,
-            patch_size=8,
-            vision_use_head=False,
-        )
-        # A larger init than the default makes attention peaky, so token rankings are far from ties.
-        text = hf.Qwen2Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=200,
-            max_position_embeddings=512,
-            initializer_range=0.1,
-        )
-        config = hf.LlavaOnevisionConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_index=IMG_ID,
-            video_token_index=VIDEO_ID,
-            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
-            vision_feature_layer=-1,
-            pad_token_id=PAD,
-        )
-        model = hf.LlavaOnevisionForConditionalGeneration(config).eval()
-        model.set_attn_implementation(attn)
-        _BUILT[attn] = model
-    return copy.deepcopy(_BUILT[attn])
+    return families()["llava-onevision"].build(attn)
 
 
 def prompt(before: list[int], after: list[int], size: tuple[int, int]) -> list[int]:
@@ -93,12 +50,6 @@ PROMPTS = [prompt([1, 5, 6], [7, 8, 9], WIDE), prompt([1, 11], [12, 13, 14, 15, 
 SIZES = [WIDE, SQUARE]
 
 
-def images(sizes: list[tuple[int, int]], seed: int = 1) -> dict:
-    """``pixel_values`` ``(I, 5, 3, 32, 32)`` (crops padded to 5) and ``image_sizes`` ``(I, 2)``."""
-    pixels = torch.randn(len(sizes), 5, 3, CROP, CROP, generator=torch.Generator().manual_seed(seed))
-    return {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
-
-
 def single(b: int) -> dict:
     pictures = images(SIZES)
     return {
@@ -106,21 +57,6 @@ def single(b: int) -> dict:
         "pixel_values": pictures["pixel_values"][b : b + 1],
         "image_sizes": pictures["image_sizes"][b : b + 1],
     }
-
-
-def batch(side: str = "left") -> dict:
-    """Both prompts padded on ``side``, with their two images."""
-    width = max(map(len, PROMPTS))
-    ids, mask = [], []
-    for p in PROMPTS:
-        pad = [PAD] * (width - len(p))
-        ids.append(pad + p if side == "left" else p + pad)
-        mask.append([0] * len(pad) + [1] * len(p) if side == "left" else [1] * len(p) + [0] * len(pad))
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), **images(SIZES)}
-
-
-def greedy(model, inputs: dict, steps: int = 3, **kwargs):
-    return model.generate(**inputs, max_new_tokens=steps, do_sample=False, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the anyres layout
@@ -141,21 +77,6 @@ def test_layout_agrees_with_hf_features():
 
 
 # ----------------------------------------------------------------------------- exactness first
-@pytest.mark.parametrize("method", ["fastv", "aim", "none"])
-def test_zero_reduction_is_bit_exact(method):
-    model = build()
-    inputs = single(0)
-    patch = assert_zero_reduction_exact(model, inputs, method, ZERO[method], greedy)
-    length = len(PROMPTS[0])
-    assert patch.state.tokens_per_layer() == [(length, length)] * 4
-    assert patch.schedule == [1.0] * 4
-
-
-@pytest.mark.parametrize("method", ["fastv", "aim", "none"])
-def test_remove_restores_modules_and_outputs(method):
-    assert_remove_restores(build(), single(0), method, REDUCING.get(method, {}), greedy)
-
-
 # ----------------------------------------------------------------------------- the schedule, for real
 def _newline_positions(p: list[int], size: tuple[int, int], offset: int = 0) -> list[int]:
     """Input positions of the newline placeholders of the one image in prompt ``p``."""
@@ -202,40 +123,7 @@ def test_aim_merges_within_each_grid_and_keeps_the_newlines():
     assert int(newlines.sum()) == 4 and bool((size[newlines] == 1).all()) and not bool(visual[newlines].any())
 
 
-@pytest.mark.parametrize("method", ["fastv", "aim"])
-def test_generate_continues_on_the_compact_cache(method):
-    model = build()
-    patch = tokenprune.apply(model, method, **REDUCING[method])
-    steps = 5
-    with torch.no_grad():
-        out = greedy(model, single(0), steps, return_dict_in_generate=True)
-    assert out.sequences.shape[1] == len(PROMPTS[0]) + steps
-    assert [layer.keys.shape[-2] for layer in out.cache.layers] == [n + steps - 1 for n in EXPECTED_TOKENS[method]]
-    assert patch.state.generated == steps - 1
-
-
 # ----------------------------------------------------------------------------- batches
-@pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("method", ["fastv", "aim"])
-def test_padded_batch_equals_samples_run_alone(method, side):
-    """Two prompts with different image sizes (52 vs 88 placeholders, different layouts) == each alone."""
-    model = build()
-    patch = tokenprune.apply(model, method, **REDUCING[method])
-    with torch.no_grad():
-        batched = model(**batch(side)).logits
-        state = patch.state
-    lengths = [len(p) for p in PROMPTS]
-    assert_batch_rows_equal_alone(model, patch, batched, state, [single(b) for b in range(2)], lengths, side)
-
-
-@pytest.mark.parametrize("method", ["fastv", "aim"])
-def test_batched_generate_equals_samples_alone(method):
-    model = build()
-    tokenprune.apply(model, method, **REDUCING[method])
-    singles, lengths = [single(b) for b in range(2)], [len(p) for p in PROMPTS]
-    assert_batched_generate_equals_alone(model, greedy, batch("left"), singles, lengths)
-
-
 def test_several_images_in_one_prompt_are_base_grids_with_one_newline_each():
     model = build()
     ids = [1, 5] + [IMG_ID] * 17 + [3] + [IMG_ID] * 17 + [7, 8]
@@ -250,18 +138,6 @@ def test_several_images_in_one_prompt_are_base_grids_with_one_newline_each():
     assert table["embed"] - table["merge"] == pytest.approx(2 * patch.adapter.vision_flops())  # one crop each
     report = tokenprune.count_flops(model, inputs)
     assert report.analytic == pytest.approx(report.measured, rel=1e-9)
-
-
-@pytest.mark.parametrize("method", ["fastv", "aim"])
-def test_sdpa_and_eager_agree(method):
-    results = []
-    for attn in ("sdpa", "eager"):
-        model = build(attn)
-        patch = tokenprune.apply(model, method, **REDUCING[method])
-        with torch.no_grad():
-            results.append((model(**single(0)).logits, patch.state.index))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-5)
-    assert torch.equal(results[0][1], results[1][1])
 
 
 # ----------------------------------------------------------------------------- FLOPs

@@ -209,6 +209,7 @@ def test_analytic_flops_equal_the_flop_counter(case, method):
             assert [row["tokens_in"] for row in reduced.layers] == [n for n, _ in patch.state.tokens_per_layer()]
             if reduces(method) or "flops" in options:
                 assert reduced.measured < full[name].measured
+                assert reduced.layers[-1]["tokens_out"] < full[name].layers[-1]["tokens_out"]
             else:
                 assert reduced.measured == pytest.approx(full[name].measured, rel=1e-12)
         patch.remove()
