@@ -51,10 +51,10 @@ def _timm(**kwargs) -> Callable[[], torch.nn.Module]:
 
 
 SIZE, PATCH, DIM, DEPTH, HEADS = 64, 8, 64, 4, 4  # Hugging Face forms: 64 patches (+ prefix), 4 layers of 4 heads
-_VISION = dict(hidden_size=DIM, intermediate_size=2 * DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS)
-_VISION.update(image_size=SIZE, patch_size=PATCH)
-_DINO = dict(hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, image_size=SIZE, patch_size=PATCH)
-_HF = ("sdpa", "eager")
+VISION = dict(hidden_size=DIM, intermediate_size=2 * DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS)
+VISION.update(image_size=SIZE, patch_size=PATCH)
+DINO = dict(hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, image_size=SIZE, patch_size=PATCH)
+HF_ATTN = ("sdpa", "eager")
 
 FORMS: dict[str, ViTForm] = {
     # timm
@@ -77,29 +77,33 @@ FORMS: dict[str, ViTForm] = {
     "cls_avgmax_unfused": ViTForm(_timm(global_pool="avgmax", fc_norm=False), (64, 64), 4, True, unfused=True),
     # Hugging Face encoders
     "hf_vit_cls": ViTForm(
-        lambda: hf.ViTForImageClassification(hf.ViTConfig(**_VISION, num_labels=5)), (SIZE, SIZE), DEPTH, True, attn=_HF
-    ),
-    "hf_vit_pooler": ViTForm(lambda: hf.ViTModel(hf.ViTConfig(**_VISION)), (SIZE, SIZE), DEPTH, True, attn=_HF),
-    "hf_clip_proj": ViTForm(
-        lambda: hf.CLIPVisionModelWithProjection(hf.CLIPVisionConfig(**_VISION, projection_dim=16)),
+        lambda: hf.ViTForImageClassification(hf.ViTConfig(**VISION, num_labels=5)),
         (SIZE, SIZE),
         DEPTH,
         True,
-        attn=_HF,
+        attn=HF_ATTN,
+    ),
+    "hf_vit_pooler": ViTForm(lambda: hf.ViTModel(hf.ViTConfig(**VISION)), (SIZE, SIZE), DEPTH, True, attn=HF_ATTN),
+    "hf_clip_proj": ViTForm(
+        lambda: hf.CLIPVisionModelWithProjection(hf.CLIPVisionConfig(**VISION, projection_dim=16)),
+        (SIZE, SIZE),
+        DEPTH,
+        True,
+        attn=HF_ATTN,
     ),
     "hf_siglip": ViTForm(
-        lambda: hf.SiglipVisionModel(hf.SiglipVisionConfig(**_VISION)), (SIZE, SIZE), DEPTH, False, attn=_HF
+        lambda: hf.SiglipVisionModel(hf.SiglipVisionConfig(**VISION)), (SIZE, SIZE), DEPTH, False, attn=HF_ATTN
     ),
     "hf_dinov2": ViTForm(
-        lambda: hf.Dinov2Model(hf.Dinov2Config(**_DINO)), (SIZE, SIZE), DEPTH, True, {"input_size": SIZE}, attn=_HF
+        lambda: hf.Dinov2Model(hf.Dinov2Config(**DINO)), (SIZE, SIZE), DEPTH, True, {"input_size": SIZE}, attn=HF_ATTN
     ),
     "hf_dinov2_reg": ViTForm(
-        lambda: hf.Dinov2WithRegistersModel(hf.Dinov2WithRegistersConfig(**_DINO, num_register_tokens=2)),
+        lambda: hf.Dinov2WithRegistersModel(hf.Dinov2WithRegistersConfig(**DINO, num_register_tokens=2)),
         (SIZE, SIZE),
         DEPTH,
         True,
         {"input_size": SIZE},
-        attn=_HF,
+        attn=HF_ATTN,
     ),
 }
 
