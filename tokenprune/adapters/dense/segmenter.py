@@ -32,6 +32,7 @@ from torch import nn
 from tokenprune.adapters.base import Adapter, linear_macs
 from tokenprune.adapters.vit.timm import TimmViTAdapter
 from tokenprune.core.early_exit import compact, key_padding_bias, scatter_rows
+from tokenprune.methods.base import Method
 from tokenprune.methods.dense import EarlyExitMethod, ExitContext
 from tokenprune.registry import register_adapter
 from tokenprune.state import LayerLog
@@ -139,7 +140,7 @@ class SegmenterAdapter(Adapter):
             total += 2.0 * state.graded[:, stage].double() * linear_macs(head)
         return total + 2.0 * state.final_tokens.double() * linear_macs(model.head)
 
-    def analytic_flops(self, num_tokens: int, schedule: list[int], method: Any = None) -> dict:
+    def analytic_flops(self, num_tokens: int, schedule: list[int], method: Method | None = None) -> dict:
         runtime = self._runtime
         if not isinstance(method, EarlyExitMethod) or runtime is None or runtime.state is None:
             return super().analytic_flops(num_tokens, schedule, method)
@@ -225,6 +226,7 @@ class SegmenterAdapter(Adapter):
             stage = exits.index(layer + 1)
             logits = model.aux_heads[stage](x[:, prefix:])  # (B, L, K)
             graded[:, stage] = valid.sum(dim=1)
+            # The method decides; "& valid" only guarantees padding never exits, whatever a method returns.
             leaving = valid & method.exits(ExitContext(stage, len(exits), layer + 1, logits, valid))  # (B, L)
             if not bool(leaving.any()):
                 continue
