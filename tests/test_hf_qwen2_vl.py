@@ -187,7 +187,7 @@ def test_compact_merge_positions_are_refused_but_prune_only_aim_works():
         tokenprune.apply(model, "aim", merge_keep=0.5)
     assert not hasattr(model, "_tokenprune_patch")
     patch = tokenprune.apply(model, "aim", merge_keep=1.0, prune_start=0.25, prune_end=0.75)
-    assert type(patch.adapter).__name__ == "HFQwen2VLAdapter"
+    assert type(patch.adapter).__name__ == "Qwen2VLAdapter"
     with torch.no_grad():
         model(**inputs([0]))
     assert patch.state.visual_per_layer() == [[16], [16], [8], [0]]
