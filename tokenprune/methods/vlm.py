@@ -254,7 +254,7 @@ class VisualTokenMethod(Method):
     """
 
     kinds: ClassVar[frozenset[str]] = frozenset({"vlm"})
-    #: Which query rows :meth:`importance` reads (for FLOPs accounting): ``"last"`` or ``"text"``.
+    #: Which query rows :meth:`importance` reads (for FLOPs accounting): ``"last"``, ``"text"`` or ``"none"``.
     query_rows: ClassVar[str] = "last"
     #: The free parameter a FLOPs budget is solved for (a config field name).
     budget_parameter: ClassVar[str] = ""

@@ -234,7 +234,7 @@ class DecoderReducer:
         spans_per_sample = segment_positions(segments)
         text = (valid & ~visual).sum(dim=1).tolist()
         after = (visual.long().cumsum(dim=1) > 0) & valid & ~visual & ~structural
-        rows = after.sum(dim=1).tolist() if self.method.query_rows == "text" else [1] * batch
+        rows = {"text": after.sum(dim=1).tolist(), "last": [1] * batch, "none": [0] * batch}[self.method.query_rows]
         samples = zip(spans_per_sample, text, rows, strict=True)
         plans = [self.plan([len(p) for _, p in spans], t, r) for spans, t, r in samples]
         merge = any(p.merge_keep < 1.0 for p, spans in zip(plans, spans_per_sample, strict=True) if spans)
