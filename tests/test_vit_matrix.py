@@ -38,8 +38,8 @@ def reduces(method: str) -> bool:
 
 
 def deterministic(method: str) -> bool:
-    """False for a method drawing from a seeded generator (a ``seed`` option): a batch draws other numbers."""
-    return "seed" not in registry.get_method(method).config_cls.field_names()
+    """The method's declared ``batch_invariant``: False for random draws (a batch draws other numbers)."""
+    return registry.get_method(method).method_cls.batch_invariant
 
 
 def hooks(model: torch.nn.Module) -> dict:

@@ -57,9 +57,9 @@ def reduces(method: str) -> bool:
 
 
 def deterministic(method: str) -> bool:
-    """False for a method drawing from a seeded generator (its config has a ``seed``): in a batch it draws other
-    numbers than alone, so a batch keeps as many tokens per sample as each alone, not the same ones."""
-    return "seed" not in registry.get_method(method).config_cls.field_names()
+    """The method's declared ``batch_invariant``: False for random draws, whose batch keeps as many tokens per
+    sample as each alone, not the same ones."""
+    return registry.get_method(method).method_cls.batch_invariant
 
 
 def budget(case: VLMCase, method: str, flops: float) -> dict | None:

@@ -59,6 +59,9 @@ class Method:
     identity: ClassVar[Mapping[str, Any]] = {}
     #: Options of a typical reducing call on a small model (a few layers, tens of tokens): docs and test matrices.
     example: ClassVar[Mapping[str, Any]] = {}
+    #: False when which tokens a sample keeps depends on the batch around it (random draws): a batch then keeps as
+    #: many tokens per sample as each sample alone, not the same ones.
+    batch_invariant: ClassVar[bool] = True
     #: Which captured tensors :meth:`reduce` uses: a subset of {"queries", "keys"}.
     needs: ClassVar[frozenset[str]] = frozenset()
     #: True when the method scores tokens by class-token attention.

@@ -32,6 +32,7 @@ class RandomDrop(Method):
     kinds = frozenset({"vit", "dense"})
     identity = {"r": 0}
     example = {"r": 2}
+    batch_invariant = False  # one generator draws for the whole batch
 
     def __init__(self, config: RandomConfig) -> None:
         super().__init__(config)

@@ -36,6 +36,7 @@ class RandomVisual(FastV):
     kinds = frozenset({"vlm"})
     identity = {"keep": 1.0}
     example = {"k": 2, "keep": 0.5}
+    batch_invariant = False  # one generator draws for the whole batch
     # It computes no attention row, so it is charged none (FastV's is a (1 x D) @ (D x N) product, ~0.01% of a
     # layer): analytic FLOPs equal the counter's. On every prompt of the published easy-VQA sweep a FLOPs budget
     # still solves to exactly FastV's plan (eval/check_random_visual_plans.py: all 1,000 test prompts, every budget).
