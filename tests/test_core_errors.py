@@ -27,9 +27,7 @@ def test_non_vit_model_is_rejected_with_supported_list():
 
 def test_unknown_option_lists_valid_ones():
     model, _, _ = build("deit_tiny")
-    with pytest.raises(
-        TypeError, match=r"unknown option\(s\) \['rr'\].*valid: \['r', 'flops', .*'prop_attn'\]"
-    ):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rr'\].*valid: \['r', 'flops', .*'prop_attn'\]"):
         tokenprune.apply(model, "tome", rr=2)
 
 
@@ -63,9 +61,7 @@ def test_budget_outside_unit_interval(budget):
 
 def test_budget_below_reach_names_the_reachable_range():
     model, _, _ = build("deit_tiny")
-    with pytest.raises(
-        ValueError, match=r"below what this method can reach.*valid budgets are in \[0\.\d+, 1\]"
-    ):
+    with pytest.raises(ValueError, match=r"below what this method can reach.*valid budgets are in \[0\.\d+, 1\]"):
         tokenprune.apply(model, "tome", flops=0.05)
 
 
@@ -114,12 +110,8 @@ def test_r_of_wrong_type(bad):
 def test_unsupported_block_type():
     from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
-    model = VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, block_fn=ResPostBlock
-    )
-    with pytest.raises(
-        TypeError, match=r"not a supported timm block.*supported: timm.models.vision_transformer.Block"
-    ):
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, block_fn=ResPostBlock)
+    with pytest.raises(TypeError, match=r"not a supported timm block.*supported: timm.models.vision_transformer.Block"):
         tokenprune.apply(model, "tome", r=1)
 
 

@@ -225,8 +225,23 @@ def test_cli_eval_scores_the_given_checkpoint(base_model, tmp_path: Path, monkey
     path = tmp_path / "mine.safetensors"
     _fake_checkpoint(base_model, path)
     out = tmp_path / "eval.json"
-    main(["eval", "--model", "vit-s14-imagenette", "--checkpoint", str(path), "--method", "none",
-          "--bench-rounds", "0", "--batch-size", "4", "--out", str(out)])
+    main(
+        [
+            "eval",
+            "--model",
+            "vit-s14-imagenette",
+            "--checkpoint",
+            str(path),
+            "--method",
+            "none",
+            "--bench-rounds",
+            "0",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["model"] == f"vit-s14-imagenette @ {path}"
     bad = tmp_path / "bad.safetensors"

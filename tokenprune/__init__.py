@@ -12,6 +12,7 @@ from tokenprune.api import Patch, apply, disabled, get_patch
 from tokenprune.config import ReductionConfig
 from tokenprune.measure.flops import FlopsReport, count_flops
 from tokenprune.methods.base import LayerContext, Method
+from tokenprune.methods.dense import EarlyExitMethod, ExitContext
 from tokenprune.methods.vlm import (
     DecoderLayerContext,
     PreLLMContext,
@@ -29,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DecoderLayerContext",
+    "EarlyExitMethod",
+    "ExitContext",
     "FlopsReport",
     "LayerContext",
     "LayerLog",

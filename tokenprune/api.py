@@ -68,9 +68,7 @@ class Patch:
             at forward time).
     """
 
-    def __init__(
-        self, model: nn.Module, method: str, config: ReductionConfig, adapter: Any, runtime: Runtime
-    ):
+    def __init__(self, model: nn.Module, method: str, config: ReductionConfig, adapter: Any, runtime: Runtime):
         self.model = model
         self.method = method
         self.config = config

@@ -50,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     def data_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data", help="dataset root holding <dataset>/val/... (default: $TOKENPRUNE_DATA; "
-                       "neither: bundled example photos, agreement with the unreduced model)")
+        p.add_argument(
+            "--data",
+            help="dataset root holding <dataset>/val/... (default: $TOKENPRUNE_DATA; "
+            "neither: bundled example photos, agreement with the unreduced model)",
+        )
         p.add_argument("--limit", type=int, help="deterministic class-balanced subset of N images")
         p.add_argument("--split", help="split to score (default: val for classifiers, test for segmentation)")
         p.add_argument("--bench-rounds", type=int, default=3, help="side-by-side speed rounds (0: skip)")

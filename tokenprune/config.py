@@ -66,18 +66,14 @@ class ReductionConfig(ConfigOptions):
             if isinstance(self.flops, bool) or not isinstance(self.flops, (int, float)):
                 raise TypeError(f"flops must be a number in (0, 1], got {self.flops!r}")
             if not 0.0 < float(self.flops) <= 1.0:
-                raise ValueError(
-                    f"flops budget must be in (0, 1] (fraction of the unreduced FLOPs), got {self.flops}"
-                )
+                raise ValueError(f"flops budget must be in (0, 1] (fraction of the unreduced FLOPs), got {self.flops}")
             if self.r != 0:
                 raise ValueError("give either r or flops, not both")
             self.flops = float(self.flops)
         if self.input_size is not None:
             size = (self.input_size, self.input_size) if isinstance(self.input_size, int) else self.input_size
             if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
-                raise ValueError(
-                    f"input_size must be an int or (H, W) of positive ints, got {self.input_size!r}"
-                )
+                raise ValueError(f"input_size must be an int or (H, W) of positive ints, got {self.input_size!r}")
             self.input_size = tuple(size)
 
     def to_dict(self) -> dict[str, Any]:

@@ -140,9 +140,7 @@ class Adapter:
         for layer, removed in enumerate(schedule):
             overhead = 0.0
             if method is not None and removed > 0:
-                overhead = method.overhead_flops(
-                    tokens, self.num_protected, removed, self.num_heads, self.head_dim
-                )
+                overhead = method.overhead_flops(tokens, self.num_protected, removed, self.num_heads, self.head_dim)
             block = self.layer_flops(layer, tokens, tokens - removed)
             rows.append(
                 {

@@ -97,16 +97,12 @@ def reduce_tokens(
         weight = size if weight is None else weight
         # Sums of weight * x; dividing by the summed weight afterwards gives the weighted average.
         x_weighted = x * weight
-        x_weighted = x_weighted.scatter_add(
-            1, _rows(dst, channels), x_weighted.gather(1, _rows(src, channels))
-        )
+        x_weighted = x_weighted.scatter_add(1, _rows(dst, channels), x_weighted.gather(1, _rows(src, channels)))
         weight = weight.scatter_add(1, _rows(dst, 1), weight.gather(1, _rows(src, 1)))
         size = size.scatter_add(1, _rows(dst, 1), size.gather(1, _rows(src, 1)))
         if state.source is not None:
             width = state.source.shape[-1]
-            state.source = state.source.scatter_add(
-                1, _rows(dst, width), state.source.gather(1, _rows(src, width))
-            )
+            state.source = state.source.scatter_add(1, _rows(dst, width), state.source.gather(1, _rows(src, width)))
         x = x_weighted.gather(1, _rows(kept, channels)) / weight.gather(1, _rows(kept, 1))
     else:
         x = x.gather(1, _rows(kept, channels))

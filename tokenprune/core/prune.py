@@ -29,9 +29,7 @@ def keep_top_k(scores: torch.Tensor, n_keep: int, num_protected: int) -> torch.T
     return kept_positions(remove, n_reducible - n_keep)
 
 
-def fuse_plan(
-    scores: torch.Tensor, r: int, num_protected: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fuse_plan(scores: torch.Tensor, r: int, num_protected: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EViT: drop the ``r + 1`` least important tokens and fuse them into one (net ``r`` fewer tokens).
 
     The fused token takes the place of the earliest dropped position, so spatial order is preserved.
@@ -47,9 +45,7 @@ def fuse_plan(
     reducible = scores[:, num_protected:]
     n_reducible = reducible.shape[1]
     if not 1 <= r <= n_reducible - 1:
-        raise ValueError(
-            f"r={r} is out of range for {n_reducible} reducible tokens: 1 <= r <= {n_reducible - 1}"
-        )
+        raise ValueError(f"r={r} is out of range for {n_reducible} reducible tokens: 1 <= r <= {n_reducible - 1}")
     fused = reducible.topk(r + 1, dim=1, largest=False).indices.sort(dim=1).values + num_protected
     dst = fused[:, :1].expand(-1, r)  # (B, r): all fold into the earliest fused position
     src = fused[:, 1:]

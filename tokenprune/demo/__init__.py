@@ -5,20 +5,17 @@ from tokenprune.demo import build_app, launch
 """
 
 from tokenprune.demo.app import build_app, launch
-from tokenprune.demo.classification import (
+from tokenprune.demo.classification import DEFAULT_MODEL, Demo, DemoModel, get_model
+from tokenprune.demo.common import MAX_MEGAPIXELS, MAX_SIDE, InputError, read_image
+from tokenprune.demo.token_maps import (
     CELL,
-    DEFAULT_MODEL,
     DROPPED_RGB,
     EDGE_RGB,
-    Demo,
-    DemoModel,
-    get_model,
     groups_from_source,
     model_crop,
     render_patch_grid,
     render_token_map,
 )
-from tokenprune.demo.common import MAX_MEGAPIXELS, MAX_SIDE, InputError, read_image
 
 __all__ = [
     "CELL",

@@ -89,9 +89,7 @@ class FlopsReport:
         lines = ["| layer | tokens in | tokens out | GFLOPs |", "|---|---|---|---|"]
         lines.append(f"| embed | | | {self.embed / 1e9:.4f} |")
         for row in self.layers:
-            lines.append(
-                f"| {row['layer']} | {row['tokens_in']} | {row['tokens_out']} | {row['flops'] / 1e9:.4f} |"
-            )
+            lines.append(f"| {row['layer']} | {row['tokens_in']} | {row['tokens_out']} | {row['flops'] / 1e9:.4f} |")
         lines.append(f"| head | | | {self.head / 1e9:.4f} |")
         analytic = "n/a" if self.analytic is None else f"{self.analytic / 1e9:.4f}"
         lines.append(f"| **total** | | | measured {self.gflops:.4f} / analytic {analytic} |")

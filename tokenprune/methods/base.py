@@ -84,9 +84,7 @@ class Method:
         """Remove ``r`` tokens from ``x`` ``(B, N, C)``, updating ``state``; returns ``(B, N - r, C)``."""
         raise NotImplementedError
 
-    def overhead_flops(
-        self, num_tokens: int, num_protected: int, r: int, num_heads: int, head_dim: int
-    ) -> float:
+    def overhead_flops(self, num_tokens: int, num_protected: int, r: int, num_heads: int, head_dim: int) -> float:
         """Matmul FLOPs (2 x MAC) the method adds per image at a layer with ``num_tokens`` and ``r``."""
         return 0.0
 

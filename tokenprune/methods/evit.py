@@ -46,9 +46,7 @@ class EViT(Method):
         # EViT weights the fused token by attention; size-weighting enters through prop_attn if enabled.
         return reduce_tokens(x, state, kept, src, dst, weight=attention.unsqueeze(-1).to(x.dtype))
 
-    def overhead_flops(
-        self, num_tokens: int, num_protected: int, r: int, num_heads: int, head_dim: int
-    ) -> float:
+    def overhead_flops(self, num_tokens: int, num_protected: int, r: int, num_heads: int, head_dim: int) -> float:
         # One class-token query row per head against all keys.
         return 2.0 * num_tokens * num_heads * head_dim
 

@@ -42,9 +42,7 @@ class ToMe(Method):
         src, dst, kept = bipartite_soft_matching(ctx.key_metric(), r, state.num_protected)
         return reduce_tokens(x, state, kept, src, dst)
 
-    def overhead_flops(
-        self, num_tokens: int, num_protected: int, r: int, num_heads: int, head_dim: int
-    ) -> float:
+    def overhead_flops(self, num_tokens: int, num_protected: int, r: int, num_heads: int, head_dim: int) -> float:
         # (Na x D) @ (D x Nb) similarity of the head-averaged keys of the reducible tokens.
         reducible = num_tokens - num_protected
         set_a = (reducible + 1) // 2

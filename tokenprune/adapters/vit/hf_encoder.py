@@ -37,14 +37,13 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.base import Adapter, check_attn_implementation
+from tokenprune.adapters.capture import QKCapture, split_heads
 from tokenprune.adapters.vit.reducing import (
     PreNormParts,
-    QKCapture,
     ReducingLayer,
     prenorm_layer_flops,
     prenorm_layer_macs,
     restore_layers,
-    split_heads,
     swap_layers,
 )
 

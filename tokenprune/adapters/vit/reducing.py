@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.base import linear_macs
-from tokenprune.adapters.capture import QKCapture, split_heads  # noqa: F401  (split_heads: used by families)
+from tokenprune.adapters.capture import QKCapture
 from tokenprune.methods.base import LayerContext
 from tokenprune.state import LayerLog
 

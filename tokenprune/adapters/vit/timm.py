@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.base import Adapter, linear_macs
+from tokenprune.adapters.capture import QKCapture
 from tokenprune.adapters.vit.reducing import (
     PreNormParts,
-    QKCapture,
     ReducingLayer,
     prenorm_layer_flops,
     prenorm_layer_macs,

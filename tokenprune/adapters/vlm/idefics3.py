@@ -1,8 +1,8 @@
-"""Adapter for Hugging Face ``Idefics3ForConditionalGeneration`` and ``SmolVLMForConditionalGeneration`` (5.x).
+"""``Idefics3ForConditionalGeneration`` and ``SmolVLMForConditionalGeneration`` (transformers 5.x).
 
-``tokenprune.apply(idefics3, "fastv", k=2, keep=0.5)`` / ``tokenprune.apply(idefics3, "aim", merge_keep=0.25)``
-patches the model in place; ``forward`` and ``generate()`` keep their signatures. The language-model side (real
-removal, masks, compact KV cache, decode) is :mod:`tokenprune.adapters.vlm`.
+Every VLM method (``tokenprune.methods(kind="vlm")``) patches the model in place; ``forward`` and ``generate()``
+keep their signatures. The language-model side (real removal, masks, compact KV cache, decode) is
+:mod:`tokenprune.adapters.vlm`.
 
 Idefics3 (and SmolVLM, the same layout) splits an image into sub-images (a grid of tiles plus a downscaled
 global view); each goes through the SigLIP-style vision tower alone, and the pixel-shuffle connector folds

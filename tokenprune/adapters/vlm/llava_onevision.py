@@ -1,9 +1,8 @@
-"""Adapter for Hugging Face ``LlavaOnevisionForConditionalGeneration`` (transformers 5.x, anyres tiling).
+"""``LlavaOnevisionForConditionalGeneration`` (transformers 5.x, anyres tiling).
 
-``tokenprune.apply(llava_ov, "fastv", k=2, keep=0.5)`` / ``tokenprune.apply(llava_ov, "aim", merge_keep=0.25)``
-patches the model in place; ``forward`` and ``generate()`` keep their signatures. The language-model side (real
-removal, masks, compact KV cache, decode) is :mod:`tokenprune.adapters.hf_decoder`, shared with LLaVA and
-Qwen2-VL; this file owns the anyres layout of the image placeholders.
+Every VLM method (``tokenprune.methods(kind="vlm")``) patches the model in place; ``forward`` and ``generate()``
+keep their signatures. The language-model side (real removal, masks, compact KV cache, decode) is
+:mod:`tokenprune.adapters.vlm`, shared by every family; this file owns the anyres layout of the image placeholders.
 
 LLaVA-OneVision turns one image into crops: a base crop (the whole image at ``image_size``) and, for a single
 image per prompt, tiles of a higher-resolution grid chosen from ``image_grid_pinpoints``. HF's

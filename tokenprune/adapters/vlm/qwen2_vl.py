@@ -1,7 +1,7 @@
-"""Adapter for Hugging Face ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` (5.x).
+"""``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` (transformers 5.x).
 
-``tokenprune.apply(qwen2_vl, "fastv", k=2, keep=0.5)`` or ``tokenprune.apply(qwen2_vl, "aim", merge_keep=0.25,
-merge_positions="original")`` patches the model in place; ``forward`` and ``generate()`` keep their signatures.
+Every VLM method (``tokenprune.methods(kind="vlm")``; merging ones with ``merge_positions="original"``) patches
+the model in place; ``forward`` and ``generate()`` keep their signatures.
 The language-model side (real removal, masks, compact KV cache, decode) is :mod:`tokenprune.adapters.vlm`.
 What this file owns:
 

@@ -32,6 +32,7 @@ from tokenprune.api import apply
 from tokenprune.measure.flops import _EXTRA_FORMULAS, measure_flops
 from tokenprune.measure.options import method_options, parse_set
 from tokenprune.measure.tasks.base import Column, Loaded, PlotSpec, Setting, Task
+from tokenprune.methods.dense import EarlyExitMethod
 from tokenprune.methods.variants import is_control
 from tokenprune.optional import require
 from tokenprune.zoo import camvid as seg
@@ -47,8 +48,8 @@ def _options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def exits_early(method: str) -> bool:
-    """A method for dense models only exits tokens early: its cost differs per image (``dtop``)."""
-    return registry.get_method(method).kinds == {KIND}
+    """An early-exit method (``EarlyExitMethod``): its cost differs per image."""
+    return issubclass(registry.get_method(method).method_cls, EarlyExitMethod)
 
 
 def early_exit_methods() -> list[str]:

