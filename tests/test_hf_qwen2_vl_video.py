@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import tokenprune
+from tests.helpers.vlm_families import qwen_inputs
 from tests.test_hf_qwen2_vl import IMG, PATCH_DIM, VID, _by_hand, build, greedy, padded, prompt, rope_positions
 from tokenprune.methods.vlm import PreLLMContext
 
@@ -27,7 +28,6 @@ REDUCING = {
 }
 VIDEO, IMAGE = (3, 4, 8), (1, 8, 8)
 FRAME = VIDEO[1] * VIDEO[2] // 4  # placeholders per video frame
-SECONDS = 2.0  # Qwen2.5-VL: seconds per temporal grid step (x tokens_per_second 4: 8 temporal positions apart)
 # Prompts: (text before, [(kind, grid), ...] each wrapped in vision start/end, text after).
 SAMPLES = {
     "video": ([1, 5], [("video", VIDEO)], [7, 8, 9, 10]),
@@ -50,21 +50,7 @@ def inputs(names: list[str], side: str = "left", family: str = "qwen2") -> dict:
             seed = 10 * list(SAMPLES).index(name) + index  # the same pixels whatever the batch
             patches = torch.randn(grid[0] * grid[1] * grid[2], PATCH_DIM, generator=torch.Generator().manual_seed(seed))
             media[kind].append((grid, patches))
-    out = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "mm_token_type_ids": (ids == IMG).int() + 2 * (ids == VID).int(),  # text 0, image 1, video 2
-    }
-    for kind, pixels, grids in (
-        ("image", "pixel_values", "image_grid_thw"),
-        ("video", "pixel_values_videos", "video_grid_thw"),
-    ):
-        if media[kind]:
-            out[pixels] = torch.cat([p for _, p in media[kind]])
-            out[grids] = torch.tensor([g for g, _ in media[kind]])
-    if family != "qwen2" and media["video"]:
-        out["second_per_grid_ts"] = torch.full((len(media["video"]),), SECONDS)
-    return out
+    return qwen_inputs(ids, mask, media, family)
 
 
 # ----------------------------------------------------------------------------- exactness first

@@ -322,21 +322,26 @@ class QwenCase(VLMCase):
             for kind, (t, h, w), seed in QWEN_MEDIA[name][1]:
                 patches = torch.randn(t * h * w, QWEN_PATCH_DIM, generator=torch.Generator().manual_seed(seed))
                 media[kind].append(((t, h, w), patches))
-        out = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "mm_token_type_ids": (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int(),  # text 0, image 1, video 2
-        }
-        for kind, pixels, grids in (
-            ("image", "pixel_values", "image_grid_thw"),
-            ("video", "pixel_values_videos", "video_grid_thw"),
-        ):
-            if media[kind]:
-                out[pixels] = torch.cat([p for _, p in media[kind]])
-                out[grids] = torch.tensor([g for g, _ in media[kind]])
-        if self.family != "qwen2" and media["video"]:
-            out["second_per_grid_ts"] = torch.full((len(media["video"]),), QWEN_SECONDS)
-        return out
+        return qwen_inputs(ids, mask, media, self.family)
+
+
+def qwen_inputs(ids: torch.Tensor, mask: torch.Tensor, media: dict[str, list], family: str) -> dict:
+    """Qwen2-VL keyword inputs: ``media`` holds ``((t, h, w), patches)`` per image and per video, in order."""
+    out = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int(),  # text 0, image 1, video 2
+    }
+    for kind, pixels, grids in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
+        if media[kind]:
+            out[pixels] = torch.cat([p for _, p in media[kind]])
+            out[grids] = torch.tensor([g for g, _ in media[kind]])
+    if family != "qwen2" and media["video"]:
+        out["second_per_grid_ts"] = torch.full((len(media["video"]),), QWEN_SECONDS)
+    return out
 
 
 def qwen_samples() -> dict[str, list[int]]:
