@@ -8,6 +8,7 @@ pre-LLM method reads with ``tower_layer``) must equal what the tower's own eager
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,8 +196,79 @@ def test_tower_signals_equal_the_towers_own_attention(family, recorder):
     patch.remove()
 
 
-@pytest.mark.parametrize("family", ["llava-onevision", "qwen2-vl"])
+@pytest.mark.parametrize("family", ["llava-onevision"])
 def test_tower_signals_refused_where_a_family_does_not_map_them(family, recorder):
     model = families()[family].build()
     with pytest.raises(NotImplementedError, match="does not expose them yet"):
         tokenprune.apply(model, "tower_recorder", keep=0.5)
+
+
+def _qwen_case(family: str):
+    from tests.helpers.vlm_families import QWEN_IMAGE, QWEN_OPTIONS, QWEN_VIDEO, QwenCase, qwen_samples
+
+    return QwenCase(family, qwen_samples(), (QWEN_IMAGE, QWEN_VIDEO), 3, QWEN_OPTIONS, family=family)
+
+
+@pytest.fixture
+def last_block(recorder):
+    """The recorder reading the tower's last block (the tiny Qwen towers have one or two)."""
+    recorder.tower_layer = -1
+    yield recorder
+    recorder.tower_layer = -2
+
+
+def test_qwen2_vl_tower_signals_equal_the_blocks_own_attention(last_block):
+    """Qwen2-VL: mean attention each patch receives within its frame, per LLM token (4 patches), images and video."""
+    case = families()["qwen2-vl"]
+    model, inputs = case.build(), case.inputs(["mixed"])  # an image and a 3-frame video: two tower runs
+    attn = model.model.visual.blocks[-1].attn
+    calls = []
+    handle = attn.register_forward_pre_hook(lambda m, a, k: calls.append((a[0], dict(k))), with_kwargs=True)
+    with torch.no_grad():
+        patch = tokenprune.apply(model, "tower_recorder", keep=0.5)
+        model(**inputs)
+        handle.remove()
+        patch.remove()
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        references = []
+        for hidden, kwargs in calls:  # by hand: q/k from the block's own qkv and rotary, a softmax per frame
+            q, k, _ = attn.qkv(hidden).unflatten(-1, (3, attn.num_heads, -1)).unbind(1)
+            q, k = rope(q, k, *kwargs["position_embeddings"])
+            bounds = kwargs["cu_seqlens"].tolist()
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                logits = torch.einsum("qhd,khd->hqk", q[a:b].float(), k[a:b].float()) * attn.scaling
+                references.append(logits.softmax(dim=-1).mean(dim=(0, 1)).view(-1, 4).mean(dim=1))  # (tokens,)
+    assert len(calls) == 2  # the image, then the video
+    by_span = {ctx.embeds.shape[1]: ctx for ctx in last_block.seen}  # the image (16 tokens), the frames (8 each)
+    assert sorted(by_span) == [8, 16] and not any(ctx.tower.from_class_token for ctx in last_block.seen)
+    torch.testing.assert_close(by_span[16].tower.attention[0], references[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(by_span[8].tower.attention, torch.stack(references[1:]), rtol=0, atol=1e-5)
+    assert by_span[8].tower.keys.shape == (3, 8, attn.head_dim)
+
+
+def test_qwen2_5_vl_window_block_signals_come_back_in_image_order(last_block):
+    """A windowed block runs its patches in window order; per window, the mean attention received sums to 1."""
+    model, inputs = _qwen_case("qwen2.5-windows").build(), _qwen_case("qwen2.5-windows").inputs(["a"])
+    with torch.no_grad():
+        patch = tokenprune.apply(model, "tower_recorder", keep=0.5)  # block 1 of 2: windows of 3 x 3 tokens
+        model(**inputs)
+    (ctx,) = last_block.seen
+    grid = ctx.tower.attention[0].view(4, 4) * 4  # one 8x8-patch image: 4x4 tokens; x 4: the sum of its patches
+    top, bottom = slice(0, 3), slice(3, 4)
+    for rows, cols in [(top, top), (top, bottom), (bottom, top), (bottom, bottom)]:  # 9, 3, 3 and 1 tokens
+        assert float(grid[rows, cols].sum()) == pytest.approx(1.0, abs=1e-5)
+    patch.remove()
+
+
+@pytest.mark.parametrize("family", ["llava-llama", "idefics3", "qwen2-vl", "qwen2.5-vl"])
+def test_tower_signals_reach_the_method_in_generate(family, last_block):
+    """generate() encodes images before its first forward: the armed capture still hands their signals over."""
+    case = families()[family]
+    model, inputs = case.build(), case.inputs(["a"])
+    with torch.no_grad():
+        patch = tokenprune.apply(model, "tower_recorder", keep=0.5)
+        tokens = case.greedy(model, inputs)
+    assert tokens.shape[1] == inputs["input_ids"].shape[1] + case.steps
+    assert last_block.seen and all(ctx.tower is not None for ctx in last_block.seen)
+    assert int(patch.state.visual_in[0][0]) == sum((n + 1) // 2 for n in patch.state.spans[0])
+    patch.remove()

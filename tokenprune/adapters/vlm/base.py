@@ -9,7 +9,8 @@ A family (``llava.py``, ``qwen2_vl.py``, ...) is one subclass of :class:`VLMAdap
   layout, q/k-norm included), ``layout`` (for messages);
 * its vision FLOPs: :meth:`~VLMAdapter.vision_flops` per image (towers of fixed size), or
   :meth:`~VLMAdapter.sample_vision_flops` / :meth:`~VLMAdapter.inputs_vision_flops` (dynamic resolution);
-* optionally :meth:`~VLMAdapter.tower_tokens` (how tower patches map onto LLM tokens) so pre-LLM methods can read
+* optionally :meth:`~VLMAdapter.tower_tokens` (how tower patches map onto LLM tokens; towers of another layout
+  override :meth:`~VLMAdapter.tower_capture` and :meth:`~VLMAdapter.tower_sequence`) so pre-LLM methods can read
   vision-tower signals, and :meth:`~VLMAdapter.decode_kwargs` (e.g. M-RoPE decode positions after merging).
 
 Installation, label refusal, placeholder detection, schedule checks, the language-model side
@@ -25,12 +26,12 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.base import Adapter, linear_macs
-from tokenprune.adapters.capture import QKCapture, split_heads
 from tokenprune.adapters.vlm.flops import DecoderFlops, tower_layers, vit_tower_flops
 from tokenprune.adapters.vlm.layer import DecoderSpec
 from tokenprune.adapters.vlm.masks import check_decoder_attention
 from tokenprune.adapters.vlm.reducer import DecoderReducer
 from tokenprune.adapters.vlm.state import CacheSession, DecoderState, TowerSequence, VisualInputs
+from tokenprune.adapters.vlm.tower import ViTTowerCapture, patch_attention, scatter_tokens
 from tokenprune.core.sequence import split_runs
 
 
@@ -64,7 +65,7 @@ class VLMAdapter(Adapter):
     decoder: ClassVar[DecoderSpec] = DecoderSpec()
     #: The layout this family expects, for messages.
     layout: ClassVar[str] = "transformers 5.x"
-    #: Whether :meth:`tower_tokens` maps vision-tower signals onto LLM tokens (pre-LLM methods with tower_layer).
+    #: Whether the family maps vision-tower signals onto LLM tokens (for pre-LLM methods with ``tower_layer``).
     tower_signals: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
@@ -92,7 +93,7 @@ class VLMAdapter(Adapter):
         self.llm_flops = DecoderFlops(self.language_model, self.decoder)
         self.num_heads, self.head_dim = self.llm_flops.num_heads, self.llm_flops.head_dim
         self.reducer: DecoderReducer | None = None
-        self._tower_capture: QKCapture | None = None
+        self._tower_capture: Any = None
         self._handles: list[Any] = []
 
     # ----------------------------------------------------------------- the family's hooks
@@ -138,11 +139,40 @@ class VLMAdapter(Adapter):
         return self.vision_flops()
 
     def tower_tokens(self, signal: torch.Tensor) -> torch.Tensor:
-        """Map a per-patch signal ``(I, P, ...)`` of the tower's images to ``(I, n, ...)`` per LLM token.
+        """Map a per-patch signal ``(I, P, ...)`` of the tower's images to ``(n, ...)``, one row per placeholder.
 
-        Families that implement it set :attr:`tower_signals`.
+        In the order HF scatters features into the placeholders. Families that implement it set
+        :attr:`tower_signals`.
         """
         raise NotImplementedError
+
+    def tower_layer_list(self) -> nn.ModuleList:
+        """The vision tower's layers (``tower_layer`` indexes them)."""
+        return tower_layers(self.vision_tower)
+
+    def tower_capture(self, layer: int) -> Any:
+        """What records the queries and keys of tower layer ``layer`` (default: a ViT-layout tower's)."""
+        return ViTTowerCapture(self.vision_tower, layer)
+
+    def tower_sequence(self, found: VisualInputs, runs: list) -> TowerSequence | None:
+        """The signals of the tower ``runs`` since the last forward, scattered onto ``found``'s placeholders.
+
+        None when they do not match the placeholders (no tower run, or HF raises on such a call itself).
+        """
+        if not runs:
+            return None
+        has_class = self._tower_has_class_token()
+        queries = torch.cat([q for q, _ in runs])  # (I, H, P, D) every image of every run
+        keys = torch.cat([k for _, k in runs])
+        attention = self.tower_tokens(patch_attention(queries, keys, has_class))  # (n,)
+        key_rows = self.tower_tokens(keys.float().mean(dim=1))  # (n, D)
+        placeholders = found.visual if found.structural is None else found.visual | found.structural
+        if attention.shape[0] != int(placeholders.sum()):
+            return None
+        layer = self.reducer.runtime.method.tower_layer % len(self.tower_layer_list())
+        return TowerSequence(
+            layer, scatter_tokens(attention, placeholders), scatter_tokens(key_rows, placeholders), has_class
+        )
 
     # ----------------------------------------------------------------- what apply() asks
     def num_tokens(self, input_size: tuple[int, int] | None = None) -> int:
@@ -170,9 +200,7 @@ class VLMAdapter(Adapter):
         self.reducer = DecoderReducer(self.language_model, runtime, type(self.model).__name__, self.decoder)
         self.reducer.install()
         if runtime.method.tower_layer is not None:
-            attn = tower_layers(self.vision_tower)[runtime.method.tower_layer].self_attn
-            heads = self.vision_tower.config.num_attention_heads
-            self._tower_capture = QKCapture(attn.q_proj, attn.k_proj, split_heads(heads, attn.head_dim))
+            self._tower_capture = self.tower_capture(runtime.method.tower_layer)
         self._handles = [
             self.inner.register_forward_pre_hook(self._before_inner, with_kwargs=True),
             self.inner.register_forward_hook(self._after_inner, always_call=True),
@@ -201,11 +229,8 @@ class VLMAdapter(Adapter):
         found = self.find_visual(input_ids, kwargs)
         if found is None:
             return None
-        capture = self._tower_capture
-        if capture is not None and self.reducer.runtime.enabled and bool(found.visual.any()):
-            capture.active = True  # the tower runs inside this forward; its q/k are read at the LLM's entry
-            visual = found.visual
-            found.tower = lambda: self._tower_sequence(visual)
+        if self._tower_capture is not None:  # read at the LLM's entry: the tower ran before it (or in generate())
+            found.tower = lambda: self.tower_sequence(found, self._tower_capture.pop())
         self.reducer.pending_visual = found
         return None
 
@@ -213,8 +238,7 @@ class VLMAdapter(Adapter):
         if self.reducer is not None:
             self.reducer.pending_visual = None
         if self._tower_capture is not None:
-            self._tower_capture.active = False
-            self._tower_capture.pop()
+            self._tower_capture.pop()  # runs of this forward are used or void now
 
     def _check_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         runtime = self.reducer.runtime
@@ -249,7 +273,7 @@ class VLMAdapter(Adapter):
                 f"method {method.name!r} reads vision-tower signals (tower_layer={method.tower_layer}); "
                 f"{type(self.model).__name__} does not expose them yet"
             )
-        layers = tower_layers(self.vision_tower)
+        layers = self.tower_layer_list()
         if not -len(layers) <= method.tower_layer < len(layers):
             raise ValueError(
                 f"method {method.name!r}: tower_layer={method.tower_layer} is out of range for a vision tower of "
@@ -259,27 +283,6 @@ class VLMAdapter(Adapter):
     def _tower_has_class_token(self) -> bool:
         embeddings = getattr(self.vision_tower, "vision_model", self.vision_tower).embeddings
         return hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token")
-
-    def _tower_sequence(self, visual: torch.Tensor) -> TowerSequence | None:
-        """The captured tower layer's signals, mapped to LLM tokens and scattered onto ``visual`` ``(B, L)``."""
-        queries, keys = self._tower_capture.pop()  # (I, H, P, D) each
-        self._tower_capture.active = False
-        if queries is None:
-            return None
-        method = self.reducer.runtime.method
-        has_class = self._tower_has_class_token()
-        attention = patch_attention(queries, keys, has_class)  # (I, P)
-        per_token = self.tower_tokens(attention)  # (I, n)
-        per_token_keys = self.tower_tokens(keys.mean(dim=1))  # (I, n, D)
-        if per_token.numel() != int(visual.sum()):
-            return None  # the placeholders do not match the tower's images (HF raises on such a call itself)
-        batch, length = visual.shape
-        attention_seq = torch.zeros(batch, length, dtype=per_token.dtype, device=visual.device)
-        keys_seq = torch.zeros(batch, length, keys.shape[-1], dtype=keys.dtype, device=visual.device)
-        attention_seq[visual] = per_token.flatten().to(visual.device)  # HF's masked_scatter order: row-major
-        keys_seq[visual] = per_token_keys.flatten(0, 1).to(visual.device)
-        layer = method.tower_layer % len(tower_layers(self.vision_tower))
-        return TowerSequence(layer, attention_seq, keys_seq, has_class)
 
     # ----------------------------------------------------------------- FLOPs (2 x MAC)
     def embed_flops(self, num_tokens: int) -> float:
@@ -340,20 +343,3 @@ class _NoRuntime:
     config = None
     enabled = False
     state = None
-
-
-def patch_attention(queries: torch.Tensor, keys: torch.Tensor, class_token: bool, chunk: int = 256) -> torch.Tensor:
-    """``(I, P)`` per patch: the class token's attention to it, or (no class token) the mean attention it receives.
-
-    From a tower layer's queries and keys ``(I, H, P, D)``, in float32, averaged over heads. The class-token row
-    is one ``(1 x D) @ (D x P)`` product per head; the mean over all queries runs ``chunk`` query rows at a time,
-    so memory stays ``(I, H, chunk, P)`` and the tower's own attention stays fused.
-    """
-    q, k = queries.float(), keys.float().transpose(-1, -2)  # (I, H, P, D), (I, H, D, P)
-    scale = q.shape[-1] ** -0.5
-    if class_token:
-        return ((q[:, :, :1] @ k) * scale).softmax(dim=-1).mean(dim=1)[:, 0]  # (I, P)
-    received = torch.zeros(q.shape[0], q.shape[2], device=q.device)
-    for start in range(0, q.shape[2], chunk):
-        received += ((q[:, :, start : start + chunk] @ k) * scale).softmax(dim=-1).sum(dim=(1, 2))
-    return received / (q.shape[1] * q.shape[2])

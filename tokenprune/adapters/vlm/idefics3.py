@@ -61,7 +61,7 @@ class Idefics3Adapter(VLMAdapter):
         scale = self.inner.connector.scale_factor
         side = int(round(signal.shape[1] ** 0.5))
         blocks = signal.unflatten(1, (side // scale, scale, side // scale, scale))
-        return blocks.mean(dim=(2, 4)).flatten(1, 2)
+        return blocks.mean(dim=(2, 4)).flatten(0, 2)  # (I * n, ...)
 
 
 register_adapter(

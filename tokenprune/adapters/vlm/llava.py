@@ -37,9 +37,9 @@ class LlavaAdapter(VLMAdapter):
         return (vision.image_size // vision.patch_size) ** 2 + int(self._full_strategy())
 
     def tower_tokens(self, signal: torch.Tensor) -> torch.Tensor:
-        # (I, P + prefix, ...) -> (I, tokens_per_image, ...): HF drops the class token under "default".
+        # (I, P + prefix, ...) -> (I * tokens_per_image, ...): HF drops the class token under "default".
         prefix = int(self._tower_has_class_token()) if not self._full_strategy() else 0
-        return signal[:, prefix:]
+        return signal[:, prefix:].flatten(0, 1)
 
 
 register_adapter(hf_classes("LlavaForConditionalGeneration"), LlavaAdapter, LlavaAdapter.description)

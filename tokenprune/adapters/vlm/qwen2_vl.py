@@ -29,11 +29,16 @@ What this file owns:
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from tokenprune.adapters.base import hf_classes, linear_macs
 from tokenprune.adapters.vlm.base import VLMAdapter, VLMParts
-from tokenprune.adapters.vlm.state import CacheSession, DecoderState, VisualInputs
+from tokenprune.adapters.vlm.state import CacheSession, DecoderState, TowerSequence, VisualInputs
+from tokenprune.adapters.vlm.tower import patch_attention, scatter_tokens
 from tokenprune.core.sequence import split_runs
 from tokenprune.registry import register_adapter
 
@@ -106,6 +111,62 @@ def image_video_segments(
     return torch.where(video, videos + images.max().clamp(min=-1) + 1, images)
 
 
+@dataclass
+class TowerRun:
+    """One run of the Qwen2-VL vision tower at the captured block (images, or videos: HF runs them apart).
+
+    Attributes:
+        queries: ``(S, H, D)`` rotary-embedded queries of every patch of the run (window order in Qwen2.5-VL).
+        keys: ``(S, H, D)`` likewise.
+        cu_seqlens: ``(A + 1,)`` bounds of the block's attention segments (frames, or windows).
+        grid_thw: ``(G, 3)`` the run's grids.
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    cu_seqlens: torch.Tensor
+    grid_thw: torch.Tensor
+
+
+class QwenTowerCapture:
+    """Records a vision block's queries and keys (its fused ``qkv`` output, rotated as the block rotates them)."""
+
+    def __init__(self, tower: nn.Module, layer: int) -> None:
+        attn = tower.blocks[layer].attn
+        self.heads = attn.num_heads
+        self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        self.runs: list[TowerRun] = []
+        self._call: dict = {}
+        self._handles = [
+            tower.register_forward_pre_hook(self._on_tower, with_kwargs=True),
+            attn.register_forward_pre_hook(self._on_attention, with_kwargs=True),
+            attn.qkv.register_forward_hook(self._on_qkv),
+        ]
+
+    def _on_tower(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._call["grid_thw"] = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
+    def _on_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._call["cu_seqlens"], self._call["rotary"] = kwargs["cu_seqlens"], kwargs["position_embeddings"]
+
+    def _on_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        rotary = self._call.pop("rotary", None)
+        if rotary is None:  # qkv called outside the block's attention: not a tower run
+            return
+        queries, keys, _ = output.unflatten(-1, (3, self.heads, -1)).unbind(1)  # (S, H, D) each
+        queries, keys = self.rope(queries, keys, *rotary)
+        self.runs.append(TowerRun(queries, keys, self._call["cu_seqlens"], self._call["grid_thw"]))
+
+    def pop(self) -> list[TowerRun]:
+        runs, self.runs = self.runs, []
+        return runs
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.runs = []
+
+
 class Qwen2VLAdapter(VLMAdapter):
     """``Qwen2VLForConditionalGeneration`` (and ``Qwen2_5_VLForConditionalGeneration``), images and videos."""
 
@@ -113,12 +174,14 @@ class Qwen2VLAdapter(VLMAdapter):
     layout = "transformers 5.x Qwen2-VL"
     has_static_size = False
     position_axes = 3
+    tower_signals = True
 
     def __init__(self, model) -> None:
         super().__init__(model)
         self.merge_size = model.config.vision_config.spatial_merge_size
         # Per sample of the last prefill with visual inputs: the (t, h, w) of its images and videos, in order.
         self._grids: list[list[tuple[int, int, int]]] = []
+        self._placeholders: tuple[torch.Tensor, torch.Tensor] | None = None  # (image, video) of the last call
 
     def parts(self) -> VLMParts:
         inner = self.model.model  # ``Qwen2VLModel``
@@ -155,6 +218,7 @@ class Qwen2VLAdapter(VLMAdapter):
         positions = positions if isinstance(positions, torch.Tensor) and positions.ndim == 3 else None
         frames = image_video_segments(image, video, *grids_thw, self.merge_size, per_frame=True, positions=positions)
         visual = image | video
+        self._placeholders = (image, video)
         if bool(visual.any()):  # per sample, the (t, h, w) of its images and videos in order (for FLOPs)
             inputs = image_video_segments(image, video, *grids_thw, self.merge_size).cpu()  # (B, L) which input
             grids = [tuple(g) for thw in grids_thw if thw is not None for g in thw.tolist()]
@@ -162,6 +226,50 @@ class Qwen2VLAdapter(VLMAdapter):
             valid = all(0 <= i < len(grids) for ids in order for i in ids)
             self._grids = [[grids[i] for i in ids] for ids in order] if valid else []
         return VisualInputs(visual, frames)
+
+    # ----------------------------------------------------------------- vision-tower signals
+    def tower_layer_list(self) -> nn.ModuleList:
+        return self.vision_tower.blocks
+
+    def tower_capture(self, layer: int) -> QwenTowerCapture:
+        return QwenTowerCapture(self.vision_tower, layer)
+
+    def tower_sequence(self, found: VisualInputs, runs: list[TowerRun]) -> TowerSequence | None:
+        """Mean attention each patch receives within its attention segment, and keys, per LLM token.
+
+        A token is ``merge**2`` patches, consecutive in the tower (the patch merger's unit): its entries are their
+        mean. Qwen2.5-VL runs its blocks in window order; the tokens are put back in image order as its merger
+        output is. HF runs images first, then videos: the runs are scattered onto image, then video placeholders.
+        """
+        image, video = self._placeholders
+        kinds = [mask for mask in (image, video) if bool(mask.any())]
+        if len(runs) != len(kinds):
+            return None
+        tower, unit = self.vision_tower, self.merge_size**2
+        attention = torch.zeros(image.shape, device=image.device)
+        keys = None
+        for run, placeholders in zip(runs, kinds, strict=True):
+            bounds = run.cu_seqlens.tolist()
+            queries, keys_heads = run.queries.transpose(0, 1)[None], run.keys.transpose(0, 1)[None]  # (1, H, S, D)
+            segments = zip(bounds[:-1], bounds[1:], strict=True)
+            received = torch.cat(
+                [patch_attention(queries[:, :, a:b], keys_heads[:, :, a:b], False)[0] for a, b in segments]
+            )  # (S,) attention each patch receives within its own frame or window
+            token_attention = received.view(-1, unit).mean(dim=1)  # (S / unit,)
+            token_keys = run.keys.float().mean(dim=1).unflatten(0, (-1, unit)).mean(dim=1)  # (S / unit, D)
+            if getattr(tower, "fullatt_block_indexes", None) is not None:  # Qwen2.5-VL: back from window order
+                window_index, _ = sys.modules[type(tower).__module__].get_vision_window_index(
+                    run.grid_thw, tower.spatial_merge_size, tower.window_size, tower.patch_size
+                )
+                order = window_index.argsort()
+                token_attention, token_keys = token_attention[order], token_keys[order]
+            if token_attention.shape[0] != int(placeholders.sum()):
+                return None
+            attention = attention + scatter_tokens(token_attention, placeholders)
+            scattered = scatter_tokens(token_keys, placeholders)
+            keys = scattered if keys is None else keys + scattered
+        layer = self.reducer.runtime.method.tower_layer % len(tower.blocks)
+        return TowerSequence(layer, attention, keys, False)
 
     # ----------------------------------------------------------------- FLOPs (2 x MAC)
     def vision_flops(self, tokens: int | None = None, grid: tuple[int, int, int] | None = None) -> float:

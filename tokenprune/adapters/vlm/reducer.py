@@ -246,6 +246,11 @@ class DecoderReducer:
         if merge:
             x = self._embeds(kwargs)
             tower = pending.tower() if pending is not None and pending.tower is not None else None
+            if tower is None and self.method.tower_layer is not None:
+                raise RuntimeError(
+                    f"tokenprune: method {self.method.name!r} reads vision-tower signals, but the tower's run on "
+                    "these images was not seen (features passed in precomputed?); pass pixel_values"
+                )
             x, index, valid, visual, size, structural, kwargs = self._merge(
                 x, kwargs, valid, visual, structural, spans_per_sample, plans, fwd, tower
             )
