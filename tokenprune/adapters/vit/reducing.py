@@ -70,7 +70,7 @@ class ReducingLayer(nn.Module):
     Args:
         base_layer: The original layer, kept as a submodule and restored by the adapter's uninstall.
         layer: Index of the layer in the schedule.
-        runtime: The patch's shared :class:`tokenprune.api.Runtime`.
+        runtime: The patch's shared :class:`tokenprune.runtime.Runtime`.
         parts: Names of ``base_layer``'s submodules.
         capture: Hooks that capture this layer's queries and keys.
         scale: Softmax scale of the attention.
