@@ -196,11 +196,42 @@ def test_tower_signals_equal_the_towers_own_attention(family, recorder):
     patch.remove()
 
 
-@pytest.mark.parametrize("family", ["llava-onevision"])
-def test_tower_signals_refused_where_a_family_does_not_map_them(family, recorder):
-    model = families()[family].build()
+def test_tower_signals_refused_where_a_family_does_not_map_them(recorder, monkeypatch):
+    from tokenprune.adapters.vlm.llava import LlavaAdapter
+
+    monkeypatch.setattr(LlavaAdapter, "tower_signals", False)
     with pytest.raises(NotImplementedError, match="does not expose them yet"):
-        tokenprune.apply(model, "tower_recorder", keep=0.5)
+        tokenprune.apply(families()["llava-llama"].build(), "tower_recorder", keep=0.5)
+
+
+def test_onevision_tower_signals_are_packed_as_hf_packs_the_features(recorder):
+    """Anyres: each crop's per-patch attention, unpadded and placed exactly as HF places the crop's features."""
+    case = families()["llava-onevision"]
+    model, inputs = case.build(), case.inputs(["a"])
+    tower = model.model.vision_tower
+    calls = []
+    handle = tower.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
+    with torch.no_grad():
+        patch = tokenprune.apply(model, "tower_recorder", keep=0.5)
+        model(**inputs)
+        handle.remove()
+        layer = len(tower_layers(tower)) - 2
+        received = _eager_attention(tower, calls[0], layer).float().mean(dim=(1, 2))  # (crops, P)
+        kinds, _ = patch.adapter.image_layouts(inputs["image_sizes"])
+        packed, _ = model.model.pack_image_features(
+            [received[..., None]], inputs["image_sizes"], image_newline=torch.zeros(1),
+            vision_aspect_ratio=model.config.vision_aspect_ratio,
+        )  # fmt: skip
+    reference = packed[0][:, 0][kinds[0] != 2]  # (visual tokens,): the base grid, then the high-res grid
+    by_span = sorted(recorder.seen, key=lambda ctx: ctx.embeds.shape[1])
+    got = torch.cat([ctx.tower.attention.flatten() for ctx in by_span])
+    sizes = sorted(int((kinds[0] == k).sum()) for k in (0, 1))
+    assert [ctx.embeds.shape[1] for ctx in by_span] == sizes
+    base, high = reference[: int((kinds[0] == 0).sum())], reference[int((kinds[0] == 0).sum()) :]
+    expected = torch.cat([base, high] if len(base) <= len(high) else [high, base])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    patch.remove()
+    assert "get_image_features" not in vars(model.model)  # the instance wrapper is gone
 
 
 def _qwen_case(family: str):
@@ -260,7 +291,7 @@ def test_qwen2_5_vl_window_block_signals_come_back_in_image_order(last_block):
     patch.remove()
 
 
-@pytest.mark.parametrize("family", ["llava-llama", "idefics3", "qwen2-vl", "qwen2.5-vl"])
+@pytest.mark.parametrize("family", ["llava-llama", "llava-onevision", "idefics3", "qwen2-vl", "qwen2.5-vl"])
 def test_tower_signals_reach_the_method_in_generate(family, last_block):
     """generate() encodes images before its first forward: the armed capture still hands their signals over."""
     case = families()[family]

@@ -38,7 +38,10 @@ placeholders are left alone (treated like text). ``labels`` are refused while re
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,10 +62,12 @@ class LlavaOnevisionAdapter(VLMAdapter):
     description = "transformers LlavaOnevisionForConditionalGeneration (anyres)"
     layout = "transformers 5.x LLaVA-OneVision"
     has_static_size = False
+    tower_signals = True
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self._crops: list[list[int]] = []  # per sample of the last prefill: crops of each of its images
+        self._tower_layout: tuple[torch.Tensor, torch.Tensor | None] | None = None  # image_sizes, batch_num_images
 
     def parts(self) -> VLMParts:
         inner = self.model.model  # ``LlavaOnevisionModel``
@@ -86,18 +91,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
         Returns:
             ``(kinds, crops)``: ``I`` tensors ``(tokens_i,)`` in HF's packing order, and crops per image.
         """
-        config = self.model.config
-        crop_size = config.vision_config.image_size
-        modeling = sys.modules[type(self.inner).__module__]
-        sizes = image_sizes.cpu()
-        if batch_num_images is None:
-            tiled = [True] * len(sizes)
-        else:  # as HF's get_image_features: only a sample's sole image is tiled
-            tiled = [n == 1 for n in batch_num_images.tolist() for _ in range(n)]
-        crops = [
-            modeling.image_size_to_num_patches(size, config.image_grid_pinpoints, crop_size) if tile else 1
-            for size, tile in zip(sizes, tiled, strict=False)
-        ]
+        crops = self.crops_per_image(image_sizes, batch_num_images)
         per_crop = self.tokens_per_image()
         # Constant stand-ins (crops, side * side, 1) for the projected crops: base BASE, tiles HIGH_RES (bilinear
         # resizing keeps a constant, up to rounding), newline NEWLINE; HF packs them exactly like the real ones.
@@ -105,13 +99,68 @@ class LlavaOnevisionAdapter(VLMAdapter):
             torch.cat([torch.full((1, per_crop, 1), float(BASE)), torch.full((n - 1, per_crop, 1), float(HIGH_RES))])
             for n in crops
         ]
-        packed, _ = self.inner.pack_image_features(
-            stand_ins,
-            sizes,
-            image_newline=torch.full((1,), float(NEWLINE)),
-            vision_aspect_ratio=config.vision_aspect_ratio,
-        )
+        packed = self._pack(stand_ins, image_sizes, torch.full((1,), float(NEWLINE)))
         return [p[:, 0].round().long() for p in packed], crops
+
+    def crops_per_image(self, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None = None) -> list[int]:
+        """Crops the tower runs on for each image (as HF's ``get_image_features``: only a sample's sole image tiles)."""
+        config = self.model.config
+        modeling = sys.modules[type(self.inner).__module__]
+        sizes = image_sizes.cpu()
+        tiled = (
+            [True] * len(sizes)
+            if batch_num_images is None
+            else [n == 1 for n in batch_num_images.tolist() for _ in range(n)]
+        )
+        return [
+            modeling.image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            if tile
+            else 1
+            for size, tile in zip(sizes, tiled, strict=False)
+        ]
+
+    def _pack(self, maps: list[torch.Tensor], image_sizes: torch.Tensor, newline: torch.Tensor) -> list[torch.Tensor]:
+        """HF's own ``pack_image_features`` on per-crop maps ``(crops_i, side * side, F)``: ``(tokens_i, F)`` each."""
+        packed, _ = self.inner.pack_image_features(
+            maps, image_sizes.cpu(), image_newline=newline, vision_aspect_ratio=self.model.config.vision_aspect_ratio
+        )
+        return list(packed)
+
+    # ----------------------------------------------------------------- vision-tower signals
+    def install(self, runtime: Any) -> None:
+        super().install(runtime)
+        if self._tower_capture is None:
+            return
+        # The tower runs inside get_image_features (in a forward, or before generate()'s first one); only it sees
+        # image_sizes, which say how the crops' maps are packed. Wrapped on the instance, deleted on uninstall.
+        original = self.inner.get_image_features
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)  # keeps its signature: generate() reads it to route the image arguments
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs).arguments
+            self._tower_layout = (bound["image_sizes"], bound.get("batch_num_images"))
+            return original(*args, **kwargs)
+
+        self.inner.get_image_features = recording
+
+    def uninstall(self) -> None:
+        vars(self.inner).pop("get_image_features", None)
+        self._tower_layout = None
+        super().uninstall()
+
+    def tower_tokens(self, signal: torch.Tensor) -> torch.Tensor:
+        # (crops, P, ...) of every image -> packed as HF packs the features: (placeholders, ...), newline rows 0.
+        if self._tower_layout is None:
+            raise RuntimeError("tokenprune: the tower ran without image sizes; cannot place its signals")
+        image_sizes, batch_num_images = self._tower_layout
+        maps = signal if signal.ndim == 3 else signal[..., None]  # (C, P, F)
+        if self.model.config.vision_feature_select_strategy == "default":
+            maps = maps[:, 1:]
+        crops = self.crops_per_image(image_sizes, batch_num_images)
+        packed = self._pack(list(maps.split(crops)), image_sizes, torch.zeros(maps.shape[-1], dtype=maps.dtype))
+        out = torch.cat(packed)  # (placeholders, F)
+        return out if signal.ndim == 3 else out[:, 0]
 
     def feature_layouts(self, features: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """The kind of each placeholder, read from already packed features (one ``(tokens_i, C)`` per image).
