@@ -297,9 +297,14 @@ def test_tower_signals_reach_the_method_in_generate(family, last_block):
     case = families()[family]
     model, inputs = case.build(), case.inputs(["a"])
     with torch.no_grad():
+        expected = case.greedy(model, inputs)
+        hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]  # HF adds some lazily
         patch = tokenprune.apply(model, "tower_recorder", keep=0.5)
         tokens = case.greedy(model, inputs)
-    assert tokens.shape[1] == inputs["input_ids"].shape[1] + case.steps
-    assert last_block.seen and all(ctx.tower is not None for ctx in last_block.seen)
-    assert int(patch.state.visual_in[0][0]) == sum((n + 1) // 2 for n in patch.state.spans[0])
-    patch.remove()
+        assert tokens.shape[1] == inputs["input_ids"].shape[1] + case.steps
+        assert last_block.seen and all(ctx.tower is not None for ctx in last_block.seen)
+        assert int(patch.state.visual_in[0][0]) == sum((n + 1) // 2 for n in patch.state.spans[0])
+        patch.remove()
+        assert torch.equal(case.greedy(model, inputs), expected)  # every capture hook and wrapper gone
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
+    assert not any("get_image_features" in vars(m) for m in model.modules())
