@@ -1,6 +1,13 @@
-"""Built-in methods; importing this package registers them."""
+"""Built-in methods; importing this package registers them (one import line per method file)."""
 
-from tokenprune.methods import aim, dtop, evit, fastv, none, random_drop, random_visual, tome  # noqa: F401
+import tokenprune.methods.aim
+import tokenprune.methods.dtop
+import tokenprune.methods.evit
+import tokenprune.methods.fastv
+import tokenprune.methods.none
+import tokenprune.methods.random_drop
+import tokenprune.methods.random_visual
+import tokenprune.methods.tome  # noqa: F401  (each import registers its method)
 from tokenprune.methods.base import LayerContext, Method
 
 __all__ = ["LayerContext", "Method"]
