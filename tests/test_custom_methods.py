@@ -164,11 +164,8 @@ def _eager_attention(tower: torch.nn.Module, call: tuple, layer: int) -> torch.T
     return out.attentions[layer]
 
 
-@pytest.mark.parametrize("family", ["llava-llama", "idefics3"])
-def test_tower_signals_equal_the_towers_own_attention(family, recorder):
-    case = families()[family]
-    model, inputs = case.build(), case.inputs(["a"])
-    tower = model.model.vision_tower if family.startswith("llava") else model.model.vision_model
+def _patched_run_and_eager_attention(model, tower, inputs) -> tuple:
+    """Run the recorder patch on ``inputs``; ``(patch, layer, (I, H, P, P) eager attention of that tower layer)``."""
     calls = []
     handle = tower.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
     with torch.no_grad():
@@ -176,7 +173,15 @@ def test_tower_signals_equal_the_towers_own_attention(family, recorder):
         model(**inputs)
         handle.remove()
         layer = len(tower_layers(tower)) - 2
-        attention = _eager_attention(tower, calls[0], layer).float()  # (I, H, P, P)
+        return patch, layer, _eager_attention(tower, calls[0], layer).float()
+
+
+@pytest.mark.parametrize("family", ["llava-llama", "idefics3"])
+def test_tower_signals_equal_the_towers_own_attention(family, recorder):
+    case = families()[family]
+    model, inputs = case.build(), case.inputs(["a"])
+    tower = model.model.vision_tower if family.startswith("llava") else model.model.vision_model
+    patch, layer, attention = _patched_run_and_eager_attention(model, tower, inputs)  # (I, H, P, P)
     (ctx,) = recorder.seen  # one group: every span of this prompt has the same size
     signals = ctx.tower
     assert signals.layer == layer and signals.attention.shape == ctx.embeds.shape[:2]
@@ -208,15 +213,9 @@ def test_onevision_tower_signals_are_packed_as_hf_packs_the_features(recorder):
     """Anyres: each crop's per-patch attention, unpadded and placed exactly as HF places the crop's features."""
     case = families()["llava-onevision"]
     model, inputs = case.build(), case.inputs(["a"])
-    tower = model.model.vision_tower
-    calls = []
-    handle = tower.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
+    patch, _, attention = _patched_run_and_eager_attention(model, model.model.vision_tower, inputs)
+    received = attention.mean(dim=(1, 2))  # (crops, P)
     with torch.no_grad():
-        patch = tokenprune.apply(model, "tower_recorder", keep=0.5)
-        model(**inputs)
-        handle.remove()
-        layer = len(tower_layers(tower)) - 2
-        received = _eager_attention(tower, calls[0], layer).float().mean(dim=(1, 2))  # (crops, P)
         kinds, _ = patch.adapter.image_layouts(inputs["image_sizes"])
         packed, _ = model.model.pack_image_features(
             [received[..., None]], inputs["image_sizes"], image_newline=torch.zeros(1),
