@@ -181,13 +181,17 @@ class VLMAdapter(Adapter):
     def resolve_schedule(self, runtime: Any) -> list[float] | None:
         """Check the config against this family; the per-layer visual fractions (None for a FLOPs budget)."""
         config, method = runtime.config, runtime.method
-        merges = getattr(config, "flops", None) is not None or (getattr(config, "merge_keep", None) or 1.0) < 1.0
-        if self.position_axes > 1 and merges and getattr(config, "merge_positions", None) == "compact":
+        compact = getattr(config, "merge_positions", None) == "compact"
+        if (
+            self.position_axes > 1
+            and compact
+            and (config.flops is not None or method.plan_for(self.depth).merge_keep < 1)
+        ):
             raise NotImplementedError(
                 f"{method.name} merging on {type(self.model).__name__} needs merge_positions='original' (each merged "
                 f"token keeps the {self.position_axes}-axis M-RoPE position of a token of its own image); "
-                f"merge_positions='compact' renumbers 1-D positions only. Prune-only {method.name} "
-                "(merge_keep=1.0) works with either."
+                "merge_positions='compact' renumbers 1-D positions only (without reduction before the LLM, "
+                "e.g. merge_keep=1.0, either works)."
             )
         if method.tower_layer is not None:
             self._check_tower(method)
