@@ -307,3 +307,27 @@ def test_tower_signals_reach_the_method_in_generate(family, last_block):
         assert torch.equal(case.greedy(model, inputs), expected)  # every capture hook and wrapper gone
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
     assert not any("get_image_features" in vars(m) for m in model.modules())
+
+
+def test_tower_signals_on_a_dinov2_tower(recorder):
+    """LLaVA with a DINOv2 tower (as the shipped llava-easyvqa): class-token attention of its own layer."""
+    import transformers as hf
+
+    from tests.helpers.vlm_families import LLAVA_ID, PAD, TEXT, llava_pixels, llava_prompt
+
+    torch.manual_seed(0)
+    vision = hf.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    config = hf.LlavaConfig(
+        vision_config=vision, text_config=hf.LlamaConfig(**TEXT), image_token_id=LLAVA_ID, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", pad_token_id=PAD,
+    )  # fmt: skip
+    model = hf.LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation("sdpa")
+    inputs = {"input_ids": torch.tensor([llava_prompt([1, 5], [7, 8])]), "pixel_values": llava_pixels(1)}
+    patch, layer, attention = _patched_run_and_eager_attention(model, model.model.vision_tower, inputs)
+    (ctx,) = recorder.seen
+    assert ctx.tower.from_class_token and ctx.tower.layer == layer
+    torch.testing.assert_close(ctx.tower.attention, attention[:, :, 0].mean(dim=1)[:, 1:], rtol=0, atol=1e-5)
+    patch.remove()

@@ -32,8 +32,10 @@ import pytest
 import torch
 from PIL import Image
 
+import tokenprune
 from tokenprune import demo
 from tokenprune.measure.accuracy import example_images
+from tokenprune.methods.variants import is_control
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -346,7 +348,8 @@ def test_vqa_and_segmentation_inputs_are_checked_before_any_forward(tmp_path: Pa
         vqa.compare(photo, "  ", "aim", 0.5)
     with pytest.raises(demo.InputError, match=f"at most {MAX_QUESTION_CHARS}"):
         vqa.compare(photo, "why " * 100, "aim", 0.5)
-    with pytest.raises(demo.InputError, match="choose one of aim, fastv, random_visual"):
+    vlm_methods = [m for m in tokenprune.methods(kind="vlm") if not is_control(m)]  # the dropdown's choices
+    with pytest.raises(demo.InputError, match=re.escape(f"choose one of {', '.join(vlm_methods)}.")):
         vqa.compare(photo, "what color?", "tome", 0.5)
     text = tmp_path / "notes.txt"
     text.write_text("hello")

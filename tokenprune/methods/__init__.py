@@ -8,7 +8,8 @@ import tokenprune.methods.fastv
 import tokenprune.methods.none
 import tokenprune.methods.random_drop
 import tokenprune.methods.random_visual
-import tokenprune.methods.tome  # noqa: F401  (each import registers its method)
+import tokenprune.methods.tome
+import tokenprune.methods.visionzip  # noqa: F401  (each import registers its method)
 from tokenprune.methods.base import LayerContext, Method
 
 __all__ = ["LayerContext", "Method"]

@@ -31,7 +31,14 @@ from tokenprune.adapters.vlm.layer import DecoderSpec
 from tokenprune.adapters.vlm.masks import check_decoder_attention
 from tokenprune.adapters.vlm.reducer import DecoderReducer
 from tokenprune.adapters.vlm.state import CacheSession, DecoderState, TowerSequence, VisualInputs
-from tokenprune.adapters.vlm.tower import ViTTowerCapture, patch_attention, scatter_tokens
+from tokenprune.adapters.vlm.tower import (
+    ViTTowerCapture,
+    attention_flops,
+    expand_rows,
+    patch_attention,
+    per_sample_flops,
+    scatter_tokens,
+)
 from tokenprune.core.sequence import split_runs
 
 
@@ -164,14 +171,24 @@ class VLMAdapter(Adapter):
         has_class = self._tower_has_class_token()
         queries = torch.cat([q for q, _ in runs])  # (I, H, P, D) every image of every run
         keys = torch.cat([k for _, k in runs])
+        images, heads, patches, dim = queries.shape
         attention = self.tower_tokens(patch_attention(queries, keys, has_class))  # (n,)
         key_rows = self.tower_tokens(keys.float().mean(dim=1))  # (n, D)
+        ids = torch.arange(1, images + 1, dtype=torch.float32)[:, None].expand(images, patches)  # 0: layout rows
+        owner = self.tower_tokens(ids).round().long() - 1  # (n,) the image of each placeholder, -1 for none
         placeholders = found.visual if found.structural is None else found.visual | found.structural
-        if attention.shape[0] != int(placeholders.sum()):
+        rows = [expand_rows(t, placeholders) for t in (attention, key_rows, owner)]
+        if any(t is None for t in rows):
             return None
+        attention, key_rows, owner = rows
+        costs = torch.full((images,), attention_flops(patches, heads, dim, has_class))
         layer = self.reducer.runtime.method.tower_layer % len(self.tower_layer_list())
         return TowerSequence(
-            layer, scatter_tokens(attention, placeholders), scatter_tokens(key_rows, placeholders), has_class
+            layer,
+            scatter_tokens(attention, placeholders),
+            scatter_tokens(key_rows, placeholders),
+            has_class,
+            per_sample_flops(owner, placeholders, costs),
         )
 
     # ----------------------------------------------------------------- what apply() asks
@@ -333,7 +350,8 @@ class VLMAdapter(Adapter):
         """
         reducer = self.reducer or DecoderReducer(self.language_model, _NoRuntime(), "", self.decoder)
         table = reducer.sample_flops(state, sample)
-        embed = self.sample_vision_flops(state, sample) + table["merge"]
+        signals = state.tower_flops[sample] if sample < len(state.tower_flops) else 0.0
+        embed = self.sample_vision_flops(state, sample) + signals + table["merge"]
         layers = table["layers"]
         head = self.head_flops(layers[-1]["tokens_out"])
         total = embed + head + sum(row["flops"] for row in layers)

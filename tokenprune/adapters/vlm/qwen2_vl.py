@@ -38,7 +38,13 @@ from torch import nn
 from tokenprune.adapters.base import hf_classes, linear_macs
 from tokenprune.adapters.vlm.base import VLMAdapter, VLMParts
 from tokenprune.adapters.vlm.state import CacheSession, DecoderState, TowerSequence, VisualInputs
-from tokenprune.adapters.vlm.tower import patch_attention, scatter_tokens
+from tokenprune.adapters.vlm.tower import (
+    attention_flops,
+    expand_rows,
+    patch_attention,
+    per_sample_flops,
+    scatter_tokens,
+)
 from tokenprune.core.sequence import split_runs
 from tokenprune.registry import register_adapter
 
@@ -247,29 +253,38 @@ class Qwen2VLAdapter(VLMAdapter):
             return None
         tower, unit = self.vision_tower, self.merge_size**2
         attention = torch.zeros(image.shape, device=image.device)
-        keys = None
+        keys, owners, costs = None, torch.full(image.shape, -1, dtype=torch.long, device=image.device), []
         for run, placeholders in zip(runs, kinds, strict=True):
             bounds = run.cu_seqlens.tolist()
+            heads, dim = run.queries.shape[1:]
             queries, keys_heads = run.queries.transpose(0, 1)[None], run.keys.transpose(0, 1)[None]  # (1, H, S, D)
-            segments = zip(bounds[:-1], bounds[1:], strict=True)
+            segments = list(zip(bounds[:-1], bounds[1:], strict=True))
             received = torch.cat(
                 [patch_attention(queries[:, :, a:b], keys_heads[:, :, a:b], False)[0] for a, b in segments]
             )  # (S,) attention each patch receives within its own frame or window
+            segment = torch.cat([torch.full((b - a,), len(costs) + i) for i, (a, b) in enumerate(segments)])
+            costs += [attention_flops(b - a, heads, dim, False) for a, b in segments]
             token_attention = received.view(-1, unit).mean(dim=1)  # (S / unit,)
             token_keys = run.keys.float().mean(dim=1).unflatten(0, (-1, unit)).mean(dim=1)  # (S / unit, D)
+            token_segment = segment.view(-1, unit)[:, 0]  # a merged token never straddles frames or windows
             if getattr(tower, "fullatt_block_indexes", None) is not None:  # Qwen2.5-VL: back from window order
                 window_index, _ = sys.modules[type(tower).__module__].get_vision_window_index(
                     run.grid_thw, tower.spatial_merge_size, tower.window_size, tower.patch_size
                 )
                 order = window_index.argsort()
-                token_attention, token_keys = token_attention[order], token_keys[order]
-            if token_attention.shape[0] != int(placeholders.sum()):
+                token_attention, token_keys, token_segment = (
+                    t[order] for t in (token_attention, token_keys, token_segment)
+                )
+            rows = [expand_rows(t, placeholders) for t in (token_attention, token_keys, token_segment)]
+            if any(t is None for t in rows):
                 return None
-            attention = attention + scatter_tokens(token_attention, placeholders)
-            scattered = scatter_tokens(token_keys, placeholders)
+            attention = attention + scatter_tokens(rows[0], placeholders)
+            scattered = scatter_tokens(rows[1], placeholders)
             keys = scattered if keys is None else keys + scattered
+            owners[placeholders] = rows[2].to(owners.device)
+        flops = per_sample_flops(owners[image | video], image | video, torch.tensor(costs))
         layer = self.reducer.runtime.method.tower_layer % len(tower.blocks)
-        return TowerSequence(layer, attention, keys, False)
+        return TowerSequence(layer, attention, keys, False, flops)
 
     # ----------------------------------------------------------------- FLOPs (2 x MAC)
     def vision_flops(self, tokens: int | None = None, grid: tuple[int, int, int] | None = None) -> float:

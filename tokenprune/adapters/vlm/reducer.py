@@ -243,6 +243,7 @@ class DecoderReducer:
         size = valid.to(x.dtype)
         fwd = ForwardInFlight(decode=False, external_length=(mask.shape[1] if mask is not None else length))
         fwd.shift = torch.zeros(batch, dtype=torch.long, device=device)
+        tower = None
         if merge:
             x = self._embeds(kwargs)
             tower = pending.tower() if pending is not None and pending.tower is not None else None
@@ -262,6 +263,7 @@ class DecoderReducer:
             index, valid, visual, size, length, plans, targets, targets_list, merged=merge, structural=structural
         )
         fwd.state.spans = [[len(p) for _, p in spans] for spans in spans_per_sample]
+        fwd.state.tower_flops = tower.flops if merge and tower is not None else [0.0] * batch
         fwd.state.text, fwd.state.rows = text, rows
         fwd.all_valid = bool(valid.all())
         fwd.active = merge or any(self._prunes(fwd.state, layer) for layer in range(self.depth))

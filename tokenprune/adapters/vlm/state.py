@@ -55,6 +55,7 @@ class DecoderState:
     merged: bool = False
     structural: torch.Tensor | None = None
     version: int = 0  # removals inside the LLM so far in this forward
+    tower_flops: list[float] = field(default_factory=list)  # per sample: computing vision-tower signals
 
     @property
     def num_tokens(self) -> int:
@@ -125,12 +126,14 @@ class TowerSequence:
         attention: ``(B, L)`` class-token attention (or mean attention received) of each visual token; 0 elsewhere.
         keys: ``(B, L, D)`` head-averaged tower keys of each visual token; 0 elsewhere.
         from_class_token: Which of the two ``attention`` is.
+        flops: Per sample, matmul FLOPs of computing these signals (counted with the vision side).
     """
 
     layer: int
     attention: torch.Tensor
     keys: torch.Tensor
     from_class_token: bool
+    flops: list[float] = field(default_factory=list)
 
 
 @dataclass

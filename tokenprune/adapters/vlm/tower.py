@@ -16,12 +16,18 @@ from tokenprune.adapters.vlm.flops import tower_layers
 
 
 class ViTTowerCapture:
-    """Queries and keys ``(I, H, P, D)`` of one layer of a ViT-layout tower (CLIP, SigLIP, Idefics3), per run."""
+    """Queries and keys ``(I, H, P, D)`` of one layer of a ViT-layout tower, per run.
+
+    CLIP, SigLIP and Idefics3 towers name them ``self_attn.q_proj`` / ``k_proj``; DINOv2 ``attention.q_proj`` /
+    ``k_proj``.
+    """
 
     def __init__(self, tower: nn.Module, layer: int) -> None:
-        attn = tower_layers(tower)[layer].self_attn
+        block = tower_layers(tower)[layer]
         heads = tower.config.num_attention_heads
-        self._capture = QKCapture(attn.q_proj, attn.k_proj, split_heads(heads, attn.head_dim))
+        head_dim = tower.config.hidden_size // heads
+        attn = block.self_attn if hasattr(block, "self_attn") else block.attention  # CLIP/SigLIP, DINOv2
+        self._capture = QKCapture(attn.q_proj, attn.k_proj, split_heads(heads, head_dim))
         self._capture.active = True
         self.runs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handle = attn.register_forward_hook(self._keep)
@@ -67,3 +73,38 @@ def scatter_tokens(values: torch.Tensor, placeholders: torch.Tensor) -> torch.Te
     out = torch.zeros(*placeholders.shape, *values.shape[1:], dtype=values.dtype, device=placeholders.device)
     out[placeholders] = values.to(placeholders.device)
     return out
+
+
+def attention_flops(tokens: int, heads: int, head_dim: int, class_token: bool) -> float:
+    """Matmul FLOPs (2 x MAC) :func:`patch_attention` spends on one image (or segment) of ``tokens`` patches."""
+    rows = 1 if class_token else tokens
+    return 2.0 * rows * tokens * heads * head_dim
+
+
+def expand_rows(values: torch.Tensor, placeholders: torch.Tensor) -> torch.Tensor | None:
+    """``values`` (one row per placeholder of each *encoded* sample) matched to ``placeholders`` ``(B, L)``.
+
+    ``generate()`` with beams (or ``num_return_sequences``) encodes each prompt's images once and repeats that
+    sample's features for its ``r`` consecutive copies ([A, B] -> [A, B, A, B]); the signals are repeated the same
+    way. None when the counts cannot be matched.
+    """
+    rows, total = values.shape[0], int(placeholders.sum())
+    if rows == total:
+        return values
+    if rows == 0 or total % rows or placeholders.shape[0] % (total // rows):
+        return None
+    repeat = total // rows
+    counts = placeholders.sum(dim=1).tolist()[::repeat]  # (B / r,) each encoded sample's placeholders
+    if sum(counts) != rows:
+        return None
+    return torch.cat([chunk for chunk in values.split(counts) for _ in range(repeat)])
+
+
+def per_sample_flops(owner: torch.Tensor, placeholders: torch.Tensor, costs: torch.Tensor) -> list[float]:
+    """FLOPs per sample: ``costs[i]`` for every image ``i`` among a sample's placeholders.
+
+    ``owner`` ``(n,)`` is the image of each placeholder row (``-1``: none), ``placeholders`` ``(B, L)``.
+    """
+    owners = torch.full(placeholders.shape, -1, dtype=torch.long, device=placeholders.device)
+    owners[placeholders] = owner.to(placeholders.device)
+    return [float(costs[torch.unique(row[row >= 0]).cpu()].sum()) for row in owners]
