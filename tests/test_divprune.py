@@ -96,8 +96,8 @@ def test_defaults_and_bad_options():
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
             DivPruneConfig(keep=bad)
-    for bad in (0, 2.5, True):
-        with pytest.raises(ValueError, match="int >= 1"):
+    for bad, error in ((0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="int >= 1"):
             DivPruneConfig(tokens=bad)
     with pytest.raises(ValueError, match="one of keep, tokens or flops"):
         DivPruneConfig(keep=0.5, tokens=8)

@@ -21,25 +21,19 @@ video-language datasets"; its reference scripts keep 0.098 of the tokens (about 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from tokenprune.methods.vlm import (
-    PreLLMContext,
-    SpanReduction,
-    VisualPlan,
-    VisualTokenMethod,
-    VLMReductionConfig,
-    check_fraction,
-)
+from tokenprune.methods.vlm import PreLLMConfig, PreLLMContext, PreLLMMethod, SpanReduction
 from tokenprune.registry import register_method
 
 DEFAULT_KEEP = 0.098  # the reference's retained ratio (SUBSET_RATIO): about 90% of the visual tokens pruned
 
 
 @dataclass
-class DivPruneConfig(VLMReductionConfig):
+class DivPruneConfig(PreLLMConfig):
     """DivPrune (Alvar et al., CVPR 2025): keep each image's most diverse visual tokens before the LLM.
 
     Attributes:
@@ -51,22 +45,11 @@ class DivPruneConfig(VLMReductionConfig):
             multi-axis positions need ``"original"``.
     """
 
-    keep: float | None = None
-    tokens: int | None = None
     merge_positions: str = "original"
+    default_keep: ClassVar[float] = DEFAULT_KEEP
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        given = [name for name in ("keep", "tokens", "flops") if getattr(self, name) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of keep, tokens or flops, not {' and '.join(given)}")
-        if self.keep is not None:
-            self.keep = check_fraction("keep", self.keep, True)
-        elif self.tokens is not None:
-            if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
-                raise ValueError(f"tokens must be an int >= 1 (visual tokens kept per image), got {self.tokens!r}")
-        elif self.flops is None:
-            self.keep = DEFAULT_KEEP
         if self.merge_positions not in ("original", "compact"):
             raise ValueError(f"merge_positions must be 'original' or 'compact', got {self.merge_positions!r}")
 
@@ -96,25 +79,13 @@ def max_min_diverse(embeds: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.stack(order, dim=1)
 
 
-class DivPrune(VisualTokenMethod):
+class DivPrune(PreLLMMethod):
     """Keep each image's most diverse visual tokens (greedy max-min cosine distance), before the LLM."""
 
     name = "divprune"
     kinds = frozenset({"vlm"})
     identity = {"keep": 1.0}
     example = {"keep": 0.25}
-    query_rows = "none"  # nothing is pruned inside the LLM
-    budget_parameter = "keep"
-
-    def plan_for(self, depth: int, value: float | None = None) -> VisualPlan:
-        if value is None and self.config.tokens is not None:
-            return VisualPlan(0.0, (1.0,) * depth)  # below 1: reduce; merged_count gives the exact count
-        return VisualPlan(self.config.keep if value is None else value, (1.0,) * depth)
-
-    def merged_count(self, tokens: int, merge_keep: float) -> int:
-        if self.config.tokens is not None:
-            return min(self.config.tokens, tokens)
-        return super().merged_count(tokens, merge_keep)
 
     def merge(self, ctx: PreLLMContext) -> SpanReduction:
         picked = max_min_diverse(ctx.embeds, ctx.keep)  # (S, K)

@@ -18,25 +18,17 @@ method by at least 5% performance gains across nearly all settings", prefilling 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from tokenprune.methods.vlm import (
-    PreLLMContext,
-    SpanReduction,
-    VisualPlan,
-    VisualTokenMethod,
-    VLMReductionConfig,
-    check_fraction,
-    count,
-)
+from tokenprune.methods.vlm import PreLLMConfig, PreLLMContext, PreLLMMethod, SpanReduction, check_fraction, count
 from tokenprune.registry import register_method
 
 
 @dataclass
-class VisionZipConfig(VLMReductionConfig):
+class VisionZipConfig(PreLLMConfig):
     """VisionZip (Yang et al., CVPR 2025): dominant tokens by tower attention, the rest merged into a few groups.
 
     Attributes:
@@ -47,23 +39,11 @@ class VisionZipConfig(VLMReductionConfig):
         contextual: Fraction of the kept tokens that are contextual (merged) tokens, in [0, 1]; default 10/64.
     """
 
-    keep: float | None = None
-    tokens: int | None = None
     contextual: float = 10 / 64
+    default_keep: ClassVar[float] = 64 / 576
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        given = [name for name in ("keep", "tokens", "flops") if getattr(self, name) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of keep, tokens or flops, not {' and '.join(given)}")
-        if self.keep is not None:
-            self.keep = check_fraction("keep", self.keep, True)
-        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, int)):
-            raise TypeError(f"tokens must be an int >= 1 (tokens kept per image), got {self.tokens!r}")
-        if self.tokens is not None and self.tokens < 1:
-            raise ValueError(f"tokens must be an int >= 1 (tokens kept per image), got {self.tokens}")
-        if not given:
-            self.keep = 64 / 576
         self.contextual = check_fraction("contextual (fraction of the kept tokens)", self.contextual, False)
 
 
@@ -89,7 +69,7 @@ def contextual_groups(keys: torch.Tensor, targets: int) -> tuple[torch.Tensor, t
     return target_rows, group
 
 
-class VisionZip(VisualTokenMethod):
+class VisionZip(PreLLMMethod):
     """Dominant tokens by the tower's attention, plus contextual tokens merged by key similarity."""
 
     name = "visionzip"
@@ -97,7 +77,6 @@ class VisionZip(VisualTokenMethod):
     identity = {"keep": 1.0}
     example = {"keep": 0.5, "contextual": 0.25}
     batch_invariant = True
-    budget_parameter = "keep"
     tower_layer = -2
     _key_dim = 0  # the tower's key width, read from the keys at the last merge (for merge_flops)
 
@@ -105,17 +84,6 @@ class VisionZip(VisualTokenMethod):
         super().check_model(adapter)
         # The paper's penultimate tower layer; a one-layer tower (tiny test models) has only its last.
         self.tower_layer = -2 if len(adapter.tower_layer_list()) > 1 else -1
-
-    def plan_for(self, depth: int, value: float | None = None) -> VisualPlan:
-        keep = self.config.keep if value is None else value
-        if value is None and self.config.tokens is not None:
-            keep = 0.0  # below 1: merged_count gives each image its exact count
-        return VisualPlan(keep, (1.0,) * depth)
-
-    def merged_count(self, tokens: int, merge_keep: float) -> int:
-        if self.config.tokens is not None:
-            return min(self.config.tokens, tokens)
-        return super().merged_count(tokens, merge_keep)
 
     def split(self, keep: int) -> tuple[int, int]:
         """``(dominant, contextual)`` tokens of an image that keeps ``keep``."""

@@ -244,6 +244,37 @@ class DecoderLayerContext:
         return torch.where((row_valid & allowed.any(dim=-1))[..., None], probs, torch.zeros((), device=rows.device))
 
 
+@dataclass
+class PreLLMConfig(VLMReductionConfig):
+    """Options of methods that reduce each image's visual tokens before the LLM (how many an image keeps).
+
+    Attributes:
+        keep: Fraction of each image's visual tokens kept, in (0, 1]; the method's ``default_keep`` when none of
+            ``keep``, ``tokens`` or ``flops`` is given. Give one of the three.
+        tokens: Exact visual tokens kept per image, an int >= 1 (an image with fewer keeps all of them): the
+            per-image count is known before the vision tower runs.
+    """
+
+    keep: float | None = None
+    tokens: int | None = None
+    #: ``keep`` when none of ``keep``, ``tokens``, ``flops`` is given (a class attribute, not an option).
+    default_keep: ClassVar[float] = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        given = [name for name in ("keep", "tokens", "flops") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of keep, tokens or flops, not {' and '.join(given)}")
+        if self.keep is not None:
+            self.keep = check_fraction("keep", self.keep, True)
+        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, int)):
+            raise TypeError(f"tokens must be an int >= 1 (visual tokens kept per image), got {self.tokens!r}")
+        if self.tokens is not None and self.tokens < 1:
+            raise ValueError(f"tokens must be an int >= 1 (visual tokens kept per image), got {self.tokens}")
+        if not given:
+            self.keep = self.default_keep
+
+
 # ----------------------------------------------------------------------------- the method
 class VisualTokenMethod(Method):
     """Base class of methods that reduce the visual tokens of a vision-language model.
@@ -329,3 +360,21 @@ class VisualTokenMethod(Method):
                 high = mid
         best = min((low, high), key=lambda i: (abs(relative(i) - fraction), -i))
         return self.plan_for(depth, values[best])
+
+
+class PreLLMMethod(VisualTokenMethod):
+    """Base of methods that only reduce each image before the LLM (a :class:`PreLLMConfig`): subclasses write
+    :meth:`merge` and :meth:`merge_flops`; nothing is pruned inside the LLM."""
+
+    query_rows: ClassVar[str] = "none"
+    budget_parameter: ClassVar[str] = "keep"
+
+    def plan_for(self, depth: int, value: float | None = None) -> VisualPlan:
+        if value is None and self.config.tokens is not None:
+            return VisualPlan(0.0, (1.0,) * depth)  # below 1: reduce; merged_count gives the exact count
+        return VisualPlan(self.config.keep if value is None else value, (1.0,) * depth)
+
+    def merged_count(self, tokens: int, merge_keep: float) -> int:
+        if self.config.tokens is not None:
+            return min(self.config.tokens, tokens)
+        return super().merged_count(tokens, merge_keep)
