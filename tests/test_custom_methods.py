@@ -331,3 +331,20 @@ def test_tower_signals_on_a_dinov2_tower(recorder):
     assert ctx.tower.from_class_token and ctx.tower.layer == layer
     torch.testing.assert_close(ctx.tower.attention, attention[:, :, 0].mean(dim=1)[:, 1:], rtol=0, atol=1e-5)
     patch.remove()
+
+
+@pytest.mark.parametrize("family", ["llava-llama", "qwen2-vl"])
+def test_a_tower_call_of_its_own_before_a_forward_is_skipped(family, last_block):
+    """The capture keeps every tower run; a stale one (e.g. a FLOPs probe of the tower alone) is not used."""
+    case = families()[family]
+    model, inputs = case.build(), case.inputs(["a"])
+    with torch.no_grad():
+        patch = tokenprune.apply(model, "tower_recorder", keep=0.5)
+        model(**inputs)
+        expected = last_block.seen[-1].tower.attention
+        other = case.inputs(["b"])  # another image through the tower alone
+        extra = {k: v for k, v in other.items() if k in ("pixel_values", "image_grid_thw")}
+        model.model.get_image_features(**extra)
+        model(**inputs)
+        torch.testing.assert_close(last_block.seen[-1].tower.attention, expected, rtol=0, atol=0)
+    patch.remove()

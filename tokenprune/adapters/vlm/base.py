@@ -162,25 +162,24 @@ class VLMAdapter(Adapter):
         return ViTTowerCapture(self.vision_tower, layer)
 
     def tower_sequence(self, found: VisualInputs, runs: list) -> TowerSequence | None:
-        """The signals of the tower ``runs`` since the last forward, scattered onto ``found``'s placeholders.
+        """The signals of the latest tower ``runs`` (since the last forward), scattered onto ``found``'s placeholders.
 
-        None when they do not match the placeholders (no tower run, or HF raises on such a call itself).
+        Earlier runs (the tower called on its own in between) are skipped. None when no run matches.
         """
-        if not runs:
-            return None
-        has_class = self._tower_has_class_token()
-        queries = torch.cat([q for q, _ in runs])  # (I, H, P, D) every image of every run
-        keys = torch.cat([k for _, k in runs])
-        images, heads, patches, dim = queries.shape
-        attention = self.tower_tokens(patch_attention(queries, keys, has_class))  # (n,)
-        key_rows = self.tower_tokens(keys.float().mean(dim=1))  # (n, D)
-        ids = torch.arange(1, images + 1, dtype=torch.float32)[:, None].expand(images, patches)  # 0: layout rows
-        owner = self.tower_tokens(ids).round().long() - 1  # (n,) the image of each placeholder, -1 for none
         placeholders = found.visual if found.structural is None else found.visual | found.structural
-        rows = [expand_rows(t, placeholders) for t in (attention, key_rows, owner)]
-        if any(t is None for t in rows):
-            return None
-        attention, key_rows, owner = rows
+        for first in range(len(runs) - 1, -1, -1):  # the latest runs that account for these placeholders
+            queries = torch.cat([q for q, _ in runs[first:]])  # (I, H, P, D)
+            images, heads, patches, dim = queries.shape
+            ids = torch.arange(1, images + 1, dtype=torch.float32)[:, None].expand(images, patches)  # 0: layout
+            owner = expand_rows(self.tower_tokens(ids).round().long() - 1, placeholders)  # (n,) image, -1: none
+            if owner is not None:
+                break
+        else:
+            return None  # no tower run matches (HF raises on such a call itself)
+        keys = torch.cat([k for _, k in runs[first:]])
+        has_class = self._tower_has_class_token()
+        attention = expand_rows(self.tower_tokens(patch_attention(queries, keys, has_class)), placeholders)  # (n,)
+        key_rows = expand_rows(self.tower_tokens(keys.float().mean(dim=1)), placeholders)  # (n, D)
         costs = torch.full((images,), attention_flops(patches, heads, dim, has_class))
         layer = self.reducer.runtime.method.tower_layer % len(self.tower_layer_list())
         return TowerSequence(

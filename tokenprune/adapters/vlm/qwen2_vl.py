@@ -249,8 +249,9 @@ class Qwen2VLAdapter(VLMAdapter):
         """
         image, video = self._placeholders
         kinds = [mask for mask in (image, video) if bool(mask.any())]
-        if len(runs) != len(kinds):
+        if len(runs) < len(kinds):
             return None
+        runs = runs[len(runs) - len(kinds) :]  # the latest: this call's images, then videos
         tower, unit = self.vision_tower, self.merge_size**2
         attention = torch.zeros(image.shape, device=image.device)
         keys, owners, costs = None, torch.full(image.shape, -1, dtype=torch.long, device=image.device), []

@@ -12,7 +12,8 @@
   projector + LLM + head), ``vision`` (tower + projector, measured alone), ``llm_prefill = total - vision``.
   ``--flops`` is a fraction of the unreduced ``llm_prefill`` (as AIM counts), solved per prompt by the method.
 * **Image features**: the accuracy loop memoises the vision tower + projector output per image
-  (:func:`cached_image_features`): no method touches them, so this only skips recomputing identical numbers.
+  (:func:`cached_image_features`): no method touches them (those that read the tower's attention turn the
+  cache off), so this only skips recomputing identical numbers.
 * **Prefill time**: the same batch-1 prefill, unpatched and patched alternately on the same prompts (the patch
   applied and removed around its forward), medians; ``llm`` times the language model alone (inside
   ``model.model.language_model``, which includes AIM's merging), ``total`` the whole forward.
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 
+from tokenprune import registry
 from tokenprune.api import apply
 from tokenprune.measure.bench import ModuleTimer
 from tokenprune.measure.options import parse_set
@@ -256,6 +258,8 @@ def evaluate_setting(
     """
     method, variant = resolve(name, KIND)
     options = {**variant.options, **options}
+    if registry.get_method(method).method_cls.tower_layer is not None:
+        feature_cache = None  # the method reads the vision tower's own attention: the tower must run
     reference = rows[:FLOPS_PROMPTS]
     base = unreduced_flops(model, processor, reference)
     if variant.search is not None and options.get("flops") is not None:
@@ -267,7 +271,7 @@ def evaluate_setting(
         with torch.inference_mode():
             model(**encode(processor, rows[:1]), logits_to_keep=1)
         state = patch.state  # None when nothing is reduced (method none)
-        layers = state.tokens_per_layer() if state is not None and hasattr(state, "tokens_per_layer") else []
+        layers = state.tokens_per_layer() if state is not None else []
         result: dict[str, Any] = {
             "method": name,
             "registered_method": method,
