@@ -112,7 +112,7 @@ def test_tokens_keeps_exactly_n_per_image(family):
     model, inputs = case.build(), case.inputs(["a"])
     entry = tokenprune.registry.get_method("visionzip")
     with torch.no_grad():
-        patch = tokenprune.apply(model, "visionzip", **case.options_for(entry.config_cls, {"tokens": 3}))
+        patch = tokenprune.apply(model, "visionzip", **case.options_for(entry.config_cls, {"tokens": 3, "layer": -1}))
         model(**inputs)
     spans = patch.state.spans[0]
     assert int(patch.state.visual_in[0][0]) == sum(min(3, n) for n in spans) < sum(spans)
@@ -139,3 +139,16 @@ def test_defaults_are_the_papers_64_of_576_with_10_contextual():
     config = VisionZipConfig()
     assert config.keep == 64 / 576 and config.contextual == 10 / 64 and config.tokens is None
     assert VisionZip(config).split(64) == (54, 10) and VisionZip(config).split(192) == (162, 30)
+
+
+def test_layer_option_picks_the_tower_layer_and_is_checked():
+    model = families()["llava-llama"].build()  # a 2-layer CLIP tower
+    patch = tokenprune.apply(model, "visionzip", keep=0.5, layer=0)
+    assert patch.runtime.method.tower_layer == 0
+    patch.remove()
+    assert tokenprune.apply(model, "visionzip", keep=0.5).runtime.method.tower_layer == -2  # the paper's default
+    tokenprune.get_patch(model).remove()
+    with pytest.raises(ValueError, match=r"valid: -2 \.\. 1"):
+        tokenprune.apply(model, "visionzip", keep=0.5, layer=5)
+    with pytest.raises(TypeError, match="layer must be an int"):
+        tokenprune.apply(model, "visionzip", keep=0.5, layer="last")

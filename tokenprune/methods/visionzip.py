@@ -37,14 +37,20 @@ class VisionZipConfig(PreLLMConfig):
         tokens: Exact tokens kept per image (an int >= 1; an image with fewer keeps all of them).
             Give one of ``keep``, ``tokens`` or ``flops``.
         contextual: Fraction of the kept tokens that are contextual (merged) tokens, in [0, 1]; default 10/64.
+        layer: Vision-tower layer whose attention and keys rank and group the tokens (negative: from the end);
+            default None: the penultimate (the paper's; LLaVA reads its features there), or the only one of a
+            one-layer tower.
     """
 
     contextual: float = 10 / 64
+    layer: int | None = None
     default_keep: ClassVar[float] = 64 / 576
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.contextual = check_fraction("contextual (fraction of the kept tokens)", self.contextual, False)
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise TypeError(f"layer must be an int (a vision-tower layer index), got {self.layer!r}")
 
 
 def contextual_groups(keys: torch.Tensor, targets: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +88,9 @@ class VisionZip(PreLLMMethod):
 
     def check_model(self, adapter: Any) -> None:
         super().check_model(adapter)
-        # The paper's penultimate tower layer; a one-layer tower (tiny test models) has only its last.
-        self.tower_layer = -2 if len(adapter.tower_layer_list()) > 1 else -1
+        # The layer the adapter captures (checked against the tower next): the configured one, or the paper's.
+        default = -2 if len(adapter.tower_layer_list()) > 1 else -1
+        self.tower_layer = default if self.config.layer is None else self.config.layer
 
     def split(self, keep: int) -> tuple[int, int]:
         """``(dominant, contextual)`` tokens of an image that keeps ``keep``."""
