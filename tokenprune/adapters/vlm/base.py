@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.base import Adapter, linear_macs
-from tokenprune.adapters.vlm.flops import DecoderFlops, tower_layers, vit_tower_flops
+from tokenprune.adapters.vlm.flops import (
+    DecoderFlops,
+    sample_table,
+    tower_has_class_token,
+    tower_layers,
+    vit_tower_flops,
+)
 from tokenprune.adapters.vlm.layer import DecoderSpec
 from tokenprune.adapters.vlm.masks import check_decoder_attention
 from tokenprune.adapters.vlm.reducer import DecoderReducer
@@ -98,7 +104,7 @@ class VLMAdapter(Adapter):
             )
         self.depth = len(layers)
         self.llm_flops = DecoderFlops(self.language_model, self.decoder)
-        self.num_heads, self.head_dim = self.llm_flops.num_heads, self.llm_flops.head_dim
+        self.method: Any = None  # the installed method; kept after uninstall for FLOPs tables of its states
         self.reducer: DecoderReducer | None = None
         self._tower_capture: Any = None
         self._handles: list[Any] = []
@@ -177,7 +183,7 @@ class VLMAdapter(Adapter):
         else:
             return None  # no tower run matches (HF raises on such a call itself)
         keys = torch.cat([k for _, k in runs[first:]])
-        has_class = self._tower_has_class_token()
+        has_class = tower_has_class_token(self.vision_tower)
         attention = expand_rows(self.tower_tokens(patch_attention(queries, keys, has_class)), placeholders)  # (n,)
         key_rows = expand_rows(self.tower_tokens(keys.float().mean(dim=1)), placeholders)  # (n, D)
         costs = torch.full((images,), attention_flops(patches, heads, dim, has_class))
@@ -217,7 +223,10 @@ class VLMAdapter(Adapter):
 
     # ----------------------------------------------------------------- install / uninstall
     def install(self, runtime: Any) -> None:
-        self.reducer = DecoderReducer(self.language_model, runtime, type(self.model).__name__, self.decoder)
+        self.method = runtime.method
+        self.reducer = DecoderReducer(
+            self.language_model, runtime, type(self.model).__name__, self.decoder, self.llm_flops
+        )
         self.reducer.install()
         if runtime.method.tower_layer is not None:
             self._tower_capture = self.tower_capture(runtime.method.tower_layer)
@@ -300,18 +309,7 @@ class VLMAdapter(Adapter):
                 f"{len(layers)} layers (valid: {-len(layers)} .. {len(layers) - 1})"
             )
 
-    def _tower_has_class_token(self) -> bool:
-        embeddings = getattr(self.vision_tower, "vision_model", self.vision_tower).embeddings
-        return hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token")
-
     # ----------------------------------------------------------------- FLOPs (2 x MAC)
-    def embed_flops(self, num_tokens: int) -> float:
-        return self.static_image_flops()
-
-    def layer_flops(self, layer: int, tokens_in: int, tokens_out: int) -> float:
-        # A layer runs whole on its input; removal happens after it (its MLP sees tokens_in too).
-        return self.llm_flops.layer(layer, tokens_in)
-
     def head_flops(self, num_tokens: int) -> float:
         return 2.0 * num_tokens * linear_macs(self.model.lm_head)
 
@@ -347,20 +345,10 @@ class VLMAdapter(Adapter):
         ``head``: the LM head on every output row. For a single unpadded prompt, ``total`` equals what
         ``torch.utils.flop_counter`` measures for ``model(**inputs)``.
         """
-        reducer = self.reducer or DecoderReducer(self.language_model, _NoRuntime(), "", self.decoder)
-        table = reducer.sample_flops(state, sample)
+        table = sample_table(self.llm_flops, self.method, state, sample)
         signals = state.tower_flops[sample] if sample < len(state.tower_flops) else 0.0
         embed = self.sample_vision_flops(state, sample) + signals + table["merge"]
         layers = table["layers"]
         head = self.head_flops(layers[-1]["tokens_out"])
         total = embed + head + sum(row["flops"] for row in layers)
         return {"embed": embed, "merge": table["merge"], "head": head, "total": total, "layers": layers}
-
-
-class _NoRuntime:
-    """Stand-in runtime for FLOPs tables of a removed patch's state."""
-
-    method = None
-    config = None
-    enabled = False
-    state = None

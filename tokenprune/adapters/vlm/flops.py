@@ -7,6 +7,8 @@ pruning layer adds the scoring product of its query rows against every key (``2 
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from tokenprune.adapters.base import linear_macs
@@ -67,13 +69,11 @@ class DecoderFlops:
 
 def vit_tower_flops(tower: nn.Module, config: object) -> float:
     """One ``image_size`` image through a ViT-layout vision tower (CLIP, SigLIP, Idefics3, DINOv2)."""
-    vision = getattr(tower, "vision_model", tower)  # CLIP / SigLIP layout
-    embeddings = vision.embeddings
+    embeddings = getattr(tower, "vision_model", tower).embeddings  # CLIP / SigLIP layout, or the tower itself
     patch_embedding = next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))
     patches = (config.image_size // config.patch_size) ** 2
-    # Prefix tokens: CLIP's class embedding, DINOv2's class token and (with registers) register tokens.
-    prefix = int(hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token"))
-    prefix += int(getattr(config, "num_register_tokens", 0) or 0)
+    # Prefix tokens: the class token and (DINOv2 with registers) register tokens.
+    prefix = int(tower_has_class_token(tower)) + int(getattr(config, "num_register_tokens", 0) or 0)
     tokens = patches + prefix
     flops = 2.0 * patches * patch_embedding.weight.numel()
     heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
@@ -88,3 +88,30 @@ def tower_layers(tower: nn.Module) -> nn.ModuleList:
     vision = getattr(tower, "vision_model", tower)
     encoder = vision.encoder
     return encoder.layers if hasattr(encoder, "layers") else encoder.layer
+
+
+def tower_has_class_token(tower: nn.Module) -> bool:
+    """Whether a ViT-layout tower prepends a class token (CLIP's class embedding, DINOv2's ``cls_token``)."""
+    embeddings = getattr(tower, "vision_model", tower).embeddings
+    return hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token")
+
+
+def sample_table(flops: DecoderFlops, method: Any, state: Any, sample: int = 0) -> dict:
+    """Analytic FLOPs of one sample of a prefill: reduction before the LLM and each LLM layer.
+
+    Args:
+        flops: The text model's per-layer FLOPs.
+        method: The patch's :class:`~tokenprune.methods.vlm.VisualTokenMethod` (its ``merge_flops``).
+        state: The prefill's :class:`~tokenprune.adapters.vlm.state.DecoderState`.
+        sample: Which sample of the batch.
+
+    Returns:
+        ``{"merge", "layers": [{"layer", "tokens_in", "tokens_out", "flops", "method_flops"}]}``: the
+        sample's own tokens (no padding or fill), ``method_flops`` the scoring at a removing layer.
+    """
+    plan, text, rows = state.plans[sample], state.text[sample], state.rows[sample]
+    merge = sum(
+        method.merge_flops(n, method.merged_count(n, plan.merge_keep), flops.hidden_size) for n in state.spans[sample]
+    )
+    tokens_in = [text + counts[sample] for counts in state.targets_list]
+    return {"merge": merge, "layers": flops.rows(tokens_in, tokens_in[1:] + tokens_in[-1:], rows)}

@@ -14,6 +14,7 @@ import torch
 
 from tokenprune.adapters.base import hf_classes
 from tokenprune.adapters.vlm.base import VLMAdapter, VLMParts
+from tokenprune.adapters.vlm.flops import tower_has_class_token
 from tokenprune.registry import register_adapter
 
 
@@ -38,7 +39,7 @@ class LlavaAdapter(VLMAdapter):
 
     def tower_tokens(self, signal: torch.Tensor) -> torch.Tensor:
         # (I, P + prefix, ...) -> (I * tokens_per_image, ...): HF drops the class token under "default".
-        prefix = int(self._tower_has_class_token()) if not self._full_strategy() else 0
+        prefix = int(tower_has_class_token(self.vision_tower)) if not self._full_strategy() else 0
         return signal[:, prefix:].flatten(0, 1)
 
 

@@ -71,6 +71,7 @@ class DecoderReducer:
         runtime: The patch's runtime (``method``, ``config``, ``enabled``, ``state``).
         owner: Model class name for error messages.
         spec: Names inside a decoder layer.
+        flops: The text model's per-layer FLOPs (FLOPs budgets are solved with them); default: computed here.
         rope: ``apply_rotary_pos_emb(q, k, cos, sin)``; default: the one in the layers' modeling module.
     """
 
@@ -80,6 +81,7 @@ class DecoderReducer:
         runtime: Any,
         owner: str,
         spec: DecoderSpec | None = None,
+        flops: DecoderFlops | None = None,
         rope: Callable | None = None,
     ) -> None:
         self.lm = language_model
@@ -95,7 +97,7 @@ class DecoderReducer:
             if rope is None:
                 raise TypeError(f"{type(attn).__name__} has no apply_rotary_pos_emb in its module; pass rope=")
         self.rope = rope
-        self.flops = DecoderFlops(language_model, self.spec)
+        self.flops = flops or DecoderFlops(language_model, self.spec)
         self.forward_in_flight: ForwardInFlight | None = None
         #: Set by the family adapter before the text model runs (its inner model's pre-hook).
         self.pending_visual: VisualInputs | None = None
@@ -153,23 +155,6 @@ class DecoderReducer:
                 plan = method.solve_budget(budget, depth, sum(spans), cost)
             self._plans[key] = plan
         return self._plans[key]
-
-    def sample_flops(self, state: DecoderState, sample: int = 0) -> dict:
-        """Analytic FLOPs of one sample of a prefill: reduction before the LLM and each LLM layer.
-
-        Returns:
-            ``{"merge", "layers": [{"layer", "tokens_in", "tokens_out", "flops", "method_flops"}]}``: the
-            sample's own tokens (no padding or fill), ``method_flops`` the scoring at a removing layer.
-        """
-        plan, text, rows = state.plans[sample], state.text[sample], state.rows[sample]
-        channels = self.lm.config.hidden_size
-        merge = sum(
-            self.method.merge_flops(n, self.method.merged_count(n, plan.merge_keep), channels)
-            for n in state.spans[sample]
-        )
-        visual = [counts[sample] for counts in state.targets_list]
-        tokens_in = [text + v for v in visual]
-        return {"merge": merge, "layers": self.flops.rows(tokens_in, tokens_in[1:] + tokens_in[-1:], rows)}
 
     def mask(self, key_valid: torch.Tensor | None, keys: int, hidden_states: torch.Tensor) -> Any:
         implementation = self.lm.config._attn_implementation
@@ -263,7 +248,7 @@ class DecoderReducer:
             index, valid, visual, size, length, plans, targets, targets_list, merged=merge, structural=structural
         )
         fwd.state.spans = [[len(p) for _, p in spans] for spans in spans_per_sample]
-        fwd.state.tower_flops = tower.flops if merge and tower is not None else [0.0] * batch
+        fwd.state.tower_flops = tower.flops if tower is not None else [0.0] * batch
         fwd.state.text, fwd.state.rows = text, rows
         fwd.all_valid = bool(valid.all())
         fwd.active = merge or any(self._prunes(fwd.state, layer) for layer in range(self.depth))
