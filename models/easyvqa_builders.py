@@ -18,8 +18,6 @@ from tokenprune.zoo.easyvqa import (
     EOS,
     IMAGE,
     IMAGE_SIZE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     PAD,
     PATCH_SIZE,
     SPECIAL_TOKENS,
@@ -29,6 +27,7 @@ from tokenprune.zoo.easyvqa import (
     WEIGHTS_NAME,
     trained_state_dict,
 )
+from tokenprune.zoo.imagenette import IMAGENET_MEAN, IMAGENET_STD
 
 
 def vocabulary(questions: list[str], answers: list[str]) -> list[str]:

@@ -54,6 +54,7 @@ def run_sweep(task: Task, args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.resume and task.shares_folder:  # earlier sweeps into this folder stay in the table and plot
         done = {p.name: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json")) if p.name != "sweep.json"}
     title = task.title(args, loaded)
+    ran = False
     for setting in tqdm(task.settings(loaded, args, done), desc="sweep", disable=rank != 0):
         path = out_dir / setting.file
         if args.resume and path.exists():
@@ -68,12 +69,14 @@ def run_sweep(task: Task, args: argparse.Namespace) -> list[dict[str, Any]]:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(row, indent=2) + "\n")
         done[setting.file] = row
+        ran = True
         if rank == 0:
             task.after(loaded, setting, row, args)
             write_outputs(task, task.order(list(done.values()), args), out_dir, title)
     rows = task.order(list(done.values()), args)
     if rank == 0:
-        write_outputs(task, rows, out_dir, title)
+        if not (out_dir / "table.md").exists() or not ran:  # else the last setting wrote these very rows
+            write_outputs(task, rows, out_dir, title)
         sys.stdout.write((out_dir / "table.md").read_text())
     return rows
 

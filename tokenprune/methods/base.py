@@ -62,6 +62,8 @@ class Method:
     #: False when which tokens a sample keeps depends on the batch around it (random draws): a batch then keeps as
     #: many tokens per sample as each sample alone, not the same ones.
     batch_invariant: ClassVar[bool] = True
+    #: True for the control row of every sweep (``none``): it reduces nothing whatever its options.
+    control: ClassVar[bool] = False
     #: Which captured tensors :meth:`reduce` uses: a subset of {"queries", "keys"}.
     needs: ClassVar[frozenset[str]] = frozenset()
     #: True when the method scores tokens by class-token attention.

@@ -36,6 +36,7 @@ class NoReduction(VisualTokenMethod):
     name = "none"
     kinds = frozenset({"vit", "vlm", "dense"})
     identity = {}
+    control = True
     example = {}
 
     def max_removable(self, reducible: int) -> int:

