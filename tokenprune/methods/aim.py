@@ -94,7 +94,6 @@ class AIM(VisualTokenMethod):
     """Merge before the LLM, then prune by text-to-visual attention, progressively."""
 
     name = "aim"
-    kinds = frozenset({"vlm"})
     identity = {"merge_keep": 1.0, "prune_start": 1.0, "prune_end": 1.0}
     example = {"merge_keep": 0.5, "prune_start": 0.25, "prune_end": 0.75}
     query_rows = "text"

@@ -83,7 +83,6 @@ class DivPrune(PreLLMMethod):
     """Keep each image's most diverse visual tokens (greedy max-min cosine distance), before the LLM."""
 
     name = "divprune"
-    kinds = frozenset({"vlm"})
     identity = {"keep": 1.0}
     example = {"keep": 0.25}
 

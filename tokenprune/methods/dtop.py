@@ -77,7 +77,6 @@ class DToP(EarlyExitMethod):
     """Early exit by aux-head confidence; runs only on segmenters with exit heads (the adapter's forward)."""
 
     name = "dtop"
-    kinds = frozenset({"dense"})
     identity = {"threshold": 2.0}
     example = {"threshold": 0.6, "keep_top_k": 1}
 

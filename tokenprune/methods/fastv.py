@@ -55,7 +55,6 @@ class FastV(VisualTokenMethod):
     """Top-``keep`` visual tokens by the last token's attention, once, after layer ``k``."""
 
     name = "fastv"
-    kinds = frozenset({"vlm"})
     identity = {"keep": 1.0}
     example = {"k": 2, "keep": 0.5}
     query_rows = "last"

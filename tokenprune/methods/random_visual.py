@@ -33,7 +33,6 @@ class RandomVisual(FastV):
     """Uniformly random visual tokens kept after layer ``k``."""
 
     name = "random_visual"
-    kinds = frozenset({"vlm"})
     identity = {"keep": 1.0}
     example = {"k": 2, "keep": 0.5}
     batch_invariant = False  # one generator draws for the whole batch

@@ -79,7 +79,6 @@ class VisionZip(PreLLMMethod):
     """Dominant tokens by the tower's attention, plus contextual tokens merged by key similarity."""
 
     name = "visionzip"
-    kinds = frozenset({"vlm"})
     identity = {"keep": 1.0}
     example = {"keep": 0.5, "contextual": 0.25}
     batch_invariant = True

@@ -291,8 +291,7 @@ def trained_prefixes(blocks: Sequence[int]) -> tuple[str, ...]:
 
 def trained_keys(model: nn.Module, blocks: Sequence[int]) -> list[str]:
     """The state-dict keys a checkpoint for ``blocks`` must hold, in model order (BN buffers included)."""
-    prefixes = trained_prefixes(blocks)
-    return [k for k in model.state_dict() if k.startswith(prefixes)]
+    return checkpoints.keys_with_prefixes(model, trained_prefixes(blocks))
 
 
 def build_segmenter(

@@ -73,6 +73,11 @@ def check(problems: list[str], path: Path, name: str) -> None:
         raise ZooError(f"checkpoint {path} does not fit model {name!r}: " + "; ".join(problems))
 
 
+def keys_with_prefixes(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[str]:
+    """The state-dict keys of ``model`` under any of ``prefixes``, in model order (what a partial checkpoint holds)."""
+    return [k for k in model.state_dict() if k.startswith(prefixes)]
+
+
 def load_trained(
     model: torch.nn.Module,
     path: str | os.PathLike[str],

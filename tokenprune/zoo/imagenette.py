@@ -68,8 +68,7 @@ def trained_prefixes(blocks: list[int] | tuple[int, ...]) -> tuple[str, ...]:
 
 def trained_keys(model: torch.nn.Module, blocks: list[int] | tuple[int, ...]) -> list[str]:
     """The state-dict keys a partial checkpoint for ``blocks`` must hold, in model order."""
-    prefixes = trained_prefixes(blocks)
-    return [k for k in model.state_dict() if k.startswith(prefixes)]
+    return checkpoints.keys_with_prefixes(model, trained_prefixes(blocks))
 
 
 def build_base(entry: ZooEntry, **timm_kwargs: Any) -> torch.nn.Module:
