@@ -125,6 +125,11 @@ def test_sequence_and_cache_lengths_follow_the_state(case, method):
             index = index[0].tolist()
             assert index == sorted(index) and [i for i in index if ids[i] not in case.visual_ids] == text, layer
             assert sum(ids[i] in case.visual_ids for i in index) - structural == state.visual_in[layer][0], layer
+        source = state.source[0].tolist()  # the input position standing for each input position, -1: dropped
+        entering = set(state.index_in[0][0].tolist())
+        assert all(source[i] == i for i in text) and all(s == -1 or s in entering for s in source)
+        for slot, position in enumerate(state.index[0].tolist()):  # sizes are the groups the sources form
+            assert position < 0 or source.count(position) == state.size[0, slot], (slot, position)
         if reduces(method):
             assert state.reduced and state.visual_in[-1][0] < visual
         else:

@@ -108,12 +108,12 @@ class AIM(VisualTokenMethod):
 
     def merge(self, ctx: PreLLMContext) -> SpanReduction:
         x, keep = ctx.embeds, ctx.keep
-        state = TokenState.start(x, 0)
+        state = TokenState.start(x, 0, trace_source=True)  # source: (S, K, n) which tokens each one holds
         while x.shape[1] > keep:
             r = min(x.shape[1] - keep, x.shape[1] // 2)
             src, dst, kept = bipartite_soft_matching(x, r, 0)  # cosine similarity of the embeddings
             x = reduce_tokens(x, state, kept, src, dst)  # size-weighted average, order preserved
-        return SpanReduction(state.index, x, state.size.squeeze(-1))
+        return SpanReduction(state.index, x, state.size.squeeze(-1), state.source.argmax(dim=1))
 
     def merge_flops(self, tokens: int, keep: int, channels: int) -> float:
         flops = 0.0

@@ -116,8 +116,17 @@ class VisionZip(PreLLMMethod):
         embeds = torch.cat([x.gather(1, top[..., None].expand(-1, -1, channels)), merged], dim=1)
         size = torch.cat([torch.ones_like(top, dtype=x.dtype), sizes.to(x.dtype)], dim=1)
         order = index.argsort(dim=1)  # ascending positions overall
+        # Which kept token stands for each span token: dominant i -> i, a contextual member -> Kd + its group,
+        # then renumbered in the ascending order.
+        unsorted = torch.empty(s, n, dtype=torch.long, device=x.device)
+        unsorted.scatter_(1, top, torch.arange(dominant, device=x.device).expand_as(top))
+        unsorted.scatter_(1, rest, dominant + group)
+        rank = order.argsort(dim=1)  # (S, K) unsorted id -> its place in the ascending order
         return SpanReduction(
-            index.gather(1, order), embeds.gather(1, order[..., None].expand_as(embeds)), size.gather(1, order)
+            index.gather(1, order),
+            embeds.gather(1, order[..., None].expand_as(embeds)),
+            size.gather(1, order),
+            rank.gather(1, unsorted),
         )
 
     def merge_flops(self, tokens: int, keep: int, channels: int) -> float:

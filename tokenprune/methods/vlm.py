@@ -126,11 +126,22 @@ class SpanReduction(NamedTuple):
         index: ``(S, K)`` ascending position in the span each kept token is stored at.
         embeds: ``(S, K, C)`` the kept (possibly merged) embeddings.
         size: ``(S, K)`` original tokens each kept token stands for.
+        group: ``(S, n)`` for every token of the span, which kept token (``0 .. K-1``) stands for it, -1 for a
+            token dropped outright; None (methods that only select): the kept tokens stand for themselves.
     """
 
     index: torch.Tensor
     embeds: torch.Tensor
     size: torch.Tensor
+    group: torch.Tensor | None = None
+
+    def groups(self, n: int) -> torch.Tensor:
+        """``(S, n)`` :attr:`group`, or the one a selection implies (kept: its rank, dropped: -1)."""
+        if self.group is not None:
+            return self.group
+        group = torch.full((self.index.shape[0], n), -1, dtype=torch.long, device=self.index.device)
+        ranks = torch.arange(self.index.shape[1], device=self.index.device).expand_as(self.index)
+        return group.scatter(1, self.index, ranks)
 
 
 @dataclass
@@ -141,11 +152,17 @@ class PreLLMContext:
         embeds: ``(S, n, C)`` projected visual embeddings (what the LLM would read).
         keep: Tokens every span keeps.
         tower: Signals of the vision-tower layer the method asked for (``tower_layer``); None otherwise.
+        text: ``(S, T, C)`` input embeddings of the instruction of each span's prompt (its text tokens after its
+            first visual token, image-layout tokens excluded), left-aligned; only for methods that set
+            ``reads_text`` (None otherwise).
+        text_valid: ``(S, T)`` which rows of ``text`` are real (prompts differ in length).
     """
 
     embeds: torch.Tensor
     keep: int
     tower: TowerSignals | None = None
+    text: torch.Tensor | None = None
+    text_valid: torch.Tensor | None = None
 
     def select(self, scores: torch.Tensor) -> SpanReduction:
         """Keep the ``keep`` highest ``scores`` ``(S, n)`` of every span, in spatial order, unmerged."""
@@ -291,6 +308,8 @@ class VisualTokenMethod(Method):
     budget_parameter: ClassVar[str] = ""
     #: Vision-tower layer whose :class:`TowerSignals` :meth:`merge` reads (e.g. -2, the penultimate); None: none.
     tower_layer: ClassVar[int | None] = None
+    #: Whether :meth:`merge` reads the instruction (``PreLLMContext.text``).
+    reads_text: ClassVar[bool] = False
 
     def plan_for(self, depth: int, value: float | None = None) -> VisualPlan:
         """The plan for an LLM of ``depth`` layers; ``value`` overrides :attr:`budget_parameter`."""

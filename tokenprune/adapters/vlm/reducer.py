@@ -248,6 +248,9 @@ class DecoderReducer:
             index, valid, visual, size, length, plans, targets, targets_list, merged=merge, structural=structural
         )
         fwd.state.spans = [[len(p) for _, p in spans] for spans in spans_per_sample]
+        if fwd.source is None:  # nothing merged before the LLM: every input token stands for itself
+            fwd.source = torch.arange(length, device=device).expand(batch, length)
+        fwd.state.source = fwd.source
         fwd.state.tower_flops = tower.flops if tower is not None else [0.0] * batch
         fwd.state.text, fwd.state.rows = text, rows
         fwd.all_valid = bool(valid.all())
@@ -261,8 +264,15 @@ class DecoderReducer:
         batch, length, _ = x.shape
         device = x.device
         keep = valid & ~visual
+        text = None
+        if self.method.reads_text:  # the instruction: text after the first visual token, layout tokens excluded
+            after_image = visual.long().cumsum(dim=1) > 0
+            text_rows, text_valid = compact(valid & ~visual & ~structural & after_image)  # (B, T)
+            text = (x.gather(1, text_rows[..., None].expand(-1, -1, x.shape[-1])), text_valid)
         x = x.clone()
         size = valid.to(x.dtype)
+        # Input position of the token that stands for each input position (-1: merged or dropped away unkept).
+        source = torch.arange(length, device=device).expand(batch, length).clone()
         groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
         for b, (spans, plan) in enumerate(zip(spans_per_sample, plans, strict=True)):
             for _, span_positions in spans:
@@ -283,8 +293,13 @@ class DecoderReducer:
                     tower.from_class_token,
                 )
             context = PreLLMContext(x[rows[:, None], positions], target, signals)
-            local, merged, held = self.method.merge(context)  # (S, K), (S, K, C), (S, K)
+            if text is not None:
+                context.text, context.text_valid = text[0][rows], text[1][rows]
+            reduction = self.method.merge(context)
+            local, merged, held = reduction.index, reduction.embeds, reduction.size  # (S, K), (S, K, C), (S, K)
             stored = positions.gather(1, local)
+            group = reduction.groups(n)  # (S, n) kept token standing for each span token, -1: none
+            source[rows[:, None], positions] = torch.where(group >= 0, stored.gather(1, group.clamp(min=0)), -1)
             x[rows[:, None], stored] = merged.to(x.dtype)
             size[rows[:, None], stored] = held.to(x.dtype)
             keep[rows[:, None], stored] = True
@@ -314,6 +329,7 @@ class DecoderReducer:
         kwargs["inputs_embeds"] = x
         kwargs["attention_mask"] = slot_valid.to(mask.dtype if mask is not None else torch.long)
         kwargs["position_ids"] = new_positions
+        fwd.source = source
         return x, index, slot_valid, visual, size, structural, kwargs
 
     # ------------------------------------------------------------------------- one prefill layer

@@ -34,6 +34,9 @@ class DecoderState:
         text: Per sample, real text tokens.
         rows: Per sample, query rows its importance reads at a pruning layer.
         generated: Tokens decoded on top of this prefill's cache so far.
+        source: ``(B, L)`` for every input position, the input position of the token that stands for it after
+            merging before the LLM (itself if kept; a merged group's stored position; -1 if dropped). A token
+            still present at layer ``l`` is one whose source is in ``index_in[l]``.
     """
 
     index: torch.Tensor
@@ -56,6 +59,7 @@ class DecoderState:
     structural: torch.Tensor | None = None
     version: int = 0  # removals inside the LLM so far in this forward
     tower_flops: list[float] = field(default_factory=list)  # per sample: computing vision-tower signals
+    source: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -114,6 +118,7 @@ class ForwardInFlight:
     position_ids: torch.Tensor | None = None
     mask: Any = None
     mask_version: int = -1
+    source: torch.Tensor | None = None  # (B, L) set by merging before the LLM (DecoderState.source)
     all_valid: bool = True  # every current token is real (no padding / fill)
 
 
