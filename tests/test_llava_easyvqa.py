@@ -243,3 +243,31 @@ def test_attribute_targets_name_the_asked_attribute_of_yes_no_questions():
     answers_with_colours = [*answers, "red", "blue"]
     targets = T.attribute_targets([*questions, "?", "?"], answers_with_colours)
     assert targets[:4] == ["red", "circle", None, None]  # only yes/no questions get one
+
+
+def test_token_sweep_settings_keep_n_per_image_or_spend_its_llm_flops(shipped, questions):
+    """``sweep --tokens``: pre-LLM methods keep exactly N, in-LLM ones get the LLM FLOPs of N (measured)."""
+    from tokenprune.measure.flops import measure_flops
+    from tokenprune.measure.tasks.base import Loaded
+    from tokenprune.measure.tasks.vqa import encode, token_settings
+
+    model, processor = shipped
+    loaded = Loaded(model, questions, "", {"processor": processor})
+    settings = list(token_settings(loaded, ["none", "visionzip", "fastv"], [48, 16], {}))
+    assert [(s.method, s.fields["tokens"]) for s in settings] == [
+        ("none", None), ("visionzip", 48), ("fastv", 48), ("visionzip", 16), ("fastv", 16)
+    ]  # fmt: skip
+    assert settings[1].options == {"tokens": 48} and 0.3 < settings[2].options["flops"] < 0.4
+    inputs = encode(processor, questions[:1])
+    measured = {}
+    for setting in settings[1:3]:
+        patch = tokenprune.apply(model, setting.method, **setting.options)
+        with torch.no_grad():
+            measured[setting.method] = measure_flops(model, **inputs, logits_to_keep=1)
+            model(**inputs)
+        if setting.method == "visionzip":
+            assert int(patch.state.visual_in[0][0]) == 48
+        patch.remove()
+    assert abs(measured["fastv"] / measured["visionzip"] - 1) < 0.01  # total FLOPs, the tower included
+    with pytest.raises(ValueError, match="keep every one of the 144"):
+        list(token_settings(loaded, ["fastv"], [144], {}))

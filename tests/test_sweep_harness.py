@@ -147,8 +147,8 @@ def test_vqa_accepts_registered_vlm_methods_and_their_variants(tmp_path: Path) -
     assert [(s.method, s.options) for s in settings] == [
         ("none", {}), ("aim_prune", {"flops": 0.35}), ("random", {"flops": 0.35})
     ]  # fmt: skip
-    with pytest.raises(ValueError, match="unknown method 'tome' for a vlm model"):
-        list(task.settings(None, _args(tmp_path, methods="none,tome"), {}))
+    with pytest.raises(ValueError, match="unknown method 'evit' for a vlm model"):
+        list(task.settings(None, _args(tmp_path, methods="none,evit"), {}))
     assert task.eval_setting(_args(tmp_path, method="random", flops=0.3, set=None)).method == "random_visual"
 
 
@@ -167,3 +167,9 @@ def test_missing_optional_dependency_names_the_extra() -> None:
 
     with pytest.raises(ImportError, match=r"pip install 'tokenprune\[eval\]'"):
         require("no_such_module_for_tokenprune", "eval", "sweep plots")
+
+
+def test_tokens_axis_is_refused_by_tasks_that_take_budgets(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--tokens .* is for vision-language models; use --flops"):
+        sweep.run_sweep(FakeTask(), _args(tmp_path, tokens="48,16"))
+    assert task_for("llava-easyvqa").takes_tokens and not task_for("vit-s14-imagenette").takes_tokens

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--model", required=True, help="zoo name or timm architecture")
     sweep.add_argument("--methods", help="comma-separated (default: every method for the model's kind, control first)")
     sweep.add_argument("--flops", default="1,0.8,0.65,0.5,0.4,0.35", help="comma-separated budgets")
+    sweep.add_argument(
+        "--tokens",
+        help="instead of --flops (vision-language models): comma-separated visual tokens per image; methods acting "
+        "before the LLM keep exactly N, tower ToMe merges down to N, in-LLM methods get the LLM FLOPs of N",
+    )
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="option for every method")
     sweep.add_argument("--img-size", type=int)
     sweep.add_argument("--batch-size", type=int, default=32)

@@ -47,6 +47,10 @@ def run_sweep(task: Task, args: argparse.Namespace) -> list[dict[str, Any]]:
         The rows in table order.
     """
     tqdm = require("tqdm.auto", "eval", "progress bars").tqdm
+    if getattr(args, "tokens", None) and not task.takes_tokens:
+        raise SystemExit(
+            f"--tokens (visual tokens per image) is for vision-language models; use --flops for {args.model}"
+        )
     rank, _ = distributed_context()
     loaded = task.load(args)
     out_dir = Path(args.out)

@@ -7,9 +7,11 @@ import tokenprune.methods.evit
 import tokenprune.methods.fastv
 import tokenprune.methods.none
 import tokenprune.methods.random_drop
+import tokenprune.methods.random_pre_llm
 import tokenprune.methods.random_visual
 import tokenprune.methods.tome
-import tokenprune.methods.visionzip  # noqa: F401  (each import registers its method)
+import tokenprune.methods.visionzip
+import tokenprune.methods.vispruner  # noqa: F401  (each import registers its method)
 from tokenprune.methods.base import LayerContext, Method
 
 __all__ = ["LayerContext", "Method"]

@@ -86,6 +86,8 @@ class Task(ABC):
     plot: ClassVar[PlotSpec]
     #: With ``--resume``, results of earlier sweeps into the same folder stay in the table and plot.
     shares_folder: ClassVar[bool] = False
+    #: Whether its sweep takes ``--tokens`` (visual tokens per image) instead of ``--flops``.
+    takes_tokens: ClassVar[bool] = False
 
     @abstractmethod
     def load(self, args: argparse.Namespace) -> Loaded:

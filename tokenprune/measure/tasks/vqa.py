@@ -42,6 +42,7 @@ from tokenprune.measure.bench import ModuleTimer
 from tokenprune.measure.options import method_options, parse_set
 from tokenprune.measure.tasks.base import Column, Loaded, PlotSpec, Setting, Task, budget_settings
 from tokenprune.methods.variants import Variant, is_control, names, resolve
+from tokenprune.methods.vlm import VisualTokenMethod
 from tokenprune.optional import require
 
 MODEL_NAME = "llava-easyvqa"
@@ -258,8 +259,9 @@ def evaluate_setting(
     """
     method, variant = resolve(name, KIND)
     options = {**variant.options, **options}
-    if registry.get_method(method).method_cls.tower_layer is not None:
-        feature_cache = None  # the method reads the vision tower's own attention: the tower must run
+    method_cls = registry.get_method(method).method_cls
+    if not issubclass(method_cls, VisualTokenMethod) or method_cls.tower_layer is not None:
+        feature_cache = None  # the method reads the vision tower's attention or runs inside it: the tower must run
     reference = rows[:FLOPS_PROMPTS]
     base = unreduced_flops(model, processor, reference)
     if variant.search is not None and options.get("flops") is not None:
@@ -297,18 +299,72 @@ def evaluate_setting(
     return result
 
 
+def token_options(model, processor, rows, name: str, tokens: int) -> dict[str, Any]:
+    """Options that leave ``tokens`` visual tokens per image to the LLM, or the LLM prefill FLOPs of that.
+
+    Methods with a ``tokens`` option (those acting before the LLM) keep exactly ``tokens`` per image; ``tome``
+    in the vision tower merges the same number in every tower layer (the first layers take the remainder);
+    methods that prune inside the LLM get the FLOPs budget of ``tokens`` visual tokens in every layer (the
+    mean over the reference prompts), which they spend their own way.
+    """
+    method, variant = resolve(name, KIND)
+    entry = registry.get_method(method)
+    if "tokens" in entry.config_cls.field_names():
+        return {"tokens": tokens}
+    visual = int((encode(processor, rows[:1])["input_ids"] == model.config.image_token_id).sum())
+    if tokens >= visual:
+        raise ValueError(f"{tokens} tokens keep every one of the {visual} visual tokens per image")
+    if not issubclass(entry.method_cls, VisualTokenMethod):  # a ViT method: it runs inside the vision tower
+        depth = model.config.vision_config.num_hidden_layers
+        base, extra = divmod(visual - tokens, depth)
+        return {"r": [base + (layer < extra) for layer in range(depth)]}
+    from tokenprune.adapters.vlm.flops import DecoderFlops
+    from tokenprune.adapters.vlm.layer import DecoderSpec
+
+    flops = DecoderFlops(model.model.language_model, DecoderSpec())
+    depth = flops.depth
+    ratios = []
+    for row in rows:
+        text = int(encode(processor, [row])["input_ids"].shape[1]) - visual
+        ratios.append(flops.prefill(text, [tokens] * depth, 0) / flops.prefill(text, [visual] * depth, 0))
+    return {"flops": round(statistics.fmean(ratios), 4)}
+
+
+def token_settings(loaded: Loaded, chosen: list[str], counts: list[int], fixed: dict[str, Any]) -> Iterator[Setting]:
+    """(method, visual tokens per image) settings, count-major: the control once, every other at each count."""
+    processor, reference = loaded.extra["processor"], loaded.data[:FLOPS_PROMPTS]
+    for name in chosen:
+        if is_control(name):
+            yield Setting(name, dict(fixed), f"{name}_all.json", {"budget": 1.0, "tokens": None})
+    for tokens in counts:
+        for name in chosen:
+            if not is_control(name):
+                options = {**fixed, **token_options(loaded.model, processor, reference, name, tokens)}
+                fields = {"budget": options.get("flops", 1.0), "tokens": tokens}
+                yield Setting(name, options, f"{name}_t{tokens}.json", fields)
+
+
 def _timing(row: dict[str, Any], part: str) -> str:
     if "prefill_ms_llm_patched" not in row:
         return ""
     return f"{row[f'prefill_ms_{part}_unpatched']:.1f} / {row[f'prefill_ms_{part}_patched']:.1f}"
 
 
+def _budget(row: dict[str, Any]) -> str:
+    tokens = row.get("tokens")
+    if tokens is None:
+        return f"{row['budget']}" if "tokens" not in row else "all tokens"
+    return f"{tokens} tokens" + (f" (flops={row['budget']})" if row["budget"] < 1.0 else "")
+
+
 class VQA(Task):
     """Exact-match answer accuracy, LLM prefill FLOPs and prefill time of ``llava-easyvqa`` on easy-VQA."""
 
+    takes_tokens = True
+
     columns = [
         Column("method", lambda r: r["method"], lambda r: r["method"]),
-        Column("budget (LLM prefill)", lambda r: f"{r['budget']}", lambda r: f"{r['budget']}"),
+        Column("budget (LLM prefill, or tokens per image)", _budget, _budget),
         Column("LLM FLOPs ratio (measured)", lambda r: f"{r['llm_flops_ratio']:.3f}", lambda r: "n/a"),
         Column("GFLOPs LLM prefill", lambda r: f"{r['gflops_llm_prefill']:.4f}"),
         Column("GFLOPs total", lambda r: f"{r['gflops_total']:.3f}"),
@@ -350,6 +406,9 @@ class VQA(Task):
         for name in chosen:
             resolve(name, KIND)  # unknown names fail before the first setting runs
         fixed = parse_set(args.set or [])
+        if getattr(args, "tokens", None):
+            yield from token_settings(loaded, chosen, [int(n) for n in args.tokens.split(",")], fixed)
+            return
 
         def options(name: str, budget: float) -> dict[str, Any]:
             return {**fixed, **({} if is_control(name) else {"flops": budget})}
@@ -361,6 +420,12 @@ class VQA(Task):
             loaded.model, loaded.extra["processor"], loaded.data, setting.method, setting.options, args.batch_size,
             args.bench_rounds, loaded.extra["features"],
         )  # fmt: skip
+
+    def order(self, rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+        if not getattr(args, "tokens", None):
+            return super().order(rows, args)
+        names_ = args.methods.split(",")  # most tokens first; the control keeps them all
+        return sorted(rows, key=lambda r: (names_.index(r["method"]), -(r.get("tokens") or float("inf"))))
 
     def title(self, args: argparse.Namespace, loaded: Loaded) -> str:
         return f"{MODEL_NAME}: answer accuracy vs LLM prefill FLOPs ({loaded.description})"
