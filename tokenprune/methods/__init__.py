@@ -1,6 +1,7 @@
 """Built-in methods; importing this package registers them (one import line per method file)."""
 
 import tokenprune.methods.aim
+import tokenprune.methods.cdpruner
 import tokenprune.methods.divprune
 import tokenprune.methods.dtop
 import tokenprune.methods.evit
