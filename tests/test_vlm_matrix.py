@@ -26,6 +26,7 @@ from tests.vlm_checks import (
     assert_zero_reduction_exact,
 )
 from tokenprune import registry
+from tokenprune.methods.vlm import VisualTokenMethod
 
 METHODS = tokenprune.methods(kind="vlm")
 
@@ -38,6 +39,23 @@ def case(request) -> VLMCase:
 @pytest.fixture(params=METHODS)
 def method(request) -> str:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _tower_merging(request) -> None:
+    """A ViT method (e.g. ``tome``) runs inside the vision tower: skip families that declare they cannot."""
+    if not {"case", "method"} <= set(request.fixturenames):
+        return
+    method_cls = registry.get_method(request.getfixturevalue("method")).method_cls
+    if not issubclass(method_cls, VisualTokenMethod):
+        adapter = family_adapter(request.getfixturevalue("case").name)
+        if not adapter.tower_merging:
+            pytest.skip(f"{adapter.__name__}: no ViT method inside its vision tower ({adapter.no_tower_merging})")
+
+
+@functools.cache
+def family_adapter(name: str) -> type:
+    return registry.find_adapter(families()[name].build())
 
 
 def identity(case: VLMCase, method: str) -> dict:
@@ -65,6 +83,8 @@ def deterministic(method: str) -> bool:
 def budget(case: VLMCase, method: str, flops: float) -> dict | None:
     """Options asking ``method`` for a FLOPs budget, or None if its config refuses one (it takes no budget)."""
     entry = registry.get_method(method)
+    if not issubclass(entry.method_cls, VisualTokenMethod):
+        return None  # a ViT method in the vision tower: its flops= is a fraction of the tower's FLOPs, not the LLM's
     options = case.options_for(entry.config_cls, {"flops": flops})
     try:
         entry.config_cls.from_dict(options)

@@ -1,4 +1,11 @@
-"""``tome``: Token Merging (Bolya et al., 2023) by bipartite soft matching on attention keys."""
+"""``tome``: Token Merging (Bolya et al., 2023) by bipartite soft matching on attention keys.
+
+On a vision-language model (``tokenprune.apply(llava, "tome", r=...)``) ToMe runs inside the vision tower, through
+the tower's ViT adapter; the tower still hands the family's own code one feature per patch (each patch gets the
+feature of the merged token holding it) and the tokens a merged group left are collapsed to one before the LLM, so
+the LLM reads fewer visual tokens (see :mod:`tokenprune.adapters.vlm.tower_merge`; ``r`` and ``flops`` are those of
+the tower: ``flops`` is then a fraction of the vision tower's FLOPs).
+"""
 
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ class ToMe(Method):
     """Merge the ``r`` most similar A-B token pairs per layer, size-weighted, in spatial order."""
 
     name = "tome"
-    kinds = frozenset({"vit", "dense"})
+    kinds = frozenset({"vit", "dense", "vlm"})  # vlm: inside the vision tower
     identity = {"r": 0}
     example = {"r": 2}
     needs = frozenset({"keys"})

@@ -111,12 +111,15 @@ class TowerSignals:
             averaged over heads.
         keys: ``(S, n, D)`` the layer's keys, averaged over heads.
         from_class_token: Which of the two ``attention`` is.
+        groups: ``(S, n)`` long, when a ViT method merges inside the tower (``tokenprune.apply(vlm, "tome")``):
+            which merged tower token holds each token's patch (equal ids: one group); None otherwise.
     """
 
     layer: int
     attention: torch.Tensor
     keys: torch.Tensor
     from_class_token: bool
+    groups: torch.Tensor | None = None
 
 
 class SpanReduction(NamedTuple):

@@ -24,8 +24,11 @@ What changes for callers once tokens are removed:
   ``vision_tower(..., output_hidden_states=...).hidden_states[vision_feature_layer]``. A patched LLaVA
   vision tower therefore raises our error (NotImplementedError, naming LLaVA) at the first reducing layer
   instead of handing the LLM fewer image features than image placeholders; ``tokenprune.apply(llava, ...)``
-  itself is the LLaVA adapter's business (or the unsupported-model error without one). Inside
-  ``tokenprune.disabled(model)`` (or with a zero schedule) everything is the original.
+  itself is the LLaVA adapter's business (or the unsupported-model error without one):
+  ``tokenprune.apply(llava, "tome", r=...)`` runs ToMe in its tower through this adapter and hands LLaVA
+  unmerged hidden states (:mod:`tokenprune.adapters.vlm.tower_merge`), the one case these layers accept
+  ``output_hidden_states``. Inside ``tokenprune.disabled(model)`` (or with a zero schedule) everything is the
+  original.
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ class HFReducingLayer(ReducingLayer):
             )
 
     def check_reduce(self, kwargs: dict) -> None:
-        if _hidden_states_requested(kwargs):
+        # Inside a VLM's tower merge (tokenprune.adapters.vlm.tower_merge) the hidden states are rebuilt unmerged.
+        if _hidden_states_requested(kwargs) and not getattr(self.runtime, "unmerges_hidden_states", False):
             raise NotImplementedError(
                 f"layer {self.layer} removes tokens, so per-layer hidden_states would have different lengths; "
                 "output_hidden_states is not supported while tokens are reduced. If this encoder is the "

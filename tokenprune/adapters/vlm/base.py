@@ -45,7 +45,9 @@ from tokenprune.adapters.vlm.tower import (
     per_sample_flops,
     scatter_tokens,
 )
+from tokenprune.adapters.vlm.tower_merge import TowerMerge
 from tokenprune.core.sequence import split_runs
+from tokenprune.methods.vlm import VisualTokenMethod
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class VLMAdapter(Adapter):
     layout: ClassVar[str] = "transformers 5.x"
     #: Whether the family maps vision-tower signals onto LLM tokens (for pre-LLM methods with ``tower_layer``).
     tower_signals: ClassVar[bool] = False
+    #: Whether a ViT method (e.g. ``tome``) may run inside the vision tower (:mod:`.tower_merge`); if not, why not.
+    tower_merging: ClassVar[bool] = False
+    no_tower_merging: ClassVar[str] = "its vision tower's features do not map one to one onto LLM tokens"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -108,6 +113,7 @@ class VLMAdapter(Adapter):
         self.reducer: DecoderReducer | None = None
         self._tower_capture: Any = None
         self._handles: list[Any] = []
+        self.tower_merge: TowerMerge | None = None  # a ViT method inside the tower (kept for FLOPs tables)
 
     # ----------------------------------------------------------------- the family's hooks
     def parts(self) -> VLMParts:
@@ -140,7 +146,8 @@ class VLMAdapter(Adapter):
 
     def sample_vision_flops(self, state: DecoderState, sample: int) -> float:
         """Vision FLOPs of one sample of a reduced forward (default: one :meth:`vision_flops` per visual span)."""
-        return len(state.spans[sample]) * self.vision_flops()
+        image = self.vision_flops() if self.tower_merge is None else self.tower_merge.image_flops()
+        return len(state.spans[sample]) * image
 
     def inputs_vision_flops(self, inputs: dict) -> float:
         """Vision FLOPs of one unreduced call's keyword ``inputs`` (default: one image per ``pixel_values`` row)."""
@@ -172,6 +179,8 @@ class VLMAdapter(Adapter):
 
         Earlier runs (the tower called on its own in between) are skipped. None when no run matches.
         """
+        if self.tower_merge is not None:  # a ViT method inside the tower: its groups, no attention signals
+            return self.tower_merge.sequence(found, runs)
         placeholders = found.visual if found.structural is None else found.visual | found.structural
         for first in range(len(runs) - 1, -1, -1):  # the latest runs that account for these placeholders
             queries = torch.cat([q for q, _ in runs[first:]])  # (I, H, P, D)
@@ -202,6 +211,8 @@ class VLMAdapter(Adapter):
 
     def resolve_schedule(self, runtime: Any) -> list[float] | None:
         """Check the config against this family; the per-layer visual fractions (None for a FLOPs budget)."""
+        if not isinstance(runtime.method, VisualTokenMethod):  # a ViT method: it runs inside the vision tower
+            self.tower_merge = TowerMerge(self, runtime)  # resolves the tower's schedule, rewires ``runtime``
         config, method = runtime.config, runtime.method
         compact = getattr(config, "merge_positions", None) == "compact"
         if (
@@ -230,6 +241,8 @@ class VLMAdapter(Adapter):
         self.reducer.install()
         if runtime.method.tower_layer is not None:
             self._tower_capture = self.tower_capture(runtime.method.tower_layer)
+        if self.tower_merge is not None:
+            self._tower_capture = self.tower_merge.install()  # records groups per tower run, as a capture does
         self._handles = [
             self.inner.register_forward_pre_hook(self._before_inner, with_kwargs=True),
             self.inner.register_forward_hook(self._after_inner, always_call=True),

@@ -39,6 +39,7 @@ class Idefics3Adapter(VLMAdapter):
 
     description = "transformers Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration"
     tower_signals = True
+    no_tower_merging = "its pixel-shuffle connector mixes 4 neighbouring patches into each LLM token"
     layout = "transformers 5.x Idefics3/SmolVLM"
 
     def parts(self) -> VLMParts:

@@ -23,6 +23,7 @@ class LlavaAdapter(VLMAdapter):
 
     description = "transformers LlavaForConditionalGeneration"
     tower_signals = True
+    tower_merging = True
     layout = "Llama/Qwen2/Mistral, transformers 5.x"
 
     def parts(self) -> VLMParts:
@@ -33,14 +34,15 @@ class LlavaAdapter(VLMAdapter):
         return self.model.config.vision_feature_select_strategy == "full"
 
     def tokens_per_image(self) -> int:
-        """Visual tokens one image contributes (patches, + the class token under the ``full`` strategy)."""
+        """Visual tokens one image contributes: every tower token under ``full``; all but the first (the class
+        token of CLIP/DINOv2, a patch of SigLIP) under ``default``, as HF's ``get_image_features`` slices them."""
         vision = self.model.config.vision_config
-        return (vision.image_size // vision.patch_size) ** 2 + int(self._full_strategy())
+        prefix = int(tower_has_class_token(self.vision_tower)) + int(getattr(vision, "num_register_tokens", 0) or 0)
+        return (vision.image_size // vision.patch_size) ** 2 + prefix - int(not self._full_strategy())
 
     def tower_tokens(self, signal: torch.Tensor) -> torch.Tensor:
-        # (I, P + prefix, ...) -> (I * tokens_per_image, ...): HF drops the class token under "default".
-        prefix = int(tower_has_class_token(self.vision_tower)) if not self._full_strategy() else 0
-        return signal[:, prefix:].flatten(0, 1)
+        # (I, P + prefix, ...) -> (I * tokens_per_image, ...): HF drops the first tower token under "default".
+        return signal[:, 0 if self._full_strategy() else 1 :].flatten(0, 1)
 
 
 register_adapter(hf_classes("LlavaForConditionalGeneration"), LlavaAdapter, LlavaAdapter.description)

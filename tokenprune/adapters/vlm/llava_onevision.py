@@ -63,6 +63,10 @@ class LlavaOnevisionAdapter(VLMAdapter):
     layout = "transformers 5.x LLaVA-OneVision"
     has_static_size = False
     tower_signals = True
+    no_tower_merging = (
+        "anyres unpadding crops each image's grid to its aspect ratio after the tower, so the tokens an image keeps "
+        "would vary per image and could not be planned before the tower runs"
+    )
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -181,6 +181,10 @@ class Qwen2VLAdapter(VLMAdapter):
     has_static_size = False
     position_axes = 3
     tower_signals = True
+    no_tower_merging = (
+        "its vision tower is Qwen2-VL's own (windowed attention in 2.5-VL, no tokenprune ViT adapter) and its 2x2 "
+        "patch merger folds four patches into each LLM token"
+    )
 
     def __init__(self, model) -> None:
         super().__init__(model)

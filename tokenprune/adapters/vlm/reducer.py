@@ -291,6 +291,7 @@ class DecoderReducer:
                     tower.attention.to(device)[rows[:, None], positions],  # (S, n)
                     tower.keys.to(device)[rows[:, None], positions],  # (S, n, D)
                     tower.from_class_token,
+                    None if tower.groups is None else tower.groups.to(device)[rows[:, None], positions],  # (S, n)
                 )
             context = PreLLMContext(x[rows[:, None], positions], target, signals)
             if text is not None:

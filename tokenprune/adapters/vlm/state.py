@@ -132,6 +132,8 @@ class TowerSequence:
         keys: ``(B, L, D)`` head-averaged tower keys of each visual token; 0 elsewhere.
         from_class_token: Which of the two ``attention`` is.
         flops: Per sample, matmul FLOPs of computing these signals (counted with the vision side).
+        groups: ``(B, L)`` long, a ViT method merging inside the tower: which merged tower token holds each visual
+            token's patch (``TowerSignals.groups``); None otherwise.
     """
 
     layer: int
@@ -139,6 +141,7 @@ class TowerSequence:
     keys: torch.Tensor
     from_class_token: bool
     flops: list[float] = field(default_factory=list)
+    groups: torch.Tensor | None = None
 
 
 @dataclass
