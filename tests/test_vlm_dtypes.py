@@ -1,0 +1,80 @@
+"""Every vision-language method x every VLM family in float32 and bfloat16.
+
+* Zero reduction is bit-exact in both dtypes (the patched model is the unpatched one).
+* Reduced runs are finite in bfloat16, keep as many tokens per layer as in float32, and where bfloat16 makes the
+  same decisions (the same tokens entering every layer, standing for the same inputs: ``state.index_in`` and
+``state.source``), its
+  logits are within 0.15 (absolute) of float32's. That is about 5% of these tiny models' logit range (about 3);
+  the unreduced models themselves differ by up to 0.07 between the two dtypes. Where bfloat16's rounding flips
+  a near-tie (e.g. which pair AIM merges), the logits cannot be compared; the counts still are.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenprune
+from tests.helpers.vlm_families import FAMILIES, VLMCase, families
+from tests.vlm_checks import assert_zero_reduction_exact
+from tokenprune import registry
+
+METHODS = tokenprune.methods(kind="vlm")
+TOLERANCE = 0.15
+
+
+def cast(inputs: dict, dtype: torch.dtype) -> dict:
+    """``inputs`` with every floating tensor (pixels) in ``dtype``."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def options(case: VLMCase, method: str, key: str) -> dict:
+    entry = registry.get_method(method)
+    return case.options_for(entry.config_cls, getattr(entry, key))
+
+
+def skip_unsupported(case: VLMCase, method: str) -> None:
+    """The matrix's rule: a ViT method runs inside the tower only on families that declare they can."""
+    model = case.build()
+    entry = registry.get_method(method)
+    try:
+        tokenprune.apply(model, method, **options(case, method, "identity")).remove()
+    except NotImplementedError as error:
+        if "vlm" in entry.kinds and "vit" in entry.kinds:
+            pytest.skip(str(error))
+        raise
+
+
+@pytest.fixture(params=FAMILIES)
+def case(request) -> VLMCase:
+    return families()[request.param]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_reduction_is_bit_exact_in_bfloat16(case, method):
+    skip_unsupported(case, method)
+    model = case.build().to(torch.bfloat16)
+    inputs = cast(case.inputs(["a"]), torch.bfloat16)
+    patch = assert_zero_reduction_exact(model, inputs, method, options(case, method, "identity"), case.greedy)
+    patch.remove()
+
+
+@pytest.mark.parametrize(
+    "method", [m for m in METHODS if registry.get_method(m).example != registry.get_method(m).identity]
+)
+def test_bfloat16_reduction_is_finite_and_close_to_float32(case, method):
+    skip_unsupported(case, method)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = case.build().to(dtype)
+        with torch.no_grad():
+            patch = tokenprune.apply(model, method, **options(case, method, "example"))
+            logits = model(**cast(case.inputs(["a"]), dtype)).logits.float()
+        state = patch.state
+        decisions = [state.source, *state.index_in]  # what stands for what, and what enters every layer
+        runs[dtype] = (logits, decisions, state.visual_per_layer())
+        patch.remove()
+    (full, decisions, counts), (half, half_decisions, half_counts) = runs.values()
+    assert bool(torch.isfinite(half).all()) and half_counts == counts
+    if all(torch.equal(a, b) for a, b in zip(decisions, half_decisions, strict=True)):
+        torch.testing.assert_close(half, full, rtol=0, atol=TOLERANCE)
