@@ -5,9 +5,10 @@ Classification tab: pick an example, check both result panels (different GFLOPs)
 slider, upload a text file (error box, results cleared), then a real photo (the app still works). The
 segmentation (DToP) and VQA tabs get the same treatment: an example renders both panels with fewer GFLOPs for
 the reduced model; a bad upload / an empty question shows a message and the app keeps serving (each skips if
-its zoo model is not installed). The page must never ask for anything outside localhost. Tests skip only when
-/usr/bin/chromium (``apt-get install chromium``) or the ``playwright`` package is missing; ``playwright
-install`` is never needed.
+its zoo model is not installed). The VQA tab also lists every registered VLM method, counts merged groups in its
+token map's caption, and shows a budget a method refuses as a message. The page must never ask for anything
+outside localhost. Tests skip only when /usr/bin/chromium (``apt-get install chromium``) or the ``playwright``
+package is missing; ``playwright install`` is never needed.
 
 The screenshots go to the tests' tmp dirs; ``TOKENPRUNE_UPDATE_SCREENSHOT=1`` also writes ``docs/demo.png``,
 ``docs/demo_segmentation.png`` and ``docs/demo_vqa.png`` (the README's pictures), so an ordinary run leaves the
@@ -303,13 +304,30 @@ def test_segmentation_tab_in_browser(sync_api, demo_url: str, tmp_path: Path) ->
     _keep_screenshot(tmp_path / "segmentation.png", "demo_segmentation.png")
 
 
+def _choose(page, dropdown: str, option: str, timeout: int) -> None:
+    """Pick ``option`` in the Gradio dropdown ``dropdown`` (a CSS selector of its block)."""
+    page.locator(f"{dropdown} input").click()
+    page.get_by_role("option", name=option, exact=True).click(timeout=timeout)
+
+
 def test_vqa_tab_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
-    """VQA tab: an example question is answered by both models, the reduced one with fewer LLM GFLOPs."""
+    """VQA tab: every registered method listed; an example question answered by both models, the reduced one
+    with fewer LLM GFLOPs; the map's caption counts merged groups; a budget a method refuses is a message."""
+    from tokenprune.demo.vqa import TAB_NAME, budget_control, vqa_methods
+
     expect, timeout, outside = sync_api.expect, 180_000, []
+    methods = vqa_methods()
+    merging = next(m for m in ("visionzip", "aim") if m in methods)  # a method that merges before the LLM
     with sync_api.sync_playwright() as playwright:
         browser, page = _open_page(sync_api, playwright, demo_url, timeout, outside)
         try:
-            _skip_without_tab(page, "VQA (AIM / FastV)", 60_000)
+            _skip_without_tab(page, TAB_NAME, 60_000)
+            page.locator("#tp-vqa-method input").click()  # the dropdown lists every registered VLM method
+            listed = page.get_by_role("option")
+            expect(listed).to_have_count(len(methods), timeout=timeout)
+            assert listed.evaluate_all("options => options.map(o => o.getAttribute('aria-label'))") == list(methods)
+            page.get_by_role("option", name=merging, exact=True).click()  # the list is open: pick from it
+            expect(page.locator("#tp-vqa-method-note")).to_contain_text(merging, timeout=timeout)
             page.locator("#tp-vqa-examples button[aria-label^='Thumbnail']").nth(0).click()
             original, reduced = page.locator("#tp-vqa-orig-stats"), page.locator("#tp-vqa-red-stats")
             expect(reduced).to_contain_text("GFLOPs", timeout=timeout)
@@ -318,7 +336,10 @@ def test_vqa_tab_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
             expect(page.locator("#tp-vqa-orig-answer")).not_to_be_empty(timeout=timeout)
             expect(page.locator("#tp-vqa-red-answer")).not_to_be_empty(timeout=timeout)
             expect(page.locator("#tp-vqa-map img")).to_be_visible(timeout=timeout)
-            expect(page.locator("#tp-vqa-caption")).to_contain_text("Visual tokens entering LLM layer", timeout=timeout)
+            caption = page.locator("#tp-vqa-caption")
+            expect(caption).to_contain_text("Visual tokens entering LLM layer", timeout=timeout)
+            merged = re.search(r"(\d+) merged groups hold (\d+) patches", caption.inner_text())
+            assert merged and int(merged.group(1)) > 0, caption.inner_text()  # merging shows as groups
             # An empty question: a clear message in the page, and the app keeps serving.
             page.locator("#tp-vqa-q textarea").fill("   ")
             page.locator("#tp-vqa-run").click()
@@ -327,7 +348,25 @@ def test_vqa_tab_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
             page.locator("#tp-vqa-run").click()
             expect(reduced).to_contain_text("GFLOPs", timeout=timeout)
             expect(page.locator("#tp-vqa-error")).to_have_text(re.compile(r"^\s*$"), timeout=timeout)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#tp-vqa-map img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
             page.screenshot(path=str(tmp_path / "vqa.png"), full_page=True)
+            # A budget below what a method reaches on this prompt: its message in the page, the app keeps serving.
+            refusing = next(m for m in ("fastv", "random_visual") if m in methods)
+            assert budget_control(refusing).option == "flops"
+            _choose(page, "#tp-vqa-method", refusing, timeout)
+            budget = page.locator("#tp-vqa-budget input[type=number]")
+            budget.fill("0.14")
+            budget.press("Tab")
+            page.locator("#tp-vqa-run").click()
+            expect(page.locator("#tp-vqa-error")).to_contain_text(f"{refusing} with flops=0.14", timeout=timeout)
+            expect(reduced).not_to_contain_text("GFLOPs", timeout=timeout)
+            budget.fill("0.6")
+            budget.press("Tab")
+            page.locator("#tp-vqa-run").click()
+            expect(reduced).to_contain_text("GFLOPs", timeout=timeout)
+            expect(page.locator("#tp-vqa-error")).to_have_text(re.compile(r"^\s*$"), timeout=timeout)
         finally:
             browser.close()
     assert outside == [], f"the page tried to reach outside localhost: {outside}"
@@ -350,7 +389,7 @@ def test_vqa_and_segmentation_inputs_are_checked_before_any_forward(tmp_path: Pa
         vqa.compare(photo, "why " * 100, "aim", 0.5)
     vlm_methods = [m for m in tokenprune.methods(kind="vlm") if not is_control(m)]  # the dropdown's choices
     with pytest.raises(demo.InputError, match=re.escape(f"choose one of {', '.join(vlm_methods)}.")):
-        vqa.compare(photo, "what color?", "tome", 0.5)
+        vqa.compare(photo, "what color?", "no_such_method", 0.5)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(demo.InputError, match="notes.txt is not an image"):

@@ -39,7 +39,13 @@ from tokenprune.demo.common import (
     interleaved_latency,
     read_image,
 )
-from tokenprune.demo.token_maps import groups_from_source, model_crop, render_patch_grid, render_token_map
+from tokenprune.demo.token_maps import (
+    describe_groups,
+    groups_from_source,
+    model_crop,
+    render_patch_grid,
+    render_token_map,
+)
 from tokenprune.measure.accuracy import example_images
 from tokenprune.methods.variants import is_control
 
@@ -340,17 +346,8 @@ def _stats_reduced(side: SideResult, original: SideResult) -> str:
 
 
 def _map_caption(demo: Demo, layer: int, groups: np.ndarray, tokens: int, num_tokens: int) -> str:
-    flat = groups.ravel()
-    dropped = int((flat < 0).sum())
-    sizes = np.bincount(flat[flat >= 0]) if (flat >= 0).any() else np.zeros(0, dtype=int)
-    merged_groups = int((sizes > 1).sum())
-    merged_patches = int(sizes[sizes > 1].sum())
     where = "Input" if layer == 0 else f"After layer {layer} of {demo.depth}"
-    return (
-        f"{where}: **{tokens} tokens** (of {num_tokens}). {merged_groups} merged groups hold {merged_patches} "
-        f"patches (outlined, average colour); {dropped} patches dropped (dark grey); the rest are tokens of "
-        "their own."
-    )
+    return f"{where}: **{tokens} tokens** (of {num_tokens}). {describe_groups(groups)}"
 
 
 def classification_tab(model_name: str = "auto") -> None:

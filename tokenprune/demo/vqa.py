@@ -1,9 +1,22 @@
-"""The demo's VQA tab: the easy-VQA LLaVA model answering with all visual tokens vs AIM/FastV-reduced.
+"""The demo's VQA tab: the easy-VQA LLaVA model answering with all visual tokens vs with fewer.
+
+Methods: every vision-language method in the registry but the control (``tokenprune.methods(kind="vlm")``, read
+when the tab is built), so methods that reduce before the LLM (merging or pruning each image's tokens), methods
+that prune inside it and ViT methods run inside the vision tower appear alike. The budget slider sets the option
+the registry says a method is budgeted by (:func:`budget_control`): ``flops=`` for every method whose config has a
+``flops`` field (a fraction of the LLM prefill FLOPs; of the vision tower's for a ViT method, one that is not a
+``VisualTokenMethod``); else the method's ``budget_parameter``; else its ``example`` options run. A budget the
+method refuses for this prompt is shown as its own message in the page.
 
 For one image and question: the answer of the original model and of the reduced one (greedy ``generate()``),
-the LLM prefill GFLOPs of each (the per-layer table of ``tokenprune.count_flops``, which the flop counter
-confirms), prefill latency (interleaved runs) and which visual tokens entered a chosen LLM layer (kept
-patches in colour; with AIM's merging, each kept token sits at the patch it is stored at).
+the LLM prefill GFLOPs and the vision (tower + projector) GFLOPs of each (the analytic table of
+``tokenprune.count_flops``, which the flop counter confirms), prefill latency (interleaved runs) and a token map
+of a chosen LLM layer: which original patches each visual token entering that layer stands for, from
+``patch.state.source`` (the token standing for every input position after merging before the LLM) and
+``patch.state.index_in`` (the tokens entering each layer). A merged group is painted in one colour of its own
+(its average colour tinted with a hue of its own: easy-VQA's white backgrounds would make most averages alike)
+and outlined, a token of its own shows the image, dropped patches (before or inside the LLM) are dark grey: the
+drawing of the classification tab (:func:`tokenprune.demo.token_maps.render_token_map`).
 
 Examples are easy-VQA test images with their questions when the ``easy-vqa`` package is installed
 (``pip install 'tokenprune[vqa]'``), else the bundled photos with a generic question.
@@ -20,6 +33,7 @@ import torch
 from PIL import Image
 
 import tokenprune
+from tokenprune import registry
 from tokenprune.demo.common import (
     QUEUE,
     TIMING_ROUNDS,
@@ -30,19 +44,71 @@ from tokenprune.demo.common import (
     interleaved_latency,
     read_image,
 )
+from tokenprune.demo.token_maps import describe_groups, groups_at_layer, render_token_map
 from tokenprune.measure.accuracy import example_images
 from tokenprune.methods.variants import is_control
+from tokenprune.methods.vlm import VisualTokenMethod
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "llava-easyvqa"
-# Every registered vision-language method but the control (the original model is the other column).
-METHODS = tuple(m for m in tokenprune.methods(kind="vlm") if not is_control(m))
 BUDGET_MIN, BUDGET_DEFAULT = 0.14, 0.25
 MAX_QUESTION_CHARS = 200
 MAX_NEW_TOKENS = 4
 PIXELS_PER_PATCH = 24  # display size of one visual token in the token map
-DROPPED_RGB = np.array([40, 40, 40], dtype=np.uint8)
+TAB_NAME = "VQA (visual tokens)"
+# Merged groups: their average colour half mixed with a hue of their own (easy-VQA's plain white backgrounds
+# would make most groups' averages alike), and named so in the legend.
+TINT = 0.5
+GROUP_FILL = "each its average colour tinted with a hue of its own"
+
+
+def vqa_methods() -> tuple[str, ...]:
+    """Every registered vision-language method but the control (the original model is the other column)."""
+    return tuple(m for m in tokenprune.methods(kind="vlm") if not is_control(m))
+
+
+@dataclass(frozen=True)
+class BudgetControl:
+    """What the budget slider sets for one method, read from the registry.
+
+    Attributes:
+        option: The config field the slider's value goes to; '' when none does (the method's ``example`` runs).
+        label: The slider's label.
+    """
+
+    option: str
+    label: str
+
+
+def budget_control(method: str) -> BudgetControl:
+    """``flops`` for a method whose config has that field, else its declared ``budget_parameter``, else none.
+
+    ``flops`` is a fraction of the LLM prefill FLOPs for a vision-language method, of the vision tower's for a
+    ViT method (one that runs inside the tower).
+    """
+    entry = registry.get_method(method)
+    fields = entry.config_cls.field_names()
+    if "flops" in fields:
+        in_tower = not issubclass(entry.method_cls, VisualTokenMethod)
+        return BudgetControl("flops", "Vision-tower FLOPs budget" if in_tower else "LLM prefill FLOPs budget")
+    parameter = getattr(entry.method_cls, "budget_parameter", "")
+    if parameter and parameter in fields:
+        return BudgetControl(parameter, f"Budget: {method}'s {parameter}")
+    return BudgetControl("", f"Budget (unused: {method} takes none; its example setting runs)")
+
+
+def budget_options(method: str, budget: float) -> dict:
+    """``tokenprune.apply`` options of ``method`` at the slider's ``budget`` (see :func:`budget_control`)."""
+    control = budget_control(method)
+    return {control.option: float(budget)} if control.option else registry.get_method(method).example
+
+
+def method_note(method: str) -> str:
+    """One line about ``method`` under the controls: its summary and what the budget sets."""
+    control = budget_control(method)
+    setting = f"the slider sets `{control.option}=`" if control.option else "no budget option"
+    return f"**{method}**: {registry.get_method(method).summary} ({setting})"
 
 
 @dataclass
@@ -53,17 +119,34 @@ class VQAResult:
     answer_reduced: str
     llm_gflops_original: float
     llm_gflops_reduced: float
+    vision_gflops_original: float  # vision tower + projector (+ any tower signals a method computes)
+    vision_gflops_reduced: float
     ms_original: float
     ms_reduced: float
-    kept: list[np.ndarray]  # per LLM layer, the patch ids (0 .. grid*grid - 1) of the visual tokens entering it
+    groups: list[np.ndarray]  # per LLM layer, (grid, grid) token standing for each patch there (-1: dropped)
+    visual_in: list[int]  # per LLM layer, visual tokens entering it
     photo: np.ndarray  # (S, S, 3) the image as the vision tower sees it (resized)
     grid: int
+    options: dict  # what tokenprune.apply got
 
 
-def _llm_gflops(model, inputs: dict) -> float:
-    """LLM prefill GFLOPs of one prompt: the sum of the per-layer analytic table (vision and LM head excluded)."""
+def layer_groups(state, positions: torch.Tensor, grid: int) -> list[np.ndarray]:
+    """Per LLM layer, ``(grid, grid)`` token ids standing for each patch (-1: dropped), of sample 0.
+
+    Args:
+        state: ``patch.state`` after a prefill (a ``DecoderState``).
+        positions: ``(grid * grid,)`` input positions of the image's placeholders, in patch order.
+        grid: Patches per side.
+    """
+    source = state.source[0] if state.source is not None else torch.arange(state.num_original)
+    return [groups_at_layer(source, index[0], positions, (grid, grid)) for index in state.index_in]
+
+
+def _gflops(model, inputs: dict) -> tuple[float, float]:
+    """``(LLM prefill, vision)`` GFLOPs of one prompt from the analytic table: the LLM's layers (LM head excluded),
+    and what runs before them (vision tower and projector)."""
     report = tokenprune.count_flops(model, inputs)
-    return sum(row["flops"] for row in report.layers) / 1e9
+    return sum(row["flops"] for row in report.layers) / 1e9, report.embed / 1e9
 
 
 class VQADemo:
@@ -94,13 +177,14 @@ class VQADemo:
             InputError: Bad image, or an empty / too long question.
             ValueError: A budget the method cannot reach (message from tokenprune, naming the valid range).
         """
+        methods = vqa_methods()
         question = " ".join((question or "").split())
         if not question:
             raise InputError("Type a question about the image first (e.g. “what color is the shape?”).")
         if len(question) > MAX_QUESTION_CHARS:
             raise InputError(f"The question is too long: {len(question)} characters, at most {MAX_QUESTION_CHARS}.")
-        if method not in METHODS:
-            raise InputError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        if method not in methods:
+            raise InputError(f"Unknown method {method!r}; choose one of {', '.join(methods)}.")
         image = read_image(path)
         inputs = self.encode(image, question)
         size = self.module.IMAGE_SIZE
@@ -108,19 +192,20 @@ class VQADemo:
         model = self.model
         with self._lock:
             answer_original = self._answer(inputs)
-            llm_original = _llm_gflops(model, inputs)
-            patch = tokenprune.apply(model, method, flops=float(budget))
+            llm_original, vision_original = _gflops(model, inputs)
+            options = budget_options(method, budget)
+            patch = tokenprune.apply(model, method, **options)
             try:
                 prefill = {**inputs, "logits_to_keep": 1}
                 model(**prefill)
                 state = patch.state
-                image_positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
-                patch_of = {int(p): i for i, p in enumerate(image_positions.tolist())}  # LLM position -> patch id
-                kept = []
-                for index in state.index_in:
-                    ids = [patch_of[p] for p in index[0].tolist() if p in patch_of]
-                    kept.append(np.array(sorted(ids), dtype=np.int64))
-                llm_reduced = _llm_gflops(model, inputs)
+                # Placeholder positions in order: the processor lays the image's patches out row by row.
+                positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+                if positions.numel() != self.grid * self.grid:
+                    raise RuntimeError(f"{positions.numel()} image placeholders, expected {self.grid**2}")
+                groups = layer_groups(state, positions, self.grid)
+                visual_in = [int(v[0]) for v in state.visual_in]
+                llm_reduced, vision_reduced = _gflops(model, inputs)
                 ms_original, ms_reduced, _ = interleaved_latency(model, lambda: model(**prefill))
                 answer_reduced = self._answer(inputs)
             finally:
@@ -130,25 +215,16 @@ class VQADemo:
             answer_reduced=answer_reduced,
             llm_gflops_original=llm_original,
             llm_gflops_reduced=llm_reduced,
+            vision_gflops_original=vision_original,
+            vision_gflops_reduced=vision_reduced,
             ms_original=ms_original,
             ms_reduced=ms_reduced,
-            kept=kept,
+            groups=groups,
+            visual_in=visual_in,
             photo=photo,
             grid=self.grid,
+            options=options,
         )
-
-
-def render_kept(photo: np.ndarray, kept: np.ndarray, grid: int, cell: int = PIXELS_PER_PATCH) -> np.ndarray:
-    """The image on a ``grid x grid`` patch raster: kept visual tokens as they are, the others dark grey."""
-    side = grid * cell
-    picture = np.asarray(Image.fromarray(photo).resize((side, side), Image.Resampling.BICUBIC)).copy()
-    alive = np.zeros(grid * grid, dtype=bool)
-    alive[kept] = True
-    for patch_id in np.flatnonzero(~alive):
-        row, col = divmod(int(patch_id), grid)
-        picture[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = DROPPED_RGB
-    picture[::cell, :] = picture[:, ::cell] = 255  # patch grid lines
-    return picture
 
 
 def demo_examples() -> tuple[list[tuple[str, str]], str]:
@@ -185,14 +261,14 @@ def vqa_tab() -> bool:
         return (error_html(message), "", "", "", "", None, "")
 
     def map_outputs(result: VQAResult, layer: int) -> tuple:
-        layer = max(0, min(int(layer), len(result.kept) - 1))
-        kept = result.kept[layer]
+        layer = max(0, min(int(layer), len(result.groups) - 1))
+        groups = result.groups[layer]
         caption = (
-            f"Visual tokens entering LLM layer {layer} of {len(result.kept)}: **{len(kept)}** of "
-            f"{result.grid * result.grid} patches (dark grey: merged away or pruned). Per layer: "
-            + ", ".join(str(len(k)) for k in result.kept)
+            f"Visual tokens entering LLM layer {layer} (of {len(result.groups)}): **{result.visual_in[layer]}** "
+            f"(from {result.grid * result.grid} patches). {describe_groups(groups, GROUP_FILL)} "
+            "Visual tokens per layer: " + ", ".join(map(str, result.visual_in))
         )
-        return render_kept(result.photo, kept, result.grid), caption
+        return render_token_map(result.photo, groups, cell=PIXELS_PER_PATCH, tint=TINT), caption
 
     def analyze(path: str | None, question: str, method: str, budget: float, layer: float) -> tuple:
         try:
@@ -201,22 +277,29 @@ def vqa_tab() -> bool:
             result = demo.compare(path, question, method, float(budget))
         except InputError as error:
             return blank(str(error))
-        except (ValueError, TypeError) as error:
-            return blank(f"{method} at {budget:.2f} of the LLM prefill FLOPs: {error}")
+        except (ValueError, TypeError, NotImplementedError) as error:  # the method refuses this setting
+            logger.info("VQA request refused: %s", error)
+            option = budget_control(method).option if method in vqa_methods() else ""
+            setting = f" with {option}={budget:.2f}" if option else ""
+            return blank(f"{method}{setting}: {error}")
         except Exception as error:  # the page says so and the app keeps serving
             logger.exception("VQA request failed")
             return blank(f"Something went wrong ({type(error).__name__}: {error}). Try another image or setting.")
         cache.clear()
         cache["last"] = result
         original = (
-            f"**{result.llm_gflops_original:.3f} LLM prefill GFLOPs** · **{result.ms_original:.0f} ms** prefill "
-            f"· {result.grid * result.grid} visual tokens in every layer"
+            f"**{result.llm_gflops_original:.3f} LLM prefill GFLOPs** · {result.vision_gflops_original:.2f} vision "
+            f"GFLOPs · **{result.ms_original:.0f} ms** prefill · {result.grid * result.grid} visual tokens in "
+            "every layer"
         )
         ratio = result.llm_gflops_reduced / result.llm_gflops_original
+        vision_ratio = result.vision_gflops_reduced / result.vision_gflops_original
         same = "same answer" if result.answer_reduced == result.answer_original else "answer differs"
         reduced = (
             f"**{result.llm_gflops_reduced:.3f} LLM prefill GFLOPs** ({100 * ratio:.0f}% of the original) · "
+            f"{result.vision_gflops_reduced:.2f} vision GFLOPs ({100 * vision_ratio:.0f}%) · "
             f"**{result.ms_reduced:.0f} ms** prefill (speedup {result.ms_original / result.ms_reduced:.2f}×) · {same}"
+            f" · `{method}({', '.join(f'{k}={v}' for k, v in result.options.items())})`"
         )
         picture, caption = map_outputs(result, layer)
         return ("", f"## {result.answer_original}", original, f"## {result.answer_reduced}", reduced, picture, caption)
@@ -234,13 +317,18 @@ def vqa_tab() -> bool:
             return gr.skip(), gr.skip()
         return map_outputs(cache["last"], layer)
 
-    with gr.Tab("VQA (AIM / FastV)", id="vqa"):
+    def on_method(name: str) -> tuple:
+        return gr.Slider(label=budget_control(name).label), method_note(name)
+
+    methods = vqa_methods()
+    with gr.Tab(TAB_NAME, id="vqa"):
         gr.Markdown(
-            f"### Visual question answering: fewer visual tokens inside the LLM\n"
+            f"### Visual question answering: fewer visual tokens in the LLM\n"
             f"Model: **{MODEL_NAME}**: a small LLaVA (DINOv2-S/14 tower, {demo.depth}-layer Llama decoder) trained "
-            f"on easy-VQA; {demo.grid}×{demo.grid} = {demo.grid**2} visual tokens per image. The budget is a "
-            "fraction of the LLM prefill FLOPs (AIM's measure): AIM merges visual tokens before the LLM and prunes "
-            "them progressively inside it; FastV keeps the top visual tokens after layer 2."
+            f"on easy-VQA; {demo.grid}×{demo.grid} = {demo.grid**2} visual tokens per image. Methods: every "
+            "registered vision-language method; some reduce each image's tokens before the LLM, some prune inside "
+            "it, and ViT methods run inside the vision tower. The budget is `flops=` for every method with that "
+            "option: a fraction of the LLM prefill FLOPs (of the vision tower's for a method inside the tower)."
         )
         current = gr.State(None)
         with gr.Row():
@@ -250,11 +338,12 @@ def vqa_tab() -> bool:
                 upload = gr.File(label="…or upload an image", type="filepath", height=100, elem_id="tp-vqa-upload")
                 question = gr.Textbox(label="Question", placeholder="what color is the shape?", elem_id="tp-vqa-q")
                 with gr.Row():
-                    method = gr.Dropdown(list(METHODS), value=METHODS[0], label="Method", elem_id="tp-vqa-method")
+                    method = gr.Dropdown(list(methods), value=methods[0], label="Method", elem_id="tp-vqa-method")
                     budget = gr.Slider(
-                        BUDGET_MIN, 1.0, value=BUDGET_DEFAULT, step=0.01, label="LLM prefill FLOPs budget",
+                        BUDGET_MIN, 1.0, value=BUDGET_DEFAULT, step=0.01, label=budget_control(methods[0]).label,
                         elem_id="tp-vqa-budget",
                     )  # fmt: skip
+                note = gr.Markdown(method_note(methods[0]), elem_id="tp-vqa-method-note")
                 run = gr.Button("Ask", variant="primary", elem_id="tp-vqa-run")
         error = gr.HTML("", elem_id="tp-vqa-error")
         with gr.Row():
@@ -268,14 +357,17 @@ def vqa_tab() -> bool:
                 reduced_stats = gr.Markdown(elem_id="tp-vqa-red-stats")
         with gr.Row():
             with gr.Column():
-                token_map = gr.Image(label="Visual tokens that survived", interactive=False, elem_id="tp-vqa-map")
+                token_map = gr.Image(
+                    label="Patches each surviving visual token stands for", interactive=False, elem_id="tp-vqa-map"
+                )
             with gr.Column():
                 layer = gr.Slider(0, demo.depth - 1, value=demo.depth // 2, step=1, label="LLM layer",
                                   elem_id="tp-vqa-layer")  # fmt: skip
                 caption = gr.Markdown(elem_id="tp-vqa-caption")
                 gr.Markdown(
                     "LLM prefill GFLOPs (2 × MAC): the language model's layers on this prompt, vision tower and LM "
-                    f"head excluded. Latency: median of {TIMING_ROUNDS} CPU prefills, original and reduced "
+                    "head excluded; vision GFLOPs: the tower and projector (and any tower signal a method reads)."
+                    f" Latency: median of {TIMING_ROUNDS} CPU prefills, original and reduced "
                     "interleaved. Answers: greedy `generate()`."
                 )
     outputs = [error, original_answer, original_stats, reduced_answer, reduced_stats, token_map, caption]
@@ -285,4 +377,5 @@ def vqa_tab() -> bool:
     run.click(analyze, [current, question, *settings], outputs, **QUEUE)
     question.submit(analyze, [current, question, *settings], outputs, **QUEUE)
     layer.change(on_layer, [layer], [token_map, caption], trigger_mode="always_last", **QUEUE)
+    method.change(on_method, [method], [budget, note])  # labels only: no need to wait for a running request
     return True
