@@ -114,7 +114,7 @@ def test_llava_is_unsupported_and_its_patched_vision_tower_raises_our_error():
     inputs = dict(input_ids=torch.tensor([[1] + [60] * 16 + [5, 6]]), pixel_values=torch.randn(1, 3, 32, 32))
     # A ViT method on the whole VLM: the unsupported-model error, or the LLaVA adapter's own (once registered).
     with pytest.raises(TypeError, match=r"LlavaForConditionalGeneration"):
-        tokenprune.apply(llava, "tome", r=2)
+        tokenprune.apply(llava, "evit", r=2)
     with torch.no_grad():
         expected = llava(**inputs).logits
         patch = tokenprune.apply(llava.model.vision_tower, "tome", r=2)

@@ -304,7 +304,7 @@ def test_unsupported_models_and_methods_raise_with_the_supported_ones():
     with pytest.raises(TypeError, match="vision-language"):
         tokenprune.apply(vit, "aim")
     with pytest.raises(TypeError, match=re.escape(str(tokenprune.methods(kind="vlm")))):
-        tokenprune.apply(build(), "tome", r=2)
+        tokenprune.apply(build(), "evit", r=2)
 
 
 def test_config_errors():

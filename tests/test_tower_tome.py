@@ -88,26 +88,27 @@ def reference(model, pixels: torch.Tensor, r: int, layers: list[int], strategy: 
         setattr(encoder, name, getattr(encoder, name)[:k])
         patch = tokenprune.apply(tower, "tome", r=r, trace_source=True)
         out = []  # the encoder's output, before any final norm (SigLIP's and DINOv2's last_hidden_state have one)
-        encoder.register_forward_hook(lambda module, args, output: out.append(output[0]))
+        encoder.register_forward_hook(lambda module, args, output, out=out: out.append(output[0]))
         with torch.no_grad():
             tower(pixels)
         merged.append(out[0])  # (I, N_k, C)
         sources.append(patch.state.source)  # (I, N_k, N)
     first = 0 if strategy == "full" else 1  # "default" drops the class token (token 0)
-    out = []
+    result = []
     for image in range(pixels.shape[0]):
-        source = sources[0][image, :, first:]  # (N_k, P) the earliest feature layer's groups
+        source = sources[-1][image, :, first:]  # (N_k, P) the latest feature layer's groups
         held = source.sum(dim=1) > 0
         starts = source.argmax(dim=1)[held]  # first patch of every group
         order = starts.argsort()
-        starts, size = starts[order], source.sum(dim=1)[held][order]
+        members, size = source[held][order].bool(), source.sum(dim=1)[held][order]  # (K, P), (K,)
         features = []
         for x, src in zip(merged, sources, strict=True):
             holder = src[image, :, first:].argmax(dim=0)  # (P,) merged token holding each patch
-            features.append(x[image, holder[starts]])
+            features.append(x[image, holder])  # (P, C) every patch's feature at this layer
         with torch.no_grad():
-            out.append((model.model.multi_modal_projector(torch.cat(features, dim=-1)), size))
-    return out
+            projected = model.model.multi_modal_projector(torch.cat(features, dim=-1))  # (P, C')
+        result.append((torch.stack([projected[m].mean(dim=0) for m in members]), size))
+    return result
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -151,7 +152,7 @@ def test_llm_reads_the_merged_tower_tokens(tower, feature_layer, strategy, layer
     got_embeds, got_size = embeds[visual], size[visual]
     spans = state.spans[0]
     assert len(spans) == 2 and got_embeds.shape[0] == sum(e.shape[0] for e, _ in expected)
-    removed = r * layers[0]  # r per tower layer before the earliest feature layer
+    removed = r * layers[-1]  # r per tower layer before the latest feature layer
     assert [e.shape[0] for e, _ in expected] == [spans[0] - removed] * 2  # known before the tower ran
     torch.testing.assert_close(got_embeds, torch.cat([e for e, _ in expected]), rtol=0, atol=1e-5)
     assert torch.equal(got_size, torch.cat([s for _, s in expected]).to(got_size.dtype))

@@ -135,8 +135,9 @@ class HFReducingLayer(ReducingLayer):
                 "output_hidden_states is not supported while tokens are reduced. If this encoder is the "
                 "vision tower of a VLM (e.g. LLaVA, which takes hidden_states[vision_feature_layer] as image "
                 "tokens), reducing the tower alone would hand the language model fewer image features than "
-                "image placeholders: patch.remove() and apply a vision-language method to the VLM itself "
-                "(where tokenprune has an adapter for it), or run that call inside tokenprune.disabled(model)."
+                "image placeholders: patch.remove() and apply the method to the VLM itself (e.g. "
+                "tokenprune.apply(llava, 'tome', r=8) merges inside its tower and hands the LLM fewer tokens), "
+                "or run that call inside tokenprune.disabled(model)."
             )
 
 

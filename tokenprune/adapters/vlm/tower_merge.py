@@ -17,8 +17,9 @@ The VLM adapter composes two patches when the method is a ViT :class:`~tokenprun
   (``TowerSignals.groups``, mapped onto placeholders by the family's ``tower_tokens``) and keeps one token per
   group per image, at the group's first placeholder (all members hold the same projected feature): the usual
   pre-LLM flow then follows masks, positions and the cache. Tokens per image are known before the tower runs
-  (those left at the feature layer by the tower's schedule); with several feature layers (a list), the earliest
-  one's groups are used (later layers' groups only join earlier ones).
+  (those left at the feature layer by the tower's schedule); with several feature layers (a list), the latest
+  one's groups are used (they join the earlier ones' groups): a group's LLM token is then the mean of its
+  members' projected features, which differ in the earlier layers' part.
 
 FLOPs: the tower at its schedule (the ViT adapter's per-layer table, matching included), the projector on every
 patch (it runs unmerged), the LLM on the collapsed tokens. Families declare ``tower_merging`` (and, if False,
@@ -86,10 +87,12 @@ def unmerge(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 
 
 def collapse_groups(embeds: torch.Tensor, groups: torch.Tensor, keep: int) -> SpanReduction:
-    """One token per group of each span: stored at the group's first position, ``size`` its members in the span.
+    """One token per group of each span: the mean of its members' embeddings (identical ones when the projector
+    reads one tower layer; with a list of layers, members differ in the earlier layers' features), stored at the
+    group's first position, ``size`` its members in the span.
 
     Args:
-        embeds: ``(S, n, C)`` span embeddings; members of one group hold the same embedding.
+        embeds: ``(S, n, C)`` span embeddings.
         groups: ``(S, n)`` any ids, equal for the members of a group.
         keep: Groups every span has.
 
@@ -113,10 +116,13 @@ def collapse_groups(embeds: torch.Tensor, groups: torch.Tensor, keep: int) -> Sp
     order = first.argsort(dim=1, stable=True)  # ids by first position, absent ones last
     index = first.gather(1, order[:, :keep])  # (S, K) ascending
     group = order.argsort(dim=1).gather(1, groups)  # (S, n) rank of each token's group
-    kept = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))  # (S, K, C)
-    size = torch.zeros(spans, keep, dtype=embeds.dtype, device=embeds.device)
-    size = size.scatter_add(1, group, torch.ones_like(groups, dtype=embeds.dtype))
-    return SpanReduction(index, kept, size, group)
+    size = torch.zeros(spans, keep, device=embeds.device).scatter_add(
+        1, group, torch.ones_like(groups, dtype=torch.float)
+    )
+    sums = embeds.new_zeros(spans, keep, embeds.shape[-1], dtype=torch.float)
+    sums = sums.scatter_add(1, group[..., None].expand(-1, -1, embeds.shape[-1]), embeds.float())  # (S, K, C)
+    kept = (sums / size[..., None]).to(embeds.dtype)
+    return SpanReduction(index, kept, size.to(embeds.dtype), group)
 
 
 class CollapseGroups(VisualTokenMethod):
@@ -168,7 +174,7 @@ class TowerMerge:
         tower_adapter: The tower's ViT adapter.
         runtime: The tower's :class:`TowerRuntime`.
         schedule: Tokens each tower layer removes (at the config's image size).
-        layer: Hidden-state index whose groups the LLM side collapses (the earliest feature layer).
+        layer: Hidden-state index whose groups the LLM side collapses (the latest feature layer).
 
     Raises:
         NotImplementedError: The family, or its tower, cannot run a method inside the tower.
@@ -215,7 +221,7 @@ class TowerMerge:
                 "tower without a class token)"
             )
         self.feature_layers = feature_layers(getattr(adapter.model.config, "vision_feature_layer", -1), depth)
-        self.layer = self.feature_layers[0]
+        self.layer = self.feature_layers[-1]
         removed = sum(self.schedule[: self.layer])
         runtime.method = CollapseGroups(method.name, removed, adapter.tokens_per_image())
         runtime.config = VLMReductionConfig()
@@ -266,7 +272,7 @@ class TowerMerge:
         if value is None:
             value = getattr(module.config, "output_hidden_states", False)
         self._keep = requested_states(value, depth)
-        if value is not True and self._keep and min(self._keep) != self.layer:
+        if value is not True and self._keep and max(self._keep) != self.layer:
             self._active = False
             raise NotImplementedError(
                 f"tokenprune: this tower call asks for hidden states {sorted(self._keep)}; the tokens an image keeps "

@@ -315,9 +315,12 @@ def token_options(model, processor, rows, name: str, tokens: int) -> dict[str, A
     if tokens >= visual:
         raise ValueError(f"{tokens} tokens keep every one of the {visual} visual tokens per image")
     if not issubclass(entry.method_cls, VisualTokenMethod):  # a ViT method: it runs inside the vision tower
+        from tokenprune.adapters.vlm.tower_merge import feature_layers
+
         depth = model.config.vision_config.num_hidden_layers
-        base, extra = divmod(visual - tokens, depth)
-        return {"r": [base + (layer < extra) for layer in range(depth)]}
+        before = feature_layers(model.config.vision_feature_layer, depth)[-1]  # layers whose merges reach the LLM
+        base, extra = divmod(visual - tokens, before)
+        return {"r": [base + (layer < extra) for layer in range(before)] + [0] * (depth - before)}
     from tokenprune.adapters.vlm.flops import DecoderFlops
     from tokenprune.adapters.vlm.layer import DecoderSpec
 
