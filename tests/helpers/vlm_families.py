@@ -246,6 +246,98 @@ def ov_samples() -> dict[str, list[int]]:
     }
 
 
+# ----------------------------------------------------------------------------- LLaVA-NeXT / LLaVA-NeXT-Video
+NEXT_IMAGE, NEXT_VIDEO, NEXT_CROP, NEXT_FRAMES = 199, 198, 32, 3
+NEXT_WIDE, NEXT_TALL = (20, 64), (64, 40)
+#: Placeholders per image size: base 16 + high-res rows (+ one newline each), unpadded by rows (WIDE: 2 of the
+#: 4 rows of 8) or by columns (TALL: 8 rows of 6 of 8); see test_hf_llava_next.
+NEXT_PLACEHOLDERS = {NEXT_WIDE: 34, NEXT_TALL: 72}
+NEXT_FRAME_TOKENS = 4  # a frame's 4 x 4 patches, average-pooled by 2
+NEXT_BATCHES = (("a", "b"), ("video", "a"), ("video", "mixed"))  # LLaVA-NeXT-Video's padded batches
+#: Per sample: text before, [(kind, image size or frames, pixel seed), ...], text after.
+NEXT_MEDIA = {
+    "a": ([1, 5, 6], [("image", NEXT_WIDE, 1)], [7, 8, 9]),
+    "b": ([1, 11], [("image", NEXT_TALL, 2)], [12, 13, 14, 15, 16, 17]),
+    "text": ([1, 5, 6, 7, 8, 9], [], []),
+    "video": ([1, 5], [("video", NEXT_FRAMES, 3)], [7, 8, 9, 10]),
+    "mixed": ([1, 6], [("image", NEXT_WIDE, 4), ("video", NEXT_FRAMES, 5)], [7, 8, 9]),
+}
+
+
+def build_llava_next(video: bool = False, attn: str = "sdpa") -> torch.nn.Module:
+    """A tiny LLaVA-NeXT (``video``: LLaVA-NeXT-Video): CLIP 32px / patch 8 (16 tokens per crop, class token
+    dropped), pinpoints 32x64, 64x32, 64x64, features from the tower's second-to-last layer; Llama text model."""
+    torch.manual_seed(0)
+    vision = hf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    common = {
+        "vision_config": vision,
+        "text_config": hf.LlamaConfig(**TEXT, max_position_embeddings=512),
+        "image_token_index": NEXT_IMAGE,
+        "image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]],
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "pad_token_id": PAD,
+    }
+    if video:
+        config = hf.LlavaNextVideoConfig(**common, video_token_index=NEXT_VIDEO, spatial_pool_stride=2)
+        model = hf.LlavaNextVideoForConditionalGeneration(config)
+    else:
+        model = hf.LlavaNextForConditionalGeneration(hf.LlavaNextConfig(**common))
+    model.eval().set_attn_implementation(attn)
+    return model
+
+
+@dataclass
+class LlavaNextCase(VLMCase):
+    """LLaVA-NeXT(-Video): ``"a"`` a wide image (34 placeholders, 2 newlines), ``"b"`` a tall one (72, 8);
+    with ``video``, ``"video"`` 3 frames of 4 tokens and ``"mixed"`` an image then a video."""
+
+    video: bool = False
+
+    def _build(self, attn: str) -> torch.nn.Module:
+        return build_llava_next(self.video, attn)
+
+    def inputs(self, names: list[str], side: str = "left") -> dict:
+        prompts = [self.samples[n] for n in names]
+        if len(names) == 1:
+            out = {"input_ids": torch.tensor(prompts)}
+        else:
+            ids, mask = padded(prompts, side)
+            out = {"input_ids": ids, "attention_mask": mask}
+        media = [m for n in names for m in NEXT_MEDIA[n][1]]
+        images = [(size, seed) for kind, size, seed in media if kind == "image"]
+        videos = [(frames, seed) for kind, frames, seed in media if kind == "video"]
+        if images:  # (I, 5, 3, 32, 32): crops padded to 5, as the processor pads them
+            out["pixel_values"] = torch.cat([next_pixels(5, seed) for _, seed in images])
+            out["image_sizes"] = torch.tensor([size for size, _ in images])
+        if videos:  # (V, frames, 3, 32, 32)
+            out["pixel_values_videos"] = torch.cat([next_pixels(frames, seed) for frames, seed in videos])
+        return out
+
+
+def next_pixels(n: int, seed: int) -> torch.Tensor:
+    """``(1, n, 3, 32, 32)`` random crops (or frames)."""
+    return torch.randn(1, n, 3, NEXT_CROP, NEXT_CROP, generator=torch.Generator().manual_seed(seed))
+
+
+def next_samples(video: bool = False) -> dict[str, list[int]]:
+    samples = {}
+    for name, (before, media, after) in NEXT_MEDIA.items():
+        if not video and name in ("video", "mixed"):
+            continue
+        ids = list(before)
+        for i, (kind, size, _) in enumerate(media):
+            if kind == "image":
+                tokens = [NEXT_IMAGE] * NEXT_PLACEHOLDERS[size]
+            else:  # ``size`` frames
+                tokens = [NEXT_VIDEO] * (size * NEXT_FRAME_TOKENS)
+            ids += ([3] if i else []) + tokens
+        samples[name] = ids + list(after)
+    return samples
+
+
 # ----------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 199, 198, 197, 196
 QWEN_PATCH_DIM = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch
@@ -425,6 +517,175 @@ def idefics_samples() -> dict[str, list[int]]:
     return {"a": IDEFICS_SPLIT, "b": IDEFICS_WHOLE, "text": [1, 5, 6, 7, 8, 9, 12]}
 
 
+# ----------------------------------------------------------------------------- InternVL
+INTERN_IMAGE, INTERN_START, INTERN_END, INTERN_SIDE, INTERN_TOKENS = 199, 190, 191, 32, 16
+FRAME, COLON = 20, 22  # "Frame", ":" (frame numbers are tokens 21, 23)
+#: Tiles per sample: "a" a 1 x 2 grid + its thumbnail, "b" one tile (no thumbnail), "frames" 2 video frames.
+INTERN_TILES = {"a": 3, "b": 1, "frames": 2}
+
+
+def intern_prompt(before: list[int], tiles: list[int], after: list[int], labels: list[list[int]] | None = None):
+    """Text, then one ``<img>`` + 16 placeholders per tile + ``</img>`` per image (after its ``labels``), text."""
+    ids = list(before)
+    for i, count in enumerate(tiles):
+        ids += (labels[i] if labels else []) + [INTERN_START] + [INTERN_IMAGE] * (INTERN_TOKENS * count)
+        ids += [INTERN_END]
+    return ids + list(after)
+
+
+def intern_pixels(name: str) -> torch.Tensor:
+    """``(tiles, 3, 32, 32)``: the tiles of sample ``name`` (seeded per sample)."""
+    seed = 1 + list(INTERN_TILES).index(name)
+    return torch.randn(INTERN_TILES[name], 3, INTERN_SIDE, INTERN_SIDE, generator=torch.Generator().manual_seed(seed))
+
+
+def build_internvl(attn: str = "sdpa", qk_norm: bool = False) -> torch.nn.Module:
+    """A tiny InternVL (InternViT 32px / patch 4 -> 64 patches + class token, pixel shuffle 0.5 -> 16 per tile).
+
+    ``qk_norm``: InternViT-6B's layout (RMSNorm on queries and keys, RMSNorm layers); default InternViT-300M's.
+    HF zero-initialises the class token and position embeddings: they are drawn here, so the class token's
+    attention is not uniform.
+    """
+    torch.manual_seed(0)
+    vision = hf.InternVLVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=INTERN_SIDE,
+        patch_size=4,
+        use_qk_norm=qk_norm,
+        norm_type="rms_norm" if qk_norm else "layer_norm",
+        initializer_range=0.1,
+    )
+    text = hf.Qwen2Config(**TEXT, max_position_embeddings=512, pad_token_id=PAD)
+    config = hf.InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=INTERN_IMAGE, image_seq_length=INTERN_TOKENS
+    )
+    model = hf.InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.vision_tower.embeddings.cls_token.normal_()
+        model.model.vision_tower.embeddings.position_embeddings.normal_(std=0.5)
+    model.set_attn_implementation(attn)
+    return model
+
+
+@dataclass
+class InternVLCase(VLMCase):
+    """InternVL: ``"a"`` 3 tiles, ``"b"`` 1, ``"frames"`` two 1-tile frames after ``FrameN:`` text."""
+
+    def _build(self, attn: str) -> torch.nn.Module:
+        return build_internvl(attn)
+
+    def inputs(self, names: list[str], side: str = "left") -> dict:
+        prompts = [self.samples[n] for n in names]
+        if len(names) == 1:
+            out = {"input_ids": torch.tensor(prompts)}
+        else:
+            ids, mask = padded(prompts, side)
+            out = {"input_ids": ids, "attention_mask": mask}
+        tiles = [intern_pixels(n) for n in names if self.has_visual(n)]
+        if tiles:  # every tile of the batch, in sample order
+            out["pixel_values"] = torch.cat(tiles)
+        return out
+
+    def greedy(self, model, inputs, steps=None, **kwargs):
+        return super().greedy(model, inputs, steps, pad_token_id=PAD, **kwargs)
+
+
+def intern_samples() -> dict[str, list[int]]:
+    frames = [[FRAME, 21, COLON], [FRAME, 23, COLON]]
+    return {
+        "a": intern_prompt([1, 5], [3], [7, 8, 9]),
+        "b": intern_prompt([1, 11], [1], [12, 13, 14, 15, 16, 17]),
+        "text": [1, 5, 6, 7, 8, 9, 12],
+        "frames": intern_prompt([1, 6], [1, 1], [7, 8], frames),
+    }
+
+
+# ----------------------------------------------------------------------------- Mistral3 (Pixtral tower)
+MISTRAL_IMAGE, MISTRAL_BREAK, MISTRAL_END, MISTRAL_PATCH = 199, 198, 197, 4
+#: Per sample: text before, [(image (height, width) in pixels, pixel seed), ...] with text 6 between, text after.
+#: 8 px per LLM token (patch 4, 2 x 2 merge): (32, 48) -> 4 rows of 6, (16, 24) -> 2 of 3, (24, 32) -> 3 of 4.
+MISTRAL_MEDIA = {
+    "a": ([1, 5], [((32, 48), 1), ((16, 24), 2)], [7, 8, 9]),  # two images of different sizes
+    "b": ([1, 11], [((24, 32), 3)], [12, 13, 14, 15, 16, 17]),
+    "text": ([1, 5, 6, 7, 8, 9], [], []),
+}
+
+
+def mistral_image(height: int, width: int) -> list[int]:
+    """One image as PixtralProcessor writes it: rows of [IMG], each ended by [IMG_BREAK], the last by [IMG_END]."""
+    unit = 2 * MISTRAL_PATCH
+    rows = [[MISTRAL_IMAGE] * (width // unit) + [MISTRAL_BREAK] for _ in range(height // unit)]
+    ids = [t for row in rows for t in row]
+    return ids[:-1] + [MISTRAL_END]
+
+
+def build_mistral3(attn: str = "sdpa") -> torch.nn.Module:
+    """A tiny Mistral3 (Pixtral: 2 layers, patch 4, 2-D RoPE; 2 x 2 patch merger; Mistral text model)."""
+    torch.manual_seed(0)
+    vision = hf.PixtralVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        head_dim=16,
+        image_size=48,
+        patch_size=MISTRAL_PATCH,
+        initializer_range=0.1,
+    )
+    text = hf.MistralConfig(**TEXT, max_position_embeddings=512, sliding_window=None, pad_token_id=PAD)
+    config = hf.Mistral3Config(
+        vision_config=vision, text_config=text, image_token_index=MISTRAL_IMAGE, spatial_merge_size=2
+    )
+    model = hf.Mistral3ForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def mistral_pixels(names: list[str]) -> dict:
+    """``pixel_values`` ``(I, 3, H, W)`` (each image seeded, zero-padded to the largest) and ``image_sizes``."""
+    images = [(size, seed) for name in names for size, seed in MISTRAL_MEDIA[name][1]]
+    if not images:
+        return {}
+    height, width = (max(size[i] for size, _ in images) for i in (0, 1))
+    pixels = torch.zeros(len(images), 3, height, width)
+    for i, ((h, w), seed) in enumerate(images):
+        pixels[i, :, :h, :w] = torch.randn(3, h, w, generator=torch.Generator().manual_seed(seed))
+    return {"pixel_values": pixels, "image_sizes": torch.tensor([size for size, _ in images])}
+
+
+@dataclass
+class Mistral3Case(VLMCase):
+    """Mistral3: ``"a"`` two images of different sizes (24 + 6 [IMG], 4 + 2 row ends), ``"b"`` one (12, 3)."""
+
+    def _build(self, attn: str) -> torch.nn.Module:
+        return build_mistral3(attn)
+
+    def inputs(self, names: list[str], side: str = "left") -> dict:
+        prompts = [self.samples[n] for n in names]
+        if len(names) == 1:
+            out = {"input_ids": torch.tensor(prompts)}
+        else:
+            ids, mask = padded(prompts, side)
+            out = {"input_ids": ids, "attention_mask": mask}
+        return out | mistral_pixels(names)
+
+    def greedy(self, model, inputs, steps=None, **kwargs):
+        return super().greedy(model, inputs, steps, pad_token_id=PAD, **kwargs)
+
+
+def mistral_samples() -> dict[str, list[int]]:
+    samples = {}
+    for name, (before, images, after) in MISTRAL_MEDIA.items():
+        ids = list(before)
+        for i, ((h, w), _) in enumerate(images):
+            ids += ([6] if i else []) + mistral_image(h, w)
+        samples[name] = ids + list(after)
+    return samples
+
+
 # ----------------------------------------------------------------------------- the families
 QWEN_OPTIONS = {"merge_positions": "original"}  # M-RoPE: a merged token keeps a 3-axis position of its image
 QWEN_BATCHES = (("a", "b"), ("video", "a"), ("video", "mixed"))
@@ -437,12 +698,20 @@ def families() -> dict[str, VLMCase]:
         LlavaCase("llava-llama", llava_samples(), (LLAVA_ID,), steps=5, beams=(1, 3), text="llama"),
         LlavaCase("llava-qwen2", llava_samples(), (LLAVA_ID,), steps=5, text="qwen2"),
         OneVisionCase("llava-onevision", ov_samples(), (OV_IMAGE, OV_VIDEO)),
+        LlavaNextCase("llava-next", next_samples(), (NEXT_IMAGE,)),
+        LlavaNextCase(
+            "llava-next-video", next_samples(True), (NEXT_IMAGE, NEXT_VIDEO), batches=NEXT_BATCHES, video=True
+        ),
         QwenCase("qwen2-vl", qwen_samples(), (QWEN_IMAGE, QWEN_VIDEO), 5, QWEN_OPTIONS, QWEN_BATCHES),
         QwenCase(
             "qwen2.5-vl", qwen_samples(), (QWEN_IMAGE, QWEN_VIDEO), 4, QWEN_OPTIONS, QWEN_BATCHES, family="qwen2.5"
         ),
         IdeficsCase("idefics3", idefics_samples(), (IDEFICS_IMAGE,), family="idefics3"),
         IdeficsCase("smolvlm", idefics_samples(), (IDEFICS_IMAGE,), family="smolvlm"),
+        InternVLCase(
+            "internvl", intern_samples(), (INTERN_IMAGE,), beams=(1, 2), batches=(("a", "b"), ("frames", "a"))
+        ),
+        Mistral3Case("mistral3", mistral_samples(), (MISTRAL_IMAGE, MISTRAL_BREAK, MISTRAL_END), beams=(1, 2)),
     ]
     return {case.name: case for case in cases}
 

@@ -156,8 +156,8 @@ class PreLLMContext:
         keep: Tokens every span keeps.
         tower: Signals of the vision-tower layer the method asked for (``tower_layer``); None otherwise.
         text: ``(S, T, C)`` input embeddings of the instruction of each span's prompt (its text tokens after its
-            first visual token, image-layout tokens excluded), left-aligned; only for methods that set
-            ``reads_text`` (None otherwise).
+            first visual token, image-layout tokens excluded), right-aligned (fill rows first); only for methods
+            that set ``reads_text`` (None otherwise).
         text_valid: ``(S, T)`` which rows of ``text`` are real (prompts differ in length).
     """
 

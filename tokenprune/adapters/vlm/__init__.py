@@ -3,7 +3,15 @@
 Importing this package registers the families.
 """
 
-from tokenprune.adapters.vlm import idefics3, llava, llava_onevision, qwen2_vl  # noqa: F401
+from tokenprune.adapters.vlm import (  # noqa: F401  (each import registers its family's adapter)
+    idefics3,
+    internvl,
+    llava,
+    llava_next,
+    llava_onevision,
+    mistral3,
+    qwen2_vl,
+)
 from tokenprune.adapters.vlm.base import VLMAdapter, VLMParts
 from tokenprune.adapters.vlm.state import DecoderState, VisualInputs
 
