@@ -131,7 +131,7 @@ def test_unsupported_models_and_methods_raise_with_the_supported_ones():
     with pytest.raises(TypeError, match="Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration"):
         tokenprune.apply(text_only, "fastv")
     with pytest.raises(TypeError, match=re.escape(str(tokenprune.methods(kind="vlm")))):
-        tokenprune.apply(build(), "tome", r=2)
+        tokenprune.apply(build(), "evit", r=2)
 
 
 def test_labels_are_refused_while_reducing():

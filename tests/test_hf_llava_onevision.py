@@ -171,4 +171,4 @@ def test_unsupported_models_and_methods_raise_with_the_supported_ones():
         tokenprune.apply(text_only, "fastv")
     assert "Idefics3ForConditionalGeneration" in str(error.value)
     with pytest.raises(TypeError, match=re.escape(str(tokenprune.methods(kind="vlm")))):
-        tokenprune.apply(build(), "tome", r=2)
+        tokenprune.apply(build(), "evit", r=2)

@@ -121,9 +121,9 @@ def test_merging_is_per_frame_and_tokens_keep_their_3axis_positions(family):
     for b in range(2):
         video = (x["input_ids"][b] == VID).nonzero().squeeze(1)  # (3 * FRAME,) the video, frame after frame
         for frame in video.view(3, FRAME):
-            local, reference, held = merge(
+            local, reference, held, _ = merge(
                 PreLLMContext(embeds[b, frame][None], FRAME // 2)
-            )  # (1, 4), (1, 4, C), (1, 4)
+            )  # (1, 4), (1, 4, C), (1, 4), group
             slots = ((first[b] >= frame[0]) & (first[b] <= frame[-1])).nonzero().squeeze(1)
             assert first[b, slots].tolist() == frame[local[0]].sort().values.tolist() and held.sum() == FRAME
             order = local[0].argsort()  # the reference's tokens in spatial order
