@@ -444,6 +444,57 @@ def qwen_samples() -> dict[str, list[int]]:
     return samples
 
 
+# ----------------------------------------------------------------------------- Qwen3-VL / Qwen3-VL-MoE (DeepStack)
+QWEN3_STAMP = 30  # a timestamp's text token before each video slice (``<0.5 seconds>``), + slice index
+
+
+def qwen3_prompt(before: list[int], after: list[int], media: list[tuple[str, tuple[int, int, int]]]) -> list[int]:
+    """Text, then each image (one placeholder run) or video (per temporal slice: timestamp, its run), then text."""
+    ids = list(before)
+    for kind, (t, h, w) in media:
+        run = [QWEN_START] + [QWEN_IMAGE if kind == "image" else QWEN_VIDEO] * (h * w // 4) + [QWEN_END]
+        ids += run if kind == "image" else [tok for i in range(t) for tok in [QWEN3_STAMP + i, *run]]
+    return ids + list(after)
+
+
+def build_qwen3_vl(attn: str = "sdpa", moe: bool = False) -> torch.nn.Module:
+    """A tiny Qwen3-VL (vision depth 2, patch 14, merge 2, DeepStack from both tower layers: 2 levels, added
+    after LLM layers 0 and 1; 4x4 learned position grid interpolated). ``moe``: Qwen3-VL-MoE, a sparse block
+    (4 experts, top 2) in layers 1 and 3, experts run as plain matmuls (``eager``) so torch's counter sees them."""
+    torch.manual_seed(0)
+    vision = {"depth": 2, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    vision |= {"hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "num_position_embeddings": 16}
+    vision |= {"deepstack_visual_indexes": [0, 1]}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = {**TEXT, "head_dim": 16, "max_position_embeddings": 256, "rope_parameters": rope}
+    config_cls, model_cls = hf.Qwen3VLConfig, hf.Qwen3VLForConditionalGeneration
+    if moe:
+        config_cls, model_cls = hf.Qwen3VLMoeConfig, hf.Qwen3VLMoeForConditionalGeneration
+        text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 2}
+    ids = {"image_token_id": QWEN_IMAGE, "video_token_id": QWEN_VIDEO}
+    ids |= {"vision_start_token_id": QWEN_START, "vision_end_token_id": QWEN_END}
+    config = config_cls(vision_config=vision, text_config=text, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **ids)
+    model = model_cls(config).eval()
+    model.set_attn_implementation(attn)
+    if moe:
+        model.set_experts_implementation("eager")
+    return model
+
+
+@dataclass
+class Qwen3Case(QwenCase):
+    """Qwen3-VL / Qwen3-VL-MoE on Qwen2-VL's media (``QWEN_MEDIA``; inputs as Qwen2-VL's), videos slice by slice."""
+
+    moe: bool = False
+
+    def _build(self, attn: str) -> torch.nn.Module:
+        return build_qwen3_vl(attn, self.moe)
+
+
+def qwen3_samples() -> dict[str, list[int]]:
+    return {n: qwen3_prompt(b, a, [(k, g) for k, g, _ in media]) for n, (b, media, a) in QWEN_MEDIA.items()}
+
+
 # ----------------------------------------------------------------------------- Idefics3 / SmolVLM
 IDEFICS_IMAGE, IDEFICS_SIDE, IDEFICS_TOKENS = 199, 32, 16
 FAKE, GLOBAL, ROW1_COL1, ROW1_COL2, NEWLINE = 190, 191, 180, 181, 10
@@ -706,6 +757,8 @@ def families() -> dict[str, VLMCase]:
         QwenCase(
             "qwen2.5-vl", qwen_samples(), (QWEN_IMAGE, QWEN_VIDEO), 4, QWEN_OPTIONS, QWEN_BATCHES, family="qwen2.5"
         ),
+        Qwen3Case("qwen3-vl", qwen3_samples(), (QWEN_IMAGE, QWEN_VIDEO), 4, QWEN_OPTIONS, QWEN_BATCHES),
+        Qwen3Case("qwen3-vl-moe", qwen3_samples(), (QWEN_IMAGE, QWEN_VIDEO), 4, QWEN_OPTIONS, QWEN_BATCHES, moe=True),
         IdeficsCase("idefics3", idefics_samples(), (IDEFICS_IMAGE,), family="idefics3"),
         IdeficsCase("smolvlm", idefics_samples(), (IDEFICS_IMAGE,), family="smolvlm"),
         InternVLCase(
