@@ -6,7 +6,8 @@
 ``state.source``), its
   logits are within 0.15 (absolute) of float32's. That is about 5% of these tiny models' logit range (about 3);
   the unreduced models themselves differ by up to 0.07 between the two dtypes. Where bfloat16's rounding flips
-  a near-tie (e.g. which pair AIM merges), the logits cannot be compared; the counts still are.
+  a near-tie (e.g. which pair AIM merges, or which expert a mixture-of-experts router picks), the logits cannot
+be compared; the counts still are.
 """
 
 from __future__ import annotations
@@ -67,11 +68,16 @@ def test_bfloat16_reduction_is_finite_and_close_to_float32(case, method):
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = case.build().to(dtype)
+        routed = []  # a mixture of experts' choices are decisions too (bfloat16 can flip a near-tie of its router)
+        routers = [m for m in model.modules() if type(m).__name__.endswith("Router")]
+        hooks = [m.register_forward_hook(lambda module, args, out, seen=routed: seen.append(out[-1])) for m in routers]
         with torch.no_grad():
             patch = tokenprune.apply(model, method, **options(case, method, "example"))
             logits = model(**cast(case.inputs(["a"]), dtype)).logits.float()
+        for hook in hooks:
+            hook.remove()
         state = patch.state
-        decisions = [state.source, *state.index_in]  # what stands for what, and what enters every layer
+        decisions = [state.source, *state.index_in, *routed]  # what stands for what, enters every layer, is routed
         runs[dtype] = (logits, decisions, state.visual_per_layer())
         patch.remove()
     (full, decisions, counts), (half, half_decisions, half_counts) = runs.values()
