@@ -257,6 +257,25 @@ def test_flops_budget_is_a_fraction_of_llm_prefill(case, method):
 
 
 # ----------------------------------------------------------------------------- prompts without visual tokens
+@pytest.mark.parametrize("tokens", [3, 20])
+def test_tokens_gives_exactly_that_many_per_image(case, method, tokens):
+    """``tokens=N`` (methods acting before the LLM): every image span keeps exactly N (one with fewer keeps all),
+    alone and in a padded batch; the count is the plan's, known before the tower runs."""
+    entry = registry.get_method(method)
+    if "tokens" not in entry.config_cls.field_names():
+        pytest.skip(f"{method!r} takes no tokens= count")
+    model = case.build()
+    patch = tokenprune.apply(model, method, **case.options_for(entry.config_cls, {"tokens": tokens}))
+    for names in [[name] for name in visual_samples(case)] + [list(case.batches[0])]:
+        with torch.no_grad():
+            model(**case.inputs(names))
+        state = patch.state
+        expected = [sum(min(tokens, n) for n in spans) for spans in state.spans]
+        assert state.visual_in[0].tolist() == expected, names
+        assert expected == [sum(patch.runtime.method.merged_count(n, 0.0) for n in spans) for spans in state.spans]
+    patch.remove()
+
+
 def test_text_only_prompt_runs_unreduced(case, method):
     """A prompt with no image runs exactly as unpatched, with the example options and under a FLOPs budget."""
     model = case.build()
