@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenprune
+from tests.helpers.recording import record_merges
 from tests.helpers.vlm_families import families
 from tokenprune.methods.cdpruner import CDPruner, CDPrunerConfig, greedy_dpp, instruction_relevance
 from tokenprune.methods.vlm import PreLLMContext
@@ -19,16 +20,7 @@ from tokenprune.methods.vlm import PreLLMContext
 @pytest.fixture
 def recorded(monkeypatch):
     """Every ``(context, reduction)`` pair cdpruner's merge sees and returns."""
-    seen = []
-    merge = CDPruner.merge
-
-    def recording(self, ctx):
-        out = merge(self, ctx)
-        seen.append((ctx, out))
-        return out
-
-    monkeypatch.setattr(CDPruner, "merge", recording)
-    return seen
+    return record_merges(monkeypatch, CDPruner)
 
 
 def method(**options) -> CDPruner:

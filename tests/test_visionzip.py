@@ -8,6 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenprune
+from tests.helpers.recording import eager_attention, record_merges
 from tests.helpers.vlm_families import families
 from tokenprune.adapters.vlm.flops import tower_layers
 from tokenprune.methods.visionzip import VisionZip, VisionZipConfig
@@ -17,16 +18,7 @@ from tokenprune.methods.vlm import PreLLMContext, TowerSignals
 @pytest.fixture
 def recorded(monkeypatch):
     """Every ``(context, reduction)`` pair visionzip's merge sees and returns."""
-    seen = []
-    merge = VisionZip.merge
-
-    def recording(self, ctx):
-        out = merge(self, ctx)
-        seen.append((ctx, out))
-        return out
-
-    monkeypatch.setattr(VisionZip, "merge", recording)
-    return seen
+    return record_merges(monkeypatch, VisionZip)
 
 
 def reference(ctx: PreLLMContext, dominant: int, contextual: int) -> tuple[list, list, list]:
@@ -48,16 +40,6 @@ def reference(ctx: PreLLMContext, dominant: int, contextual: int) -> tuple[list,
         embeds.append(torch.stack([e for _, e, _ in kept]))
         sizes.append([n for _, _, n in kept])
     return indices, embeds, sizes
-
-
-def eager_attention(tower: torch.nn.Module, call: tuple, layer: int) -> torch.Tensor:
-    """``(I, H, P, P)`` the tower layer's attention map, rerun on its recorded call with eager attention."""
-    args, kwargs = call
-    tower.set_attn_implementation("eager")
-    try:
-        return tower(*args, **{**kwargs, "output_attentions": True}).attentions[layer].float()
-    finally:
-        tower.set_attn_implementation("sdpa")
 
 
 @pytest.mark.parametrize("family", ["llava-llama", "idefics3"])

@@ -9,8 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenprune
+from tests.helpers.recording import eager_attention, record_merges
 from tests.helpers.vlm_families import families
-from tests.test_visionzip import eager_attention
 from tokenprune.adapters.vlm.flops import tower_layers
 from tokenprune.methods.vispruner import VisPruner, VisPrunerConfig
 from tokenprune.methods.vlm import PreLLMContext, TowerSignals
@@ -19,16 +19,7 @@ from tokenprune.methods.vlm import PreLLMContext, TowerSignals
 @pytest.fixture
 def recorded(monkeypatch):
     """Every ``(context, reduction)`` pair vispruner's merge sees and returns."""
-    seen = []
-    merge = VisPruner.merge
-
-    def recording(self, ctx):
-        out = merge(self, ctx)
-        seen.append((ctx, out))
-        return out
-
-    monkeypatch.setattr(VisPruner, "merge", recording)
-    return seen
+    return record_merges(monkeypatch, VisPruner)
 
 
 def reference(attention: torch.Tensor, x: torch.Tensor, keep: int, important: float) -> list[int]:
