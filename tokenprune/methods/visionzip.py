@@ -18,17 +18,24 @@ method by at least 5% performance gains across nearly all settings", prefilling 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from tokenprune.methods.vlm import PreLLMConfig, PreLLMContext, PreLLMMethod, SpanReduction, check_fraction, count
+from tokenprune.methods.vlm import (
+    PreLLMContext,
+    SpanReduction,
+    TowerLayerConfig,
+    TowerLayerMethod,
+    check_fraction,
+    count,
+)
 from tokenprune.registry import register_method
 
 
 @dataclass
-class VisionZipConfig(PreLLMConfig):
+class VisionZipConfig(TowerLayerConfig):
     """VisionZip (Yang et al., CVPR 2025): dominant tokens by tower attention, the rest merged into a few groups.
 
     Attributes:
@@ -43,14 +50,11 @@ class VisionZipConfig(PreLLMConfig):
     """
 
     contextual: float = 10 / 64
-    layer: int | None = None
     default_keep: ClassVar[float] = 64 / 576
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.contextual = check_fraction("contextual (fraction of the kept tokens)", self.contextual, False)
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
-            raise TypeError(f"layer must be an int (a vision-tower layer index), got {self.layer!r}")
 
 
 def contextual_groups(keys: torch.Tensor, targets: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,21 +79,14 @@ def contextual_groups(keys: torch.Tensor, targets: int) -> tuple[torch.Tensor, t
     return target_rows, group
 
 
-class VisionZip(PreLLMMethod):
+class VisionZip(TowerLayerMethod):
     """Dominant tokens by the tower's attention, plus contextual tokens merged by key similarity."""
 
     name = "visionzip"
     identity = {"keep": 1.0}
     example = {"keep": 0.5, "contextual": 0.25}
     batch_invariant = True
-    tower_layer = -2
     _key_dim = 0  # the tower's key width, read from the keys at the last merge (for merge_flops)
-
-    def check_model(self, adapter: Any) -> None:
-        super().check_model(adapter)
-        # The layer the adapter captures (checked against the tower next): the configured one, or the paper's.
-        default = -2 if len(adapter.tower_layer_list()) > 1 else -1
-        self.tower_layer = default if self.config.layer is None else self.config.layer
 
     def split(self, keep: int) -> tuple[int, int]:
         """``(dominant, contextual)`` tokens of an image that keeps ``keep``."""

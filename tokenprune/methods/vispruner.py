@@ -30,19 +30,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from tokenprune.methods.vlm import PreLLMConfig, PreLLMContext, PreLLMMethod, SpanReduction, check_fraction
+from tokenprune.methods.vlm import PreLLMContext, SpanReduction, TowerLayerConfig, TowerLayerMethod, check_fraction
 from tokenprune.registry import register_method
 
 PER_ROUND = 8  # the reference's most duplicated tokens dropped per de-duplication round
 
 
 @dataclass
-class VisPrunerConfig(PreLLMConfig):
+class VisPrunerConfig(TowerLayerConfig):
     """VisPruner (Zhang et al., ICCV 2025): important tokens by tower attention, plus diverse ones by de-duplication.
 
     Attributes:
@@ -57,14 +57,11 @@ class VisPrunerConfig(PreLLMConfig):
     """
 
     important: float = 0.5
-    layer: int | None = None
     default_keep: ClassVar[float] = 32 / 576
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.important = check_fraction("important (fraction of the kept tokens)", self.important, False)
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
-            raise TypeError(f"layer must be an int (a vision-tower layer index), got {self.layer!r}")
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -101,20 +98,13 @@ def remove_duplicates(features: torch.Tensor, diverse: int) -> torch.Tensor:
     return rows
 
 
-class VisPruner(PreLLMMethod):
+class VisPruner(TowerLayerMethod):
     """Important tokens by the tower's attention, plus diverse ones left by similarity de-duplication."""
 
     name = "vispruner"
     identity = {"keep": 1.0}
     example = {"keep": 0.5}
     batch_invariant = True
-    tower_layer = -2
-
-    def check_model(self, adapter: Any) -> None:
-        super().check_model(adapter)
-        # The layer the adapter captures (checked against the tower next): the configured one, or the paper's.
-        default = -2 if len(adapter.tower_layer_list()) > 1 else -1
-        self.tower_layer = default if self.config.layer is None else self.config.layer
 
     def split(self, keep: int) -> tuple[int, int]:
         """``(important, diverse)`` tokens of an image that keeps ``keep`` (important rounded down)."""

@@ -384,6 +384,24 @@ class VisualTokenMethod(Method):
         return self.plan_for(depth, values[best])
 
 
+@dataclass
+class TowerLayerConfig(PreLLMConfig):
+    """:class:`PreLLMConfig` plus the vision-tower layer a method reads its signals from.
+
+    Attributes:
+        layer: Vision-tower layer whose attention and keys the method reads (negative: from the end); default
+            None: the penultimate (LLaVA reads its features there, and the papers score there), or the only one
+            of a one-layer tower.
+    """
+
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise TypeError(f"layer must be an int (a vision-tower layer index), got {self.layer!r}")
+
+
 class PreLLMMethod(VisualTokenMethod):
     """Base of methods that only reduce each image before the LLM (a :class:`PreLLMConfig`): subclasses write
     :meth:`merge` and :meth:`merge_flops`; nothing is pruned inside the LLM."""
@@ -400,3 +418,15 @@ class PreLLMMethod(VisualTokenMethod):
         if self.config.tokens is not None:
             return min(self.config.tokens, tokens)
         return super().merged_count(tokens, merge_keep)
+
+
+class TowerLayerMethod(PreLLMMethod):
+    """A :class:`PreLLMMethod` that reads :class:`TowerSignals` of ``config.layer`` (a :class:`TowerLayerConfig`)."""
+
+    tower_layer: ClassVar[int | None] = -2
+
+    def check_model(self, adapter: Any) -> None:
+        super().check_model(adapter)
+        # The layer the adapter captures (checked against the tower next): the configured one, or the default.
+        default = -2 if len(adapter.tower_layer_list()) > 1 else -1
+        self.tower_layer = default if self.config.layer is None else self.config.layer
