@@ -157,20 +157,6 @@ def test_the_text_it_reads_is_the_models_input_embeddings_of_each_prompts_instru
     patch.remove()
 
 
-def test_compact_positions_renumber_the_kept_tokens():
-    case = families()["llava-llama"]
-    model = case.build()
-    x = case.inputs(["a"])
-    logits = {}
-    for positions in ("original", "compact"):
-        patch = tokenprune.apply(model, "cdpruner", tokens=4, merge_positions=positions)
-        with torch.no_grad():
-            logits[positions] = model(**x).logits
-        patch.remove()
-    assert logits["compact"].shape[1] == len(case.samples["a"]) - 16 + 4 == logits["original"].shape[1]
-    assert not torch.allclose(logits["compact"], logits["original"])  # the text after the image moved up
-
-
 def test_defaults_and_bad_options():
     config = CDPrunerConfig()
     assert config.keep == 64 / 576 and config.tokens is None and config.theta is None

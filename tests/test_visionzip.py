@@ -108,16 +108,3 @@ def test_defaults_are_the_papers_64_of_576_with_10_contextual():
     config = VisionZipConfig()
     assert config.keep == 64 / 576 and config.contextual == 10 / 64 and config.tokens is None
     assert VisionZip(config).split(64) == (54, 10) and VisionZip(config).split(192) == (162, 30)
-
-
-def test_layer_option_picks_the_tower_layer_and_is_checked():
-    model = families()["llava-llama"].build()  # a 2-layer CLIP tower
-    patch = tokenprune.apply(model, "visionzip", keep=0.5, layer=0)
-    assert patch.runtime.method.tower_layer == 0
-    patch.remove()
-    assert tokenprune.apply(model, "visionzip", keep=0.5).runtime.method.tower_layer == -2  # the paper's default
-    tokenprune.get_patch(model).remove()
-    with pytest.raises(ValueError, match=r"valid: -2 \.\. 1"):
-        tokenprune.apply(model, "visionzip", keep=0.5, layer=5)
-    with pytest.raises(TypeError, match="layer must be an int"):
-        tokenprune.apply(model, "visionzip", keep=0.5, layer="last")

@@ -137,16 +137,3 @@ def test_defaults_are_the_papers_32_of_576_half_important():
     assert VisPruner(config).split(32) == (16, 16) and VisPruner(config).split(64) == (32, 32)
     assert VisPruner(VisPrunerConfig(important=0.75)).split(64) == (48, 16)  # the reference's MME example
     assert VisPruner(config).merged_count(576, config.keep) == 32
-
-
-def test_layer_option_picks_the_tower_layer_and_is_checked():
-    model = families()["llava-llama"].build()  # a 2-layer CLIP tower
-    patch = tokenprune.apply(model, "vispruner", keep=0.5, layer=0)
-    assert patch.runtime.method.tower_layer == 0
-    patch.remove()
-    assert tokenprune.apply(model, "vispruner", keep=0.5).runtime.method.tower_layer == -2  # the paper's default
-    tokenprune.get_patch(model).remove()
-    with pytest.raises(ValueError, match=r"valid: -2 \.\. 1"):
-        tokenprune.apply(model, "vispruner", keep=0.5, layer=5)
-    with pytest.raises(TypeError, match="layer must be an int"):
-        tokenprune.apply(model, "vispruner", keep=0.5, layer="last")
