@@ -85,6 +85,9 @@ class VLMAdapter(Adapter):
     #: Whether a ViT method (e.g. ``tome``) may run inside the vision tower (:mod:`.tower_merge`); if not, why not.
     tower_merging: ClassVar[bool] = False
     no_tower_merging: ClassVar[str] = "its vision tower's features do not map one to one onto LLM tokens"
+    #: Whether the family's adapter builds the masks of sliding-window attention layers itself (Gemma 3); a
+    #: language model with ``"sliding_attention"`` layers is refused otherwise.
+    sliding_attention: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -102,7 +105,7 @@ class VLMAdapter(Adapter):
                     f"tokenprune knows ({self.layout}): missing {missing}"
                 )
         text_config = self.language_model.config
-        if "sliding_attention" in (getattr(text_config, "layer_types", None) or []):
+        if not self.sliding_attention and "sliding_attention" in (getattr(text_config, "layer_types", None) or []):
             raise NotImplementedError(
                 f"{owner}'s language model uses sliding-window attention layers; tokenprune removes visual tokens "
                 "in full-attention decoders only"

@@ -4,6 +4,10 @@ After a reduced prefill every layer's cache holds only the tokens that entered i
 the full sequence (``generate()``'s attention mask and positions), so each decode step is translated: every
 layer's key validity grows by the new tokens, and where merging before the LLM renumbered positions
 (``merge_positions="compact"``) the caller's positions are shifted back by what was merged away.
+
+Sliding-window layers (only where a family declares their windows and builds their masks: Gemma 3) keep just their
+last ``sliding_window - 1`` tokens; their ``key_valid`` / ``key_length`` still count every token that entered the
+layer, and the family sizes their decode masks from the cache layer itself.
 """
 
 from __future__ import annotations
@@ -15,17 +19,33 @@ import torch
 from tokenprune.adapters.vlm.state import CacheSession
 
 
-def check_cache(cache: Any) -> None:
-    """Raise unless ``cache`` is a ``DynamicCache`` of full-attention layers (or None)."""
+def check_cache(cache: Any, windows: list[int | None] | None = None) -> None:
+    """Raise unless ``cache`` is a ``DynamicCache`` whose layers tokenprune's masks follow (or None).
+
+    Args:
+        cache: The prefill's cache.
+        windows: Per layer, the sliding window of a family whose adapter builds sliding-window masks itself
+            (None: a full-attention layer); None (every other family): full-attention layers only. Layer ``l`` must
+            be a ``DynamicSlidingWindowLayer`` of window ``windows[l]`` where that is set, a ``DynamicLayer``
+            elsewhere.
+    """
     if cache is None:
         return
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
     layers = getattr(cache, "layers", [])
-    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in layers):
+
+    def fits(index: int, layer: Any) -> bool:
+        window = windows[index] if windows is not None and index < len(windows) else None
+        if window is None:
+            return type(layer) is DynamicLayer
+        return type(layer) is DynamicSlidingWindowLayer and layer.sliding_window == window
+
+    if not isinstance(cache, DynamicCache) or not all(fits(i, layer) for i, layer in enumerate(layers)):
         kinds = sorted({type(layer).__name__ for layer in layers})
+        expected = "full-attention layers" if windows is None else "the model's own sliding-window/full layers"
         raise NotImplementedError(
-            f"tokenprune removes visual tokens with a DynamicCache of full-attention layers only, got "
+            f"tokenprune removes visual tokens with a DynamicCache of {expected} only, got "
             f"{type(cache).__name__} ({kinds}); use the default cache (cache_implementation='dynamic')"
         )
 

@@ -102,6 +102,9 @@ class DecoderReducer:
         #: Set by the family adapter before the text model runs (its inner model's pre-hook).
         self.pending_visual: VisualInputs | None = None
         self.sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        #: Per layer, the sliding window of a family whose adapter builds sliding-window masks itself (Gemma 3);
+        #: None: the cache must hold full-attention layers only (:func:`~.cache.check_cache`).
+        self.sliding_windows: list[int | None] | None = None
         self._plans: dict[tuple, VisualPlan] = {}
         self._originals: list[nn.Module] = []
         self._handles: list[Any] = []
@@ -345,7 +348,7 @@ class DecoderReducer:
         """Record what this layer leaves in the cache (a session is opened at layer 0)."""
         state = fwd.state
         if layer == 0:
-            check_cache(cache)
+            check_cache(cache, self.sliding_windows)
             depth = self.depth
             fwd.session = CacheSession(
                 [None] * depth, [0] * depth, [False] * depth, state.merged, fwd.shift, fwd.external_length, state
