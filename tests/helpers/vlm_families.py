@@ -737,6 +737,93 @@ def mistral_samples() -> dict[str, list[int]]:
     return samples
 
 
+# ----------------------------------------------------------------------------- Gemma 3 (sliding + global layers)
+GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI, GEMMA_TOKENS = 199, 197, 198, 16
+GEMMA_LAYERS = ("sliding_attention", "sliding_attention", "full_attention", "sliding_attention")
+#: Per sample: text before, images (pixel seeds; 6 between two), text after. "a": an image and a pan-and-scan crop.
+GEMMA_MEDIA = {
+    "a": ([2, 5, 6], [1, 2], [7, 8, 9]),
+    "b": ([2, 11], [3], [12, 13, 14, 15, 16, 17]),
+    "text": ([2, 5, 6, 7, 8, 9], [], []),
+}
+
+
+def gemma_prompt(before: list[int], images: int, after: list[int]) -> list[int]:
+    """Text, ``images`` runs of 16 ``[IMG]`` each wrapped in begin/end-of-image (text) tokens, then text."""
+    ids = list(before)
+    for i in range(images):
+        ids += ([6] if i else []) + [GEMMA_BOI] + [GEMMA_IMAGE] * GEMMA_TOKENS + [GEMMA_EOI]
+    return ids + list(after)
+
+
+def build_gemma3(attn: str = "sdpa", sliding_window: int = 64, layer_types: tuple[str, ...] = GEMMA_LAYERS):
+    """A tiny Gemma 3 (SigLIP 32 px / patch 4: an 8 x 8 grid average-pooled by 2 to 16 tokens; text: hidden 64,
+    4 layers of ``layer_types``, head_dim 16, q/k-norm, scaled embeddings, local and global RoPE bases)."""
+    torch.manual_seed(0)
+    vision = hf.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=4,
+        vision_use_head=False,
+    )
+    text = hf.Gemma3TextConfig(
+        **TEXT,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=256,
+        sliding_window=sliding_window,
+        layer_types=list(layer_types),
+        pad_token_id=PAD,
+    )
+    config = hf.Gemma3Config(
+        vision_config=vision,
+        text_config=text,
+        mm_tokens_per_image=GEMMA_TOKENS,
+        boi_token_index=GEMMA_BOI,
+        eoi_token_index=GEMMA_EOI,
+        image_token_index=GEMMA_IMAGE,
+    )
+    model = hf.Gemma3ForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+@dataclass
+class Gemma3Case(VLMCase):
+    """Gemma 3: ``token_type_ids`` (1 on ``[IMG]``) as Gemma3Processor returns them, each image 16 tokens."""
+
+    sliding_window: int = 64
+
+    def _build(self, attn: str) -> torch.nn.Module:
+        return build_gemma3(attn, self.sliding_window)
+
+    def inputs(self, names: list[str], side: str = "left") -> dict:
+        prompts = [self.samples[n] for n in names]
+        if len(names) == 1:
+            out = {"input_ids": torch.tensor(prompts)}
+        else:
+            ids, mask = padded(prompts, side)
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate() numbers them
+            out = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        out["token_type_ids"] = (out["input_ids"] == GEMMA_IMAGE).long()
+        seeds = [seed for n in names for seed in GEMMA_MEDIA[n][1]]
+        if seeds:
+            out["pixel_values"] = torch.stack(
+                [torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+            )
+        return out
+
+    def greedy(self, model, inputs, steps=None, **kwargs):
+        return super().greedy(model, inputs, steps, pad_token_id=PAD, **kwargs)
+
+
+def gemma_samples() -> dict[str, list[int]]:
+    return {name: gemma_prompt(before, len(images), after) for name, (before, images, after) in GEMMA_MEDIA.items()}
+
+
 # ----------------------------------------------------------------------------- the families
 QWEN_OPTIONS = {"merge_positions": "original"}  # M-RoPE: a merged token keeps a 3-axis position of its image
 QWEN_BATCHES = (("a", "b"), ("video", "a"), ("video", "mixed"))
@@ -765,6 +852,7 @@ def families() -> dict[str, VLMCase]:
             "internvl", intern_samples(), (INTERN_IMAGE,), beams=(1, 2), batches=(("a", "b"), ("frames", "a"))
         ),
         Mistral3Case("mistral3", mistral_samples(), (MISTRAL_IMAGE, MISTRAL_BREAK, MISTRAL_END), beams=(1, 2)),
+        Gemma3Case("gemma3", gemma_samples(), (GEMMA_IMAGE,), steps=4, beams=(1, 2)),
     ]
     return {case.name: case for case in cases}
 

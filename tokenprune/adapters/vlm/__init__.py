@@ -4,6 +4,7 @@ Importing this package registers the families.
 """
 
 from tokenprune.adapters.vlm import (  # noqa: F401  (each import registers its family's adapter)
+    gemma3,
     idefics3,
     internvl,
     llava,
