@@ -16,8 +16,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import tokenprune
+from tests.helpers.recording import patched_run_and_eager_attention
 from tests.helpers.vlm_families import FAMILIES, families
-from tokenprune.adapters.vlm.flops import tower_layers
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -153,27 +153,9 @@ def recorder():
     tokenprune.unregister_method("tower_recorder")
 
 
-def _eager_attention(tower: torch.nn.Module, call: tuple, layer: int) -> torch.Tensor:
-    """``(I, H, P, P)`` attention map of ``layer`` of the tower rerun on its recorded call, eager attention."""
-    args, kwargs = call
-    tower.set_attn_implementation("eager")
-    try:
-        out = tower(*args, **{**kwargs, "output_attentions": True})
-    finally:
-        tower.set_attn_implementation("sdpa")
-    return out.attentions[layer]
-
-
 def _patched_run_and_eager_attention(model, tower, inputs) -> tuple:
     """Run the recorder patch on ``inputs``; ``(patch, layer, (I, H, P, P) eager attention of that tower layer)``."""
-    calls = []
-    handle = tower.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
-    with torch.no_grad():
-        patch = tokenprune.apply(model, "tower_recorder", keep=0.5)
-        model(**inputs)
-        handle.remove()
-        layer = len(tower_layers(tower)) - 2
-        return patch, layer, _eager_attention(tower, calls[0], layer).float()
+    return patched_run_and_eager_attention(model, tower, inputs, "tower_recorder", {"keep": 0.5})
 
 
 @pytest.mark.parametrize("family", ["llava-llama", "idefics3"])

@@ -7,10 +7,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import tokenprune
-from tests.helpers.recording import eager_attention, record_merges
+from tests.helpers.recording import eager_token_scores, record_merges
 from tests.helpers.vlm_families import families
-from tokenprune.adapters.vlm.flops import tower_layers
 from tokenprune.methods.visionzip import VisionZip, VisionZipConfig
 from tokenprune.methods.vlm import PreLLMContext, TowerSignals
 
@@ -47,21 +45,8 @@ def test_dominant_set_is_the_top_k_of_the_towers_eager_attention(family, recorde
     """CLIP: the class token's row; SigLIP-style (Idefics3): mean attention received, per pixel-shuffled token."""
     case = families()[family]
     model, inputs = case.build(), case.inputs(["a"])
-    tower = model.model.vision_tower if family.startswith("llava") else model.model.vision_model
-    calls = []
-    handle = tower.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
-    with torch.no_grad():
-        patch = tokenprune.apply(model, "visionzip", keep=0.5, contextual=0.25)
-        model(**inputs)
-        handle.remove()
-        attention = eager_attention(tower, calls[0], len(tower_layers(tower)) - 2)  # (I, H, P, P)
-    patch.remove()
+    scores = eager_token_scores(family, model, inputs, "visionzip", {"keep": 0.5, "contextual": 0.25})  # (I, n)
     (ctx, out), n = recorded[0], recorded[0][0].embeds.shape[1]
-    if family.startswith("llava"):
-        scores = attention[:, :, 0].mean(dim=1)[:, 1:]  # (I, n): LLaVA drops the class token's own feature
-    else:
-        grid = attention.mean(dim=(1, 2)).view(-1, 8, 8)  # (I, 8, 8) patches, then the shuffle's 2 x 2 blocks
-        scores = grid.view(-1, 4, 2, 4, 2).mean(dim=(2, 4)).flatten(1)  # (I, 16)
     dominant, contextual = VisionZip(VisionZipConfig(keep=0.5, contextual=0.25)).split(ctx.keep)
     assert contextual > 0
     for s in range(scores.shape[0]):
