@@ -299,19 +299,19 @@ def evaluate_setting(
     return result
 
 
-def token_options(model, processor, rows, name: str, tokens: int) -> dict[str, Any]:
-    """Options that leave ``tokens`` visual tokens per image to the LLM, or the LLM prefill FLOPs of that.
+def token_options(model, visual: int, texts: list[int], name: str, tokens: int) -> dict[str, Any]:
+    """Options that leave ``tokens`` of an image's ``visual`` tokens to the LLM, or the LLM prefill FLOPs of that.
 
     Methods with a ``tokens`` option (those acting before the LLM) keep exactly ``tokens`` per image; ``tome``
-    in the vision tower merges the same number in every tower layer (the first layers take the remainder);
-    methods that prune inside the LLM get the FLOPs budget of ``tokens`` visual tokens in every layer (the
-    mean over the reference prompts), which they spend their own way.
+    in the vision tower merges the same number in every tower layer before the (latest) feature layer the
+    projector reads (the first layers take the remainder); methods that prune inside the LLM get the FLOPs
+    budget of ``tokens`` visual tokens in every layer (the mean over prompts of ``texts`` text tokens), which
+    they spend their own way.
     """
-    method, variant = resolve(name, KIND)
+    method, _ = resolve(name, KIND)
     entry = registry.get_method(method)
     if "tokens" in entry.config_cls.field_names():
         return {"tokens": tokens}
-    visual = int((encode(processor, rows[:1])["input_ids"] == model.config.image_token_id).sum())
     if tokens >= visual:
         raise ValueError(f"{tokens} tokens keep every one of the {visual} visual tokens per image")
     if not issubclass(entry.method_cls, VisualTokenMethod):  # a ViT method: it runs inside the vision tower
@@ -321,28 +321,25 @@ def token_options(model, processor, rows, name: str, tokens: int) -> dict[str, A
         before = feature_layers(model.config.vision_feature_layer, depth)[-1]  # layers whose merges reach the LLM
         base, extra = divmod(visual - tokens, before)
         return {"r": [base + (layer < extra) for layer in range(before)] + [0] * (depth - before)}
-    from tokenprune.adapters.vlm.flops import DecoderFlops
-    from tokenprune.adapters.vlm.layer import DecoderSpec
-
-    flops = DecoderFlops(model.model.language_model, DecoderSpec())
+    flops = registry.find_adapter(model)(model).llm_flops  # the family's own per-layer LLM table
     depth = flops.depth
-    ratios = []
-    for row in rows:
-        text = int(encode(processor, [row])["input_ids"].shape[1]) - visual
-        ratios.append(flops.prefill(text, [tokens] * depth, 0) / flops.prefill(text, [visual] * depth, 0))
+    ratios = [flops.prefill(text, [tokens] * depth, 0) / flops.prefill(text, [visual] * depth, 0) for text in texts]
     return {"flops": round(statistics.fmean(ratios), 4)}
 
 
 def token_settings(loaded: Loaded, chosen: list[str], counts: list[int], fixed: dict[str, Any]) -> Iterator[Setting]:
     """(method, visual tokens per image) settings, count-major: the control once, every other at each count."""
-    processor, reference = loaded.extra["processor"], loaded.data[:FLOPS_PROMPTS]
+    processor, model = loaded.extra["processor"], loaded.model
+    lengths = [encode(processor, [row])["input_ids"] for row in loaded.data[:FLOPS_PROMPTS]]  # the reference prompts
+    visual = int((lengths[0] == model.config.image_token_id).sum())
+    texts = [int(ids.shape[1]) - visual for ids in lengths]
     for name in chosen:
         if is_control(name):
             yield Setting(name, dict(fixed), f"{name}_all.json", {"budget": 1.0, "tokens": None})
     for tokens in counts:
         for name in chosen:
             if not is_control(name):
-                options = {**fixed, **token_options(loaded.model, processor, reference, name, tokens)}
+                options = {**fixed, **token_options(model, visual, texts, name, tokens)}
                 fields = {"budget": options.get("flops", 1.0), "tokens": tokens}
                 yield Setting(name, options, f"{name}_t{tokens}.json", fields)
 
