@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tokenprune
-from tests.helpers.vlm_families import FAMILIES, VLMCase, families
+from tests.helpers.vlm_families import FAMILIES, VLMCase, families, skip_without_tower_merging
 from tests.vlm_checks import assert_zero_reduction_exact
 from tokenprune import registry
 
@@ -34,18 +34,6 @@ def options(case: VLMCase, method: str, key: str) -> dict:
     return case.options_for(entry.config_cls, getattr(entry, key))
 
 
-def skip_unsupported(case: VLMCase, method: str) -> None:
-    """The matrix's rule: a ViT method runs inside the tower only on families that declare they can."""
-    model = case.build()
-    entry = registry.get_method(method)
-    try:
-        tokenprune.apply(model, method, **options(case, method, "identity")).remove()
-    except NotImplementedError as error:
-        if "vlm" in entry.kinds and "vit" in entry.kinds:
-            pytest.skip(str(error))
-        raise
-
-
 @pytest.fixture(params=FAMILIES)
 def case(request) -> VLMCase:
     return families()[request.param]
@@ -53,7 +41,7 @@ def case(request) -> VLMCase:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_reduction_is_bit_exact_in_bfloat16(case, method):
-    skip_unsupported(case, method)
+    skip_without_tower_merging(case.name, method)
     model = case.build().to(torch.bfloat16)
     inputs = cast(case.inputs(["a"]), torch.bfloat16)
     patch = assert_zero_reduction_exact(model, inputs, method, options(case, method, "identity"), case.greedy)
@@ -64,7 +52,7 @@ def test_zero_reduction_is_bit_exact_in_bfloat16(case, method):
     "method", [m for m in METHODS if registry.get_method(m).example != registry.get_method(m).identity]
 )
 def test_bfloat16_reduction_is_finite_and_close_to_float32(case, method):
-    skip_unsupported(case, method)
+    skip_without_tower_merging(case.name, method)
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = case.build().to(dtype)

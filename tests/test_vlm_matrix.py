@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import tokenprune
-from tests.helpers.vlm_families import FAMILIES, VLMCase, families
+from tests.helpers.vlm_families import FAMILIES, VLMCase, families, skip_without_tower_merging
 from tests.vlm_checks import (
     assert_batch_rows_equal_alone,
     assert_batched_generate_equals_alone,
@@ -44,18 +44,8 @@ def method(request) -> str:
 @pytest.fixture(autouse=True)
 def _tower_merging(request) -> None:
     """A ViT method (e.g. ``tome``) runs inside the vision tower: skip families that declare they cannot."""
-    if not {"case", "method"} <= set(request.fixturenames):
-        return
-    method_cls = registry.get_method(request.getfixturevalue("method")).method_cls
-    if not issubclass(method_cls, VisualTokenMethod):
-        adapter = family_adapter(request.getfixturevalue("case").name)
-        if not adapter.tower_merging:
-            pytest.skip(f"{adapter.__name__}: no ViT method inside its vision tower ({adapter.no_tower_merging})")
-
-
-@functools.cache
-def family_adapter(name: str) -> type:
-    return registry.find_adapter(families()[name].build())
+    if {"case", "method"} <= set(request.fixturenames):
+        skip_without_tower_merging(request.getfixturevalue("case").name, request.getfixturevalue("method"))
 
 
 def identity(case: VLMCase, method: str) -> dict:

@@ -15,6 +15,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import pytest
 import torch
 import transformers as hf
 
@@ -858,3 +859,22 @@ def families() -> dict[str, VLMCase]:
 
 
 FAMILIES = list(families())
+
+
+@functools.cache
+def family_adapter(name: str) -> type:
+    """The adapter class tokenprune picks for the family case ``name``."""
+    from tokenprune import registry
+
+    return registry.find_adapter(families()[name].build())
+
+
+def skip_without_tower_merging(name: str, method: str) -> None:
+    """Skip a ViT method (e.g. ``tome``, run inside the vision tower) on a family that declares it cannot."""
+    from tokenprune import registry
+    from tokenprune.methods.vlm import VisualTokenMethod
+
+    if not issubclass(registry.get_method(method).method_cls, VisualTokenMethod):
+        adapter = family_adapter(name)
+        if not adapter.tower_merging:
+            pytest.skip(f"{adapter.__name__}: no ViT method inside its vision tower ({adapter.no_tower_merging})")
