@@ -19,7 +19,7 @@ import torch
 from tokenprune.adapters.vlm.state import CacheSession
 
 
-def check_cache(cache: Any, windows: list[int | None] | None = None) -> None:
+def check_cache(cache: Any, windows: list[int | None] | None = None, recurrent: list[bool] | None = None) -> None:
     """Raise unless ``cache`` is a ``DynamicCache`` whose layers tokenprune's masks follow (or None).
 
     Args:
@@ -28,14 +28,18 @@ def check_cache(cache: Any, windows: list[int | None] | None = None) -> None:
             (None: a full-attention layer); None (every other family): full-attention layers only. Layer ``l`` must
             be a ``DynamicSlidingWindowLayer`` of window ``windows[l]`` where that is set, a ``DynamicLayer``
             elsewhere.
+        recurrent: Per layer, whether it is a linear-attention layer of a family whose adapter masks it itself
+            (Qwen3.5): that layer must be a ``LinearAttentionLayer`` (its conv and recurrent states hold no tokens).
     """
     if cache is None:
         return
-    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
 
     layers = getattr(cache, "layers", [])
 
     def fits(index: int, layer: Any) -> bool:
+        if recurrent is not None and index < len(recurrent) and recurrent[index]:
+            return type(layer) is LinearAttentionLayer
         window = windows[index] if windows is not None and index < len(windows) else None
         if window is None:
             return type(layer) is DynamicLayer

@@ -20,12 +20,17 @@ class DecoderFlops:
 
     def __init__(self, language_model: nn.Module, spec: DecoderSpec) -> None:
         layers = language_model.layers
-        attn = getattr(layers[0], spec.attn)
+        attn = next(getattr(layer, spec.attn) for layer in layers if hasattr(layer, spec.attn))
         self.num_heads = language_model.config.num_attention_heads
         self.head_dim = attn.head_dim
         self.hidden_size = language_model.config.hidden_size
+        # A layer without ``spec.attn`` (a hybrid decoder's linear-attention layer): its family counts its mixer.
         self._macs = [
-            (linear_macs(getattr(layer, spec.attn)), linear_macs(getattr(layer, spec.mlp))) for layer in layers
+            (
+                linear_macs(getattr(layer, spec.attn)) if hasattr(layer, spec.attn) else 0,
+                linear_macs(getattr(layer, spec.mlp)),
+            )
+            for layer in layers
         ]
 
     @property

@@ -67,8 +67,10 @@ class ReducingDecoderLayer(nn.Module):
         self.base_layer = base_layer
         self.layer = layer
         self.__dict__["reducer"] = reducer  # plain attribute: shared, not a submodule
-        q_module, k_module = reducer.spec.query_key_modules(base_layer)
-        self.capture = QKCapture(q_module, k_module, to_heads(reducer.head_dim))
+        self.capture: QKCapture | None = None  # None: a layer without softmax attention (a linear-attention layer)
+        if hasattr(base_layer, reducer.spec.attn):
+            q_module, k_module = reducer.spec.query_key_modules(base_layer)
+            self.capture = QKCapture(q_module, k_module, to_heads(reducer.head_dim))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> torch.Tensor:
         fwd = self.reducer.forward_in_flight
@@ -83,4 +85,5 @@ class ReducingDecoderLayer(nn.Module):
         return self.reducer.run_prefill_layer(self, hidden_states, attention_mask, kwargs)
 
     def remove_hooks(self) -> None:
-        self.capture.remove()
+        if self.capture is not None:
+            self.capture.remove()

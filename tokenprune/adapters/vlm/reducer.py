@@ -89,7 +89,10 @@ class DecoderReducer:
         self.owner = owner
         self.spec = spec or DecoderSpec()
         self.layers = language_model.layers
-        attn = getattr(self.layers[0], self.spec.attn)
+        # The first layer with softmax attention (hybrid decoders, e.g. Qwen3.5, begin with linear-attention layers).
+        attn = next((getattr(x, self.spec.attn) for x in self.layers if hasattr(x, self.spec.attn)), None)
+        if attn is None:
+            raise TypeError(f"{owner}'s language model has no layer with {self.spec.attn!r}: nothing to score from")
         self.head_dim = attn.head_dim
         self.scale = attn.scaling
         if rope is None:
@@ -105,6 +108,9 @@ class DecoderReducer:
         #: Per layer, the sliding window of a family whose adapter builds sliding-window masks itself (Gemma 3);
         #: None: the cache must hold full-attention layers only (:func:`~.cache.check_cache`).
         self.sliding_windows: list[int | None] | None = None
+        #: Per layer, whether it is a linear-attention (recurrent) layer whose adapter masks it itself (Qwen3.5);
+        #: None: none is (:func:`~.cache.check_cache`).
+        self.recurrent_layers: list[bool] | None = None
         self._plans: dict[tuple, VisualPlan] = {}
         self._originals: list[nn.Module] = []
         self._handles: list[Any] = []
@@ -348,7 +354,7 @@ class DecoderReducer:
         """Record what this layer leaves in the cache (a session is opened at layer 0)."""
         state = fwd.state
         if layer == 0:
-            check_cache(cache, self.sliding_windows)
+            check_cache(cache, self.sliding_windows, self.recurrent_layers)
             depth = self.depth
             fwd.session = CacheSession(
                 [None] * depth, [0] * depth, [False] * depth, state.merged, fwd.shift, fwd.external_length, state
@@ -384,6 +390,11 @@ class DecoderReducer:
             state.scored_rows.append(0)
             return out
         capture = wrapper.capture
+        if capture is None:  # the family's adapter refuses such plans first; this guards any other path
+            raise NotImplementedError(
+                f"tokenprune: {self.owner} layer {layer} has no softmax attention ({self.spec.attn!r}) to score "
+                "visual tokens from; remove them after a layer that has one"
+            )
         capture.active = True
         try:
             out = wrapper.base_layer(hidden_states, attention_mask=attention_mask, **kwargs)
