@@ -189,6 +189,7 @@ class DecoderLayerContext:
         rope: The model's ``apply_rotary_pos_emb(q, k, cos, sin)``.
         scale: Softmax scale of the attention.
         structural: ``(B, N)`` image-layout tokens (kept like text, never query rows), or None.
+        hidden: ``(B, N, C)`` the layer's output hidden states (what the next layer reads), or None.
         scored_rows: Query rows :meth:`attention_rows` scored (for FLOPs bookkeeping).
     """
 
@@ -201,6 +202,7 @@ class DecoderLayerContext:
     rope: Callable
     scale: float
     structural: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
     scored_rows: int = field(default=0)
 
     @property

@@ -412,11 +412,12 @@ class DecoderReducer:
             self.rope,
             self.scale,
             structural=state.structural,
+            hidden=out[0] if isinstance(out, tuple) else out,
         )
         scores = self.method.importance(ctx).float()  # (B, N)
         keep = (state.valid & ~state.visual) | top_per_row(scores, state.visual, state.targets[layer + 1])
         gather, slot_valid = compact(keep)
-        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = ctx.hidden
         hidden = hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1]))
         state.index = torch.where(slot_valid, state.index.gather(1, gather), -1)
         state.visual = state.visual.gather(1, gather) & slot_valid
