@@ -190,6 +190,8 @@ class DecoderLayerContext:
         scale: Softmax scale of the attention.
         structural: ``(B, N)`` image-layout tokens (kept like text, never query rows), or None.
         hidden: ``(B, N, C)`` the layer's output hidden states (what the next layer reads), or None.
+        keep: ``(B,)`` visual tokens each sample keeps after this layer (the plan's count; the adapter keeps the
+            top ``keep`` scores), or None.
         scored_rows: Query rows :meth:`attention_rows` scored (for FLOPs bookkeeping).
     """
 
@@ -203,6 +205,7 @@ class DecoderLayerContext:
     scale: float
     structural: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
     scored_rows: int = field(default=0)
 
     @property

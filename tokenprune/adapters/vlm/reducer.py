@@ -413,6 +413,7 @@ class DecoderReducer:
             self.scale,
             structural=state.structural,
             hidden=out[0] if isinstance(out, tuple) else out,
+            keep=state.targets[layer + 1],
         )
         scores = self.method.importance(ctx).float()  # (B, N)
         keep = (state.valid & ~state.visual) | top_per_row(scores, state.visual, state.targets[layer + 1])
