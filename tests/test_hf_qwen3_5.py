@@ -8,22 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as hf
 
 import tokenprune
-import tokenprune.adapters.vlm.qwen3_5  # noqa: F401  (registers the family)
 from tests.helpers.vlm_families import (
     PAD,
-    QWEN_END,
-    QWEN_IMAGE,
-    QWEN_MEDIA,
-    QWEN_PATCH_DIM,
-    QWEN_START,
-    QWEN_VIDEO,
-    TEXT,
-    padded,
+    build_qwen3_5,
+    families,
     qwen3_samples,
-    qwen_inputs,
 )
 from tests.vlm_checks import assert_batched_generate_equals_alone
 
@@ -33,37 +24,11 @@ STEPS = 4
 
 
 def build(attn: str = "sdpa", types: tuple[str, ...] = TYPES) -> torch.nn.Module:
-    """A tiny Qwen3.5: Qwen3-VL's tower (depth 2, merge 2) and a 4-layer hybrid text model (conv kernel 4)."""
-    torch.manual_seed(0)
-    vision = {"depth": 2, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
-    vision |= {"hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "num_position_embeddings": 16}
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
-    rope["partial_rotary_factor"] = 1.0
-    text = {**TEXT, "head_dim": 16, "max_position_embeddings": 256, "rope_parameters": rope, "layer_types": list(types)}
-    text |= {
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8,
-    }
-    ids = {"image_token_id": QWEN_IMAGE, "video_token_id": QWEN_VIDEO}
-    ids |= {"vision_start_token_id": QWEN_START, "vision_end_token_id": QWEN_END}
-    config = hf.Qwen3_5Config(
-        vision_config=vision, text_config=text, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **ids
-    )
-    model = hf.Qwen3_5ForConditionalGeneration(config).eval()
-    model.set_attn_implementation(attn)
-    return model
+    return build_qwen3_5(attn, types)
 
 
-def inputs(names: list[str], side: str = "left") -> dict:
-    ids, mask = padded([SAMPLES[n] for n in names], side)
-    media: dict[str, list] = {"image": [], "video": []}
-    for name in names:
-        for kind, (t, h, w), seed in QWEN_MEDIA[name][1]:
-            patches = torch.randn(t * h * w, QWEN_PATCH_DIM, generator=torch.Generator().manual_seed(seed))
-            media[kind].append(((t, h, w), patches))
-    return qwen_inputs(ids, mask, media, "qwen2")  # Qwen3-VL's inputs: no second_per_grid_ts
+#: The matrix case's inputs (Qwen3-VL's prompts, Qwen2-VL's media); its model has other layer types.
+inputs = families()["qwen3.5"].inputs
 
 
 def greedy(model: torch.nn.Module, x: dict, **kwargs) -> torch.Tensor:

@@ -7,7 +7,8 @@
   these tiny models' logit range (about 3). The tolerance was chosen from a one-off measurement (not a check
   kept here): the unreduced models themselves differ by 0.03-0.07 between the two dtypes. Where bfloat16's
   rounding flips a near-tie (e.g. which pair AIM merges, or which expert a router picks), the logits cannot be
-  compared; the counts still are.
+  compared; the counts still are. Qwen3.5's case doubles the tolerance (``VLMCase.bf16_atol``): its linear-attention
+  recurrence alone puts its unreduced bfloat16 logits 0.14 from float32's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from tests.vlm_checks import assert_zero_reduction_exact
 from tokenprune import registry
 
 METHODS = tokenprune.methods(kind="vlm")
-TOLERANCE = 0.15
 
 
 def cast(inputs: dict, dtype: torch.dtype) -> dict:
@@ -71,4 +71,4 @@ def test_bfloat16_reduction_is_finite_and_close_to_float32(case, method):
     (full, decisions, counts), (half, half_decisions, half_counts) = runs.values()
     assert bool(torch.isfinite(half).all()) and half_counts == counts
     if all(torch.equal(a, b) for a, b in zip(decisions, half_decisions, strict=True)):
-        torch.testing.assert_close(half, full, rtol=0, atol=TOLERANCE)
+        torch.testing.assert_close(half, full, rtol=0, atol=case.bf16_atol)

@@ -12,6 +12,7 @@ from tokenprune.adapters.vlm import (  # noqa: F401  (each import registers its 
     llava_onevision,
     mistral3,
     qwen2_vl,
+    qwen3_5,
     qwen3_vl,
 )
 from tokenprune.adapters.vlm.base import VLMAdapter, VLMParts
