@@ -20,6 +20,7 @@ KIND_MODELS = {
     "vit": "ViT token sequences (timm VisionTransformer; HF ViT, CLIP, SigLIP, DINOv2 encoders)",
     "vlm": "visual tokens inside vision-language models (e.g. LlavaForConditionalGeneration)",
     "dense": "dense predictors with exit heads (tokenprune's ViTSegmenter, e.g. load_model('vit-s14-camvid'))",
+    "llm": "prompt tokens inside text-only decoder LLMs (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)",
 }
 
 

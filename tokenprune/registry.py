@@ -11,8 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: Model kinds: ViT token sequences (classifiers, backbones), vision-language models, dense predictors (segmenters).
-KINDS = ("vit", "vlm", "dense")
+#: Model kinds: ViT token sequences (classifiers, backbones), vision-language models, dense predictors (segmenters),
+#: text-only decoder LLMs (prompt tokens).
+KINDS = ("vit", "vlm", "dense", "llm")
 
 _METHODS: dict[str, MethodEntry] = {}
 _ADAPTERS: list[tuple[Callable[[Any], bool], type, str]] = []
@@ -60,7 +61,7 @@ def register_method(name: str, config_cls: type, method_cls: type) -> None:
         name: The name ``tokenprune.apply`` takes.
         config_cls: Its config dataclass (a ``tokenprune.ReductionConfig`` or ``tokenprune.VLMReductionConfig``).
         method_cls: Its implementation (a ``tokenprune.Method`` or ``tokenprune.VisualTokenMethod``), declaring
-            ``kinds`` (which of ``vit``/``vlm``/``dense``) and ``identity`` (options that reduce nothing).
+            ``kinds`` (which of ``vit``/``vlm``/``dense``/``llm``) and ``identity`` (options that reduce nothing).
 
     Raises:
         ValueError: The name is taken, or the declared kinds or identity options are invalid.
@@ -97,7 +98,7 @@ def get_method(name: str) -> MethodEntry:
 
 
 def methods(kind: str | None = None) -> list[str]:
-    """Names of the registered methods, sorted; with ``kind`` (``vit``, ``vlm`` or ``dense``) those for that kind."""
+    """Names of the registered methods, sorted; with ``kind`` (one of :data:`KINDS`) those for that kind."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; kinds: {list(KINDS)}")
     return sorted(name for name, entry in _METHODS.items() if kind is None or kind in entry.kinds)
