@@ -100,7 +100,18 @@ def test_eval_runs_one_setting_and_files_it(tmp_path: Path, capsys) -> None:
     out = tmp_path / "one.json"
     result = sweep.run_eval(FakeTask(), _args(tmp_path, flops=0.5, out=str(out), checkpoint="mine.safetensors"))
     assert result["model"] == "fake @ mine.safetensors" and result["budget"] == 0.5
-    assert json.loads(out.read_text()) == result == json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == result
+    # stdout: a table a person reads (the setting on its row); --json: the full JSON instead.
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| setting | accuracy | GFLOPs") and lines[2].startswith("| tome flops=0.5 |")
+    sweep.run_eval(FakeTask(), _args(tmp_path, flops=0.5, out=None, checkpoint="mine.safetensors", json=True))
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_table_order_without_methods_is_first_seen() -> None:
+    rows = [{"method": "tome", "budget": 0.5}, {"method": "none", "budget": 1.0}, {"method": "tome", "budget": 0.7}]
+    ordered = FakeTask().order(rows, argparse.Namespace())
+    assert [(r["method"], r["budget"]) for r in ordered] == [("tome", 0.7), ("tome", 0.5), ("none", 1.0)]
 
 
 def test_budget_settings_run_the_control_only_unreduced() -> None:

@@ -67,6 +67,11 @@ def _sum_across_ranks(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a classifier's output: a tensor (timm) or an HF output with ``.logits``."""
+    return output.logits if hasattr(output, "logits") else output
+
+
 def _batches(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
     return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
@@ -86,7 +91,7 @@ def evaluate_dataset(
     correct = 0
     seen = 0
     for images, labels in tqdm(loader, desc="eval", disable=not progress or rank != 0):
-        predictions = model(images).argmax(dim=-1)
+        predictions = logits_of(model(images)).argmax(dim=-1)
         correct += int((predictions == labels).sum())
         seen += len(labels)
     correct, seen = _sum_across_ranks([correct, seen])
@@ -104,16 +109,26 @@ def evaluate_agreement(
     """Agreement of the patched ``model`` with its unreduced self on unlabelled images.
 
     Returns:
-        ``{"top1_agreement", "feature_cosine" (mean over images of pre-logit features), "n"}``.
+        ``{"top1_agreement", "feature_cosine" (mean over images of pre-logit features; of the logits for
+        models without timm's ``forward_head``), "n"}``.
     """
     agree = 0.0
     cosine = 0.0
     for chunk in tqdm(_batches(list(paths), batch_size), desc="agreement", disable=not progress):
         images = torch.stack([transform(load_image(p)) for p in chunk])
-        reduced_features = model.forward_head(model.forward_features(images), pre_logits=True)
+        reduced_features, reduced_logits = _features_and_logits(model, images)
         with disabled(model):
-            full_features = model.forward_head(model.forward_features(images), pre_logits=True)
-        agree += float((model.head(reduced_features).argmax(-1) == model.head(full_features).argmax(-1)).sum())
+            full_features, full_logits = _features_and_logits(model, images)
+        agree += float((reduced_logits.argmax(-1) == full_logits.argmax(-1)).sum())
         cosine += float(F.cosine_similarity(reduced_features, full_features, dim=-1).sum())
     n = len(paths)
     return {"top1_agreement": agree / n, "feature_cosine": cosine / n, "n": n}
+
+
+def _features_and_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm: pre-logit features and logits; other classifiers (HF): the logits twice."""
+    if hasattr(model, "forward_head"):
+        features = model.forward_head(model.forward_features(images), pre_logits=True)
+        return features, model.head(features)
+    logits = logits_of(model(images))
+    return logits, logits

@@ -122,13 +122,35 @@ def compare_throughput(
 
 
 def bench_command(args: argparse.Namespace) -> dict[str, Any]:
-    """``tokenprune bench``: images/s of ``--model`` patched vs unpatched on a seeded random batch (JSON)."""
-    from tokenprune.measure.options import method_options, write_json
+    """``tokenprune bench``: ``--model`` patched vs unpatched, side by side (JSON in ``--out``, a table on stdout).
+
+    Vision-language models: generation metrics (:mod:`tokenprune.measure.generation`); image models: images/s
+    on a seeded random batch.
+    """
+    from tokenprune.measure.models import parse_model
+    from tokenprune.measure.options import emit, method_options, runs, setting_label
     from tokenprune.measure.tasks.classification import build_model
 
-    model, size = build_model(args.model, args.img_size)
-    images = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-    result = compare_throughput(model, args.method, images, rounds=args.rounds, **method_options(args))
+    if parse_model(args.model, getattr(args, "allow_download", False)).task == "vqa":
+        from tokenprune.measure.generation import bench_generation_command
+
+        return bench_generation_command(args)
+    model, size = build_model(args.model, args.img_size, getattr(args, "checkpoint", None))
+    batch = args.batch_size or 32
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    options = method_options(args)
+    result = compare_throughput(model, args.method, images, rounds=args.rounds, **options)
     result["model"] = args.model
-    write_json(result, args.out)
+    emit(result, args, throughput_table(result, setting_label(args.method, options), runs(result["schedule"] or [])))
     return result
+
+
+def throughput_table(result: dict[str, Any], setting: str, schedule: str) -> str:
+    """A :func:`compare_throughput` result as a one-row markdown table."""
+    header = "| setting | GFLOPs/img unpatched / patched | img/s unpatched / patched | speedup | schedule |"
+    row = (
+        f"| {setting} | {result['gflops_per_image_unpatched']:.3f} / {result['gflops_per_image_patched']:.3f} | "
+        f"{result['images_per_s_unpatched']:.1f} / {result['images_per_s_patched']:.1f} | {result['speedup']:.2f}x | "
+        f"{schedule or '-'} |"
+    )
+    return f"{header}\n|---|---|---|---|---|\n{row}\n"

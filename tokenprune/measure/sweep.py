@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenprune.measure.accuracy import distributed_context
-from tokenprune.measure.options import model_label, write_json
+from tokenprune.measure.options import emit, model_label, setting_label, summary_table
 from tokenprune.measure.tasks.base import Loaded, Setting, Task
 from tokenprune.methods.variants import is_control
 from tokenprune.optional import require
@@ -28,13 +28,13 @@ def _filed(task_row: dict[str, Any], setting: Setting, args: argparse.Namespace,
 
 
 def run_eval(task: Task, args: argparse.Namespace) -> dict[str, Any]:
-    """One setting: the result as JSON on stdout (and in ``--out``); returns it."""
+    """One setting: a short table on stdout (the JSON with ``--json``), the JSON in ``--out``; returns it."""
     rank, _ = distributed_context()
     loaded = task.load(args)
     setting = task.eval_setting(args)
     result = _filed(task.evaluate(loaded, setting, args), setting, args, loaded)
     if rank == 0:
-        write_json(result, args.out)
+        emit(result, args, summary_table(result, setting_label(setting.method, setting.options)))
     return result
 
 

@@ -1,7 +1,7 @@
 """Eval tasks, one module each (``classification``, ``segmentation``, ``vqa``), each defining ``TASK``.
 
-A zoo model names its task (``ZooEntry.task``); any other model name is a timm architecture, a classifier.
-A new task is one module here.
+A zoo model names its task (``ZooEntry.task``); a timm architecture is a classifier; a Hugging Face model's
+config says which it is (:func:`tokenprune.measure.models.parse_model`). A new task is one module here.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import importlib
 from tokenprune.measure.tasks.base import Column, Loaded, PlotSpec, Setting, Task
 
 
-def task_for(model: str) -> Task:
-    """The task that scores ``model`` (zoo name, else a timm architecture: classification)."""
-    from tokenprune import zoo
+def task_for(model: str, allow_download: bool = False) -> Task:
+    """The task that scores ``--model model`` (see :mod:`tokenprune.measure.models`)."""
+    from tokenprune.measure.models import parse_model
 
-    name = zoo.task_of(model) if model in zoo.available_models() else "classification"
+    name = parse_model(model, allow_download).task
     return importlib.import_module(f"tokenprune.measure.tasks.{name}").TASK
 
 

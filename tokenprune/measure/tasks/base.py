@@ -118,13 +118,20 @@ class Task(ABC):
         return None
 
     def order(self, rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-        """Rows in table order: the ``--methods`` order, then highest budget first."""
-        names = args.methods.split(",")
-        return sorted(rows, key=lambda row: (names.index(row["method"]), -row["budget"]))
+        """Rows in table order: the ``--methods`` order (else first seen), then highest budget first."""
+        names = method_order(rows, args)
+        return sorted(rows, key=lambda row: (names.index(row["method"]), -(row.get("budget") or 1.0)))
 
     def title(self, args: argparse.Namespace, loaded: Loaded) -> str:
         """The plot title."""
         return f"{args.model} ({loaded.description})"
+
+
+def method_order(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """``--methods`` in order (when given), then any other method of ``rows`` in first-seen order."""
+    given = getattr(args, "methods", None)
+    names = given.split(",") if given else []
+    return list(dict.fromkeys([*names, *(row["method"] for row in rows)]))
 
 
 def budget_settings(

@@ -3,8 +3,10 @@
 Accuracy comes from a labelled dataset when one is given (``--data`` or ``$TOKENPRUNE_DATA``); without data the
 bundled example photos give agreement with the unreduced model instead. FLOPs are measured
 (``torch.utils.flop_counter``, 2 x MAC) per image; images/s are measured patched vs unpatched side by side on a
-synthetic batch, so the two share the machine's conditions. Models: a zoo classifier, else a timm architecture
-with random weights (enough for speed and FLOPs).
+synthetic batch, so the two share the machine's conditions. Models: see :mod:`tokenprune.measure.models` (a zoo
+classifier, ``timm:<arch>`` with ``--checkpoint``, a random-weight timm architecture for speed and FLOPs, a local
+Hugging Face classifier); data: the zoo's ``<root>/<dataset>/val`` layout or any ImageFolder
+(:class:`tokenprune.measure.layouts.ImageFolder`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,36 +25,23 @@ from tokenprune.api import apply
 from tokenprune.measure.accuracy import distributed_context, evaluate_agreement, evaluate_dataset, example_images
 from tokenprune.measure.bench import compare_throughput
 from tokenprune.measure.flops import measure_flops
+from tokenprune.measure.models import load_classifier, parse_model
 from tokenprune.measure.options import method_options, parse_set, resolve_data_root
 from tokenprune.measure.tasks.base import Column, Loaded, PlotSpec, Setting, Task, budget_settings
-from tokenprune.methods.variants import is_control
+from tokenprune.methods.variants import is_control, resolve
 
 KIND = "vit"
 
 
-def build_model(name: str, img_size: int | None, checkpoint: str | None = None) -> tuple[nn.Module, int]:
-    """A model by zoo name, else a timm architecture with random weights (enough for speed and FLOPs).
+def build_model(
+    name: str, img_size: int | None, checkpoint: str | None = None, allow_download: bool = False
+) -> tuple[nn.Module, int]:
+    """A classifier by ``--model`` value (:mod:`tokenprune.measure.models`) and its input side.
 
-    ``checkpoint`` replaces a zoo model's shipped weights (e.g. a file just written by its training script).
+    ``checkpoint`` replaces a zoo model's shipped weights, or loads a ``timm:<arch>`` state dict.
     """
-    from tokenprune import zoo
-
-    if name in zoo.classifiers():
-        model, _ = zoo.load_model(name, checkpoint=checkpoint)
-        return model.eval(), img_size or 224
-    if checkpoint is not None:
-        raise SystemExit(f"--checkpoint applies to zoo models ({zoo.available_models()}), not to {name!r}")
-    import timm
-
-    kwargs = {"img_size": img_size} if img_size else {}
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except RuntimeError as error:  # timm: "Unknown model (...)"
-        raise SystemExit(
-            f"unknown model {name!r}: not a tokenprune zoo name nor a timm architecture ({error})"
-        ) from error
-    size = img_size or model.patch_embed.img_size[0]
-    return model.eval(), size
+    loaded = load_classifier(parse_model(name, allow_download), img_size, checkpoint)
+    return loaded.model, loaded.input_size[0]
 
 
 def evaluate_setting(
@@ -63,12 +53,19 @@ def evaluate_setting(
     batch_size: int = 32,
     bench_rounds: int = 3,
     progress: bool = True,
+    input_size: tuple[int, int] | None = None,
 ) -> dict:
-    """Evaluate one method setting on an (unpatched) model; the model is unpatched again afterwards."""
+    """Evaluate one method setting on an (unpatched) model; the model is unpatched again afterwards.
+
+    ``input_size``: (H, W) of the model's input (default: timm's ``patch_embed.img_size``).
+    """
     rank, world = distributed_context()
-    img_size = model.patch_embed.img_size
+    img_size = tuple(input_size or model.patch_embed.img_size)
     one_image = torch.zeros(1, 3, *img_size)
     base_flops = measure_flops(model, one_image)
+    dynamic = [getattr(m, "dynamic_img_size", False) for m in (model, getattr(model, "patch_embed", None))]
+    if options.get("flops") is not None and any(dynamic):
+        options = {"input_size": list(img_size), **options}  # the budget is solved for the size scored here
     patch = apply(model, method, **options)
     try:
         reduced_flops = measure_flops(model, one_image)
@@ -93,6 +90,16 @@ def evaluate_setting(
         result.update({k: speed[k] for k in ("images_per_s_unpatched", "images_per_s_patched", "speedup")})
         result["speed_batch_size"] = batch_size
     return result
+
+
+def _named_layout(root: Path, dataset: str) -> bool:
+    """``root`` holds ``<dataset>/val`` (or is ``<dataset>``): the zoo's own layout, not a plain ImageFolder."""
+    return (root / dataset).is_dir() or (root.name == dataset and (root / "val").is_dir())
+
+
+def _num_logits(model: nn.Module) -> int | None:
+    """Outputs of a classifier (timm ``num_classes`` / HF ``config.num_labels``), None when unknown."""
+    return getattr(model, "num_classes", None) or getattr(getattr(model, "config", None), "num_labels", None)
 
 
 def _metric(row: dict[str, Any]) -> str:
@@ -136,26 +143,41 @@ class Classification(Task):
 
     def load(self, args: argparse.Namespace) -> Loaded:
         from tokenprune import zoo
-        from tokenprune.data import load_dataset
+        from tokenprune.data import DatasetLayoutError, expected_layout, load_dataset
+        from tokenprune.measure.layouts import ImageFolder, read_labels_file
 
         if getattr(args, "split", None) not in (None, "val"):
             raise SystemExit(f"classifiers are scored on their val split; --split {args.split!r} is not supported")
-        model, size = build_model(args.model, args.img_size, args.checkpoint)
-        transform = zoo.build_transform(size)
+        spec = parse_model(args.model, getattr(args, "allow_download", False))
+        loaded = load_classifier(spec, args.img_size, args.checkpoint)
+        extra = {"tf": loaded.transform, "input_size": loaded.input_size}
         root = resolve_data_root(args.data)
         if root is None:
-            return Loaded(model, None, "bundled example photos (agreement with the unreduced model)", {"tf": transform})
-        if args.model not in zoo.classifiers():
+            return Loaded(loaded.model, None, "bundled example photos (agreement with the unreduced model)", extra)
+        if spec.source == "timm" and not args.checkpoint:
             raise SystemExit(
-                f"accuracy on a dataset needs a trained zoo model ({zoo.classifiers()}), got {args.model!r}"
+                f"{args.model} has random weights: accuracy on a dataset needs trained weights (a zoo classifier "
+                f"{zoo.classifiers()}, timm:<arch> --checkpoint FILE, or a Hugging Face classifier directory)"
             )
-        entry = zoo.get_entry(args.model)
-        dataset = load_dataset(entry.dataset, "val", root=root, transform=transform, limit=args.limit)
         limit = f", limit {args.limit}" if args.limit else ""
-        return Loaded(model, dataset, f"{entry.dataset} val at {root}{limit}", {"tf": transform})
+        entry = zoo.get_entry(args.model) if spec.source == "zoo" else None
+        if entry is not None and not getattr(args, "labels", None) and _named_layout(Path(root), entry.dataset):
+            dataset = load_dataset(entry.dataset, "val", root=root, transform=loaded.transform, limit=args.limit)
+            return Loaded(loaded.model, dataset, f"{entry.dataset} val at {root}{limit}", extra)
+        labels = getattr(args, "labels", None)
+        labels = [["folders"]] if labels == "folders" else read_labels_file(labels) if labels else loaded.labels
+        try:
+            dataset = ImageFolder(root, loaded.transform, labels, _num_logits(loaded.model), args.limit)
+        except DatasetLayoutError as error:
+            if entry is None:
+                raise
+            named = expected_layout(entry.dataset, root)
+            raise DatasetLayoutError(f"{error}\nor the zoo's own layout for {args.model}:\n{named}") from None
+        return Loaded(loaded.model, dataset, f"ImageFolder {root} ({len(dataset.classes)} classes{limit})", extra)
 
     def eval_setting(self, args: argparse.Namespace) -> Setting:
-        return Setting(args.method, method_options(args))
+        method, variant = resolve(args.method, KIND)  # an unknown name fails here, with the valid ones listed
+        return Setting(method, {**variant.options, **method_options(args)})
 
     def settings(self, loaded: Loaded, args: argparse.Namespace, done: Mapping[str, dict]) -> Iterator[Setting]:
         names = args.methods.split(",") if args.methods else default_methods(KIND)
@@ -167,7 +189,7 @@ class Classification(Task):
     def evaluate(self, loaded: Loaded, setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
         return evaluate_setting(
             loaded.model, loaded.extra["tf"], setting.method, setting.options, loaded.data, args.batch_size,
-            args.bench_rounds,
+            args.bench_rounds, input_size=loaded.extra.get("input_size"),
         )  # fmt: skip
 
     def title(self, args: argparse.Namespace, loaded: Loaded) -> str:

@@ -1,4 +1,5 @@
-"""Segmentation (``--model vit-s14-camvid``): mIoU and GFLOPs of a (reduced) segmenter on CamVid.
+"""Segmentation (``--model vit-s14-camvid``): mIoU and GFLOPs of a (reduced) segmenter on CamVid, or on the
+user's ``images/`` + ``labels/`` folder (:class:`tokenprune.measure.layouts.SegmentationFolder`).
 
 Every setting is scored on the same split: mIoU over the 11 CamVid classes at label resolution (360x480,
 logits upsampled bilinearly, void ignored), and GFLOPs per image (2 x MAC):
@@ -45,6 +46,15 @@ def _options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The subset of sweep-wide ``--set`` options that ``method``'s config accepts."""
     fields = registry.get_method(method).config_cls.field_names()
     return {k: v for k, v in options.items() if k in fields}
+
+
+def seg_root(root: Path) -> bool:
+    """``root`` is laid out as CamVid (``camvid/<split>/images`` or ``<split>/images``)."""
+    try:
+        seg.find_camvid(root)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def exits_early(method: str) -> bool:
@@ -221,8 +231,13 @@ class Segmentation(Task):
 
     def load(self, args: argparse.Namespace) -> Loaded:
         from tokenprune import zoo
+        from tokenprune.measure.layouts import SegmentationFolder
 
         model, transform = zoo.load_model(args.model, checkpoint=getattr(args, "checkpoint", None))
+        root = Path(args.data).expanduser() if args.data else None
+        if root is not None and ((root / "images").is_dir() or not seg_root(root)):  # the user's own images/labels
+            dataset = SegmentationFolder(root, transform, limit=args.limit)
+            return Loaded(model, dataset, f"{root} ({len(dataset)} images)")
         split = getattr(args, "split", None) or DEFAULT_SPLIT
         dataset = seg.CamVidDataset(args.data, split, transform, limit=args.limit)
         return Loaded(model, dataset, f"CamVid {split} ({len(dataset)} images)")

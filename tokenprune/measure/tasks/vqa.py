@@ -1,4 +1,10 @@
-"""VQA (``--model llava-easyvqa``): answer accuracy vs LLM prefill FLOPs.
+"""VQA: answer accuracy vs LLM prefill FLOPs of a vision-language model.
+
+``--model llava-easyvqa`` scores the easy-VQA test split (from the easy-vqa package) unless ``--data`` names a
+JSONL file of questions (:func:`tokenprune.measure.layouts.load_vqa_jsonl`; ``--limit N``: its first N); any
+other vision-language model (a local Hugging Face directory or a cached hub id) needs ``--data``. Prompts and
+answers: :mod:`tokenprune.measure.answers` (the processor's chat template; ``accuracy`` is exact match,
+``vqa_accuracy`` the VQA soft score).
 
     tokenprune eval  --model llava-easyvqa --method aim --flops 0.14 --limit 300
     tokenprune sweep --model llava-easyvqa --methods none,aim,aim_merge,aim_prune,fastv,random \\
@@ -30,6 +36,7 @@ import hashlib
 import random
 import statistics
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -38,18 +45,19 @@ import torch
 
 from tokenprune import registry
 from tokenprune.api import apply
+from tokenprune.measure.answers import encode, generate_answers, score, with_prompts
 from tokenprune.measure.bench import ModuleTimer
 from tokenprune.measure.options import method_options, parse_set
-from tokenprune.measure.tasks.base import Column, Loaded, PlotSpec, Setting, Task, budget_settings
+from tokenprune.measure.tasks.base import Column, Loaded, PlotSpec, Setting, Task, budget_settings, method_order
 from tokenprune.methods.variants import Variant, is_control, names, resolve
 from tokenprune.methods.vlm import VisualTokenMethod
-from tokenprune.optional import require
 
 MODEL_NAME = "llava-easyvqa"
 KIND = "vlm"
 FLOPS_PROMPTS = 4
 TIMING_PROMPTS = 8
 SUBSET_SEED = 0
+_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
 def load_questions(split: str = "test", limit: int | None = None) -> list[dict[str, Any]]:
@@ -75,16 +83,6 @@ def load_questions(split: str = "test", limit: int | None = None) -> list[dict[s
         random.Random(SUBSET_SEED).shuffle(order)
         rows = [rows[i] for i in sorted(order[:limit])]
     return rows
-
-
-def encode(processor, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Processor inputs (``input_ids``, ``attention_mask``, ``pixel_values``) for a batch of questions."""
-    from PIL import Image
-
-    from tokenprune.zoo.easyvqa import prompt
-
-    images = [Image.open(r["image"]).convert("RGB") for r in rows]
-    return processor(images=images, text=[prompt(r["question"]) for r in rows], return_tensors="pt", padding=True)
 
 
 def searched_options(model, processor, rows, name: str, variant: Variant, budget: float) -> dict[str, Any]:
@@ -128,22 +126,25 @@ def flops_of(model, processor, rows) -> dict[str, float]:
         inputs = encode(processor, [row])
         totals.append(measure_flops(model, **inputs, logits_to_keep=1))
         if vision is None:
-            pixels = inputs["pixel_values"]
-            vision = measure_flops(lambda p: model.model.get_image_features(pixel_values=p), pixels)
+            visual = {k: v for k, v in inputs.items() if k not in _TEXT_INPUTS}
+            vision = measure_flops(lambda kw: model.model.get_image_features(**kw), visual)
     total = statistics.fmean(totals)
     head = 2.0 * model.lm_head.in_features * model.lm_head.out_features  # one row
     return {"total": total, "vision": vision, "llm_prefill": total - vision - head, "head": head}
 
 
-_UNREDUCED: dict[tuple[int, tuple[int, ...]], dict[str, float]] = {}
+#: model -> prompts -> unreduced FLOPs; weak keys: a freed model's entry goes with it (an ``id()`` key could be
+#: reused by the next model).
+_UNREDUCED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def unreduced_flops(model, processor, rows) -> dict[str, float]:
     """:func:`flops_of` the unpatched model, memoised per model and prompts (it is the same in every setting)."""
-    key = (id(model), tuple(row["index"] for row in rows))
-    if key not in _UNREDUCED:
-        _UNREDUCED[key] = flops_of(model, processor, rows)
-    return _UNREDUCED[key]
+    mine = _UNREDUCED.setdefault(model, {})
+    key = tuple((row["index"], row.get("prompt"), row["image"]) for row in rows)
+    if key not in mine:
+        mine[key] = flops_of(model, processor, rows)
+    return mine[key]
 
 
 def time_prefill(model, processor, rows, method: str, options: dict[str, Any], rounds: int = 2) -> dict[str, float]:
@@ -206,40 +207,21 @@ def cached_image_features(model, cache: dict[str, torch.Tensor] | None):
 
 
 def answer_accuracy(
-    model, processor, rows, batch_size: int = 32, progress: bool = True, feature_cache: dict | None = None
+    model,
+    processor,
+    rows,
+    batch_size: int = 32,
+    progress: bool = True,
+    feature_cache: dict | None = None,
+    max_new_tokens: int = 2,
 ) -> dict[str, Any]:
-    """Exact-match accuracy of greedy ``generate()`` answers (batches of equal prompt length: no padding).
+    """Exact-match (and VQA soft) accuracy of greedy ``generate()`` answers (:mod:`tokenprune.measure.answers`).
 
     ``feature_cache``: see :func:`cached_image_features` (None: the vision tower runs for every question).
     """
-    from tokenprune.zoo.easyvqa import answer_of, prompt
-
-    tqdm = require("tqdm.auto", "eval", "progress bars").tqdm
-
-    tokenizer = processor.tokenizer
-    by_length: dict[int, list[dict]] = {}
-    for row in rows:
-        by_length.setdefault(len(tokenizer(prompt(row["question"]))["input_ids"]), []).append(row)
-    batches = [g[i : i + batch_size] for g in by_length.values() for i in range(0, len(g), batch_size)]
-    correct, per_answer = 0, {}
-    bar = tqdm(total=len(rows), desc="generate", unit="q", disable=not progress)
-    with torch.inference_mode(), cached_image_features(model, feature_cache), bar:
-        for batch in batches:
-            inputs = encode(processor, batch)
-            out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-            for row, answer in zip(batch, answer_of(processor, out[:, inputs["input_ids"].shape[1] :]), strict=True):
-                hit = answer == row["answer"]
-                correct += hit
-                stats = per_answer.setdefault(row["answer"], [0, 0])
-                stats[0] += hit
-                stats[1] += 1
-            bar.update(len(batch))
-    return {
-        "accuracy": correct / max(1, len(rows)),
-        "correct": correct,
-        "questions": len(rows),
-        "accuracy_per_answer": {a: c / n for a, (c, n) in sorted(per_answer.items())},
-    }
+    context = cached_image_features(model, feature_cache)
+    answers = generate_answers(model, processor, rows, batch_size, max_new_tokens, progress=progress, context=context)
+    return score(rows, answers)
 
 
 def evaluate_setting(
@@ -251,17 +233,20 @@ def evaluate_setting(
     batch_size: int = 32,
     timing_rounds: int = 2,
     feature_cache: dict | None = None,
+    max_new_tokens: int = 2,
 ) -> dict[str, Any]:
     """Accuracy, FLOPs and prefill time of one method setting; the model is unpatched again afterwards.
 
     FLOPs and prefill times always run the whole model (vision tower included); ``feature_cache`` only
-    serves the accuracy loop (see :func:`cached_image_features`).
+    serves the accuracy loop (see :func:`cached_image_features`; LLaVA only).
     """
     method, variant = resolve(name, KIND)
     options = {**variant.options, **options}
     method_cls = registry.get_method(method).method_cls
     if not issubclass(method_cls, VisualTokenMethod) or method_cls.tower_layer is not None:
         feature_cache = None  # the method reads the vision tower's attention or runs inside it: the tower must run
+    if type(model).__name__ != "LlavaForConditionalGeneration":
+        feature_cache = None  # the memo reproduces LLaVA's get_image_features output only
     reference = rows[:FLOPS_PROMPTS]
     base = unreduced_flops(model, processor, reference)
     if variant.search is not None and options.get("flops") is not None:
@@ -288,7 +273,7 @@ def evaluate_setting(
             "flops_prompts": len(reference),
             "tokens_per_layer_first_prompt": [list(t) for t in layers],
         }
-        result.update(answer_accuracy(model, processor, rows, batch_size, feature_cache=feature_cache))
+        result.update(answer_accuracy(model, processor, rows, batch_size, True, feature_cache, max_new_tokens))
         result["image_features_cached"] = feature_cache is not None
     finally:
         patch.remove()
@@ -380,19 +365,29 @@ class VQA(Task):
     )  # fmt: skip
 
     def load(self, args: argparse.Namespace) -> Loaded:
-        from tokenprune.zoo import load_model
+        from tokenprune.measure.layouts import load_vqa_jsonl
+        from tokenprune.measure.models import load_vlm, parse_model
 
+        spec = parse_model(args.model, getattr(args, "allow_download", False))
         if getattr(args, "img_size", None):
-            raise SystemExit(f"{MODEL_NAME} runs at its trained input size; --img-size is not accepted")
-        if getattr(args, "data", None):
-            raise SystemExit(
-                f"{MODEL_NAME} evaluates on the easy-VQA test split from the easy-vqa package; drop --data"
-            )
-        model, processor = load_model(MODEL_NAME, checkpoint=getattr(args, "checkpoint", None))
-        rows = load_questions("test", args.limit)
-        subset = f"seeded subset of {len(rows)} (seed {SUBSET_SEED})" if args.limit else f"all {len(rows)}"
+            raise SystemExit(f"{args.model} runs at its processor's input size; --img-size is not accepted")
+        data = getattr(args, "data", None)  # not $TOKENPRUNE_DATA: that holds the image datasets
+        if data is None and spec.source != "zoo":
+            raise SystemExit(f"{args.model} is scored on your questions: pass --data questions.jsonl")
+        loaded = load_vlm(spec, getattr(args, "checkpoint", None), getattr(args, "dtype", None))
+        style = loaded.extra["prompt"]
+        max_new = getattr(args, "max_new_tokens", None) or loaded.extra["max_new_tokens"]
+        if data is None:  # the zoo model's own test split
+            rows = load_questions("test", args.limit)
+            subset = f"seeded subset of {len(rows)} (seed {SUBSET_SEED})" if args.limit else f"all {len(rows)}"
+            description = f"easy-VQA test questions: {subset}"
+        else:
+            rows = load_vqa_jsonl(data, args.limit)
+            description = f"{data} ({len(rows)} questions{', first ' + str(args.limit) if args.limit else ''})"
+        rows = with_prompts(loaded.processor, rows, style)
         # Image features, shared by every setting (see cached_image_features).
-        return Loaded(model, rows, f"easy-VQA test questions: {subset}", {"processor": processor, "features": {}})
+        extra = {"processor": loaded.processor, "features": {}, "max_new_tokens": max_new, "prompt": style}
+        return Loaded(loaded.model, rows, description, extra)
 
     def eval_setting(self, args: argparse.Namespace) -> Setting:
         options = method_options(args)
@@ -418,17 +413,17 @@ class VQA(Task):
     def evaluate(self, loaded: Loaded, setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
         return evaluate_setting(
             loaded.model, loaded.extra["processor"], loaded.data, setting.method, setting.options, args.batch_size,
-            args.bench_rounds, loaded.extra["features"],
+            args.bench_rounds, loaded.extra["features"], loaded.extra.get("max_new_tokens", 2),
         )  # fmt: skip
 
     def order(self, rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
         if not getattr(args, "tokens", None):
             return super().order(rows, args)
-        names_ = args.methods.split(",")  # most tokens first; the control keeps them all
+        names_ = method_order(rows, args)  # most tokens first; the control keeps them all
         return sorted(rows, key=lambda r: (names_.index(r["method"]), -(r.get("tokens") or float("inf"))))
 
     def title(self, args: argparse.Namespace, loaded: Loaded) -> str:
-        return f"{MODEL_NAME}: answer accuracy vs LLM prefill FLOPs ({loaded.description})"
+        return f"{args.model}: answer accuracy vs LLM prefill FLOPs ({loaded.description})"
 
 
 TASK = VQA()
