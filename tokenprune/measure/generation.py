@@ -111,7 +111,12 @@ def _run(model, inputs: dict[str, Any], new_tokens: int) -> tuple[float, float]:
 def _prefill_cache_bytes(model, inputs: dict[str, Any]) -> int:
     with torch.inference_mode():
         out = model(**inputs, use_cache=True, logits_to_keep=1)
-    return kv_cache_bytes(out.past_key_values)
+    return kv_cache_bytes(prefill_cache(out))
+
+
+def prefill_cache(out: Any) -> Any:
+    """The cache of a forward's output (transformers 5 names it ``cache``; ``past_key_values`` before)."""
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 def compare_generation(
