@@ -281,3 +281,16 @@ def test_unknown_model_values_say_what_is_accepted(tmp_path, monkeypatch):
 def test_method_accepts_variants_and_names_the_valid_ones(tmp_path):
     with pytest.raises(SystemExit, match=r"unknown method 'nope' for a vit model; valid: \["):
         main(["eval", "--model", "timm:test_vit", "--img-size", "64", "--method", "nope", "--bench-rounds", "0"])
+
+
+def test_zoo_segmenter_scores_an_images_and_labels_folder(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    picture(0, size=48).save(tmp_path / "images" / "street.png")
+    label = torch.randint(0, 11, (24, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    label[0] = 255  # ignored
+    Image.fromarray(label.numpy()).save(tmp_path / "labels" / "street.png")
+    result, stdout = run(["eval", "--model", "vit-s14-camvid", "--data", str(tmp_path), "--method", "none",
+                          "--batch-size", "1", "--out", str(tmp_path / "r.json")], capsys)  # fmt: skip
+    assert result["images"] == 1 and 0 <= result["miou"] <= 1 and str(tmp_path) in result["data"]
+    assert "| none | miou " in stdout
