@@ -170,3 +170,64 @@ def test_set_file_and_cli_parser(tmp_path):
     add_calibrate_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["calibrate", "--model", "vit-s14-imagenette", "--method", "evit", "--out", "s.json"])
     assert (args.flops, args.split, args.limit, args.seed, args.method) == (0.35, "train", 256, 0, "evit")
+
+
+@pytest.mark.slow
+def test_imagenette_calibrated_script_end_to_end(tmp_path):
+    """The goal-table script on a tiny subset (10 val images, 4 train images to calibrate on, 2 schedules)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("TOKENPRUNE_DATA", "/work/shared/datasets")
+    if not (Path(root) / "imagenette" / "train").is_dir():
+        pytest.skip(f"no Imagenette under {root}")
+    script = Path(__file__).resolve().parents[1] / "eval" / "run_imagenette_calibrated.py"
+    spec = importlib.util.spec_from_file_location("run_imagenette_calibrated", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--data", root, "--methods", "tome,random", "--flops", "0.5", "--limit", "10", "--calib-images", "4"]
+    argv += ["--max-evals", "2", "--bench-rounds", "0", "--no-progress", "--out", str(tmp_path)]
+    assert module.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["budgets"]["0.5"]["calibrated_beats_constant"]) == {"tome", "random"}
+    assert "| tome | 0.5 | calibrated |" in (tmp_path / "table.md").read_text()
+    config = load_set_file(tmp_path / "tome_0.5.json", "tome")
+    row = json.loads((tmp_path / "tome_calibrated_0.5.json").read_text())
+    assert row["schedule"] == config["r"] and row["flops_ratio"] == pytest.approx(0.5, rel=0.02)
+    assert row["calibration"]["images"] == 4 and row["n"] == 10
+
+
+def test_dynamic_size_model_is_calibrated_at_the_images_size():
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=48, patch_size=8, embed_dim=48, depth=4, num_heads=2, dynamic_img_size=True)
+    x = torch.randn(3, 3, 40, 56)
+    config = calibrate(model.eval(), "tome", flops=0.6, images=x, max_evals=3, progress=False)
+    assert config["input_size"] == [40, 56]
+    patch = tokenprune.apply(model, "tome", **json.loads(json.dumps(config)))
+    assert patch.schedule == config["r"] and patch.adapter.num_tokens((40, 56)) == 1 + 5 * 7
+    patch.remove()
+    with pytest.raises(ValueError, match="does not match the calibration images"):
+        calibrate(model, "tome", flops=0.6, images=x, progress=False, input_size=48)
+
+
+@pytest.mark.slow
+def test_calibrate_command_writes_a_set_file(tmp_path):
+    import os
+    from pathlib import Path
+
+    from tokenprune.calibrate import run_calibrate
+
+    root = os.environ.get("TOKENPRUNE_DATA", "/work/shared/datasets")
+    if not (Path(root) / "imagenette" / "train").is_dir():
+        pytest.skip(f"no Imagenette under {root}")
+    parser = argparse.ArgumentParser()
+    add_calibrate_command(parser.add_subparsers(dest="command"))
+    out = tmp_path / "schedule.json"
+    argv = ["calibrate", "--model", "vit-s14-imagenette", "--method", "tome", "--flops", "0.5", "--data", root]
+    args = parser.parse_args([*argv, "--limit", "4", "--max-evals", "2", "--out", str(out)])
+    report = args.func(args)
+    assert args.func is run_calibrate and load_set_file(out, "tome") == report.config
+    saved = json.loads(out.read_text())
+    assert saved["calibrated_on"] == {"dataset": "imagenette", "split": "train", "limit": 4}
+    assert saved["flops_ratio"] == pytest.approx(0.5, rel=0.02)
