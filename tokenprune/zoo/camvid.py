@@ -315,7 +315,7 @@ def load_camvid_segmenter(
     """
     path = Path(checkpoint) if checkpoint is not None else CHECKPOINT_DIR / CHECKPOINT_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint for {MODEL_NAME!r} not found at {path}; it is made by `{TRAIN_COMMAND}`")
+        raise checkpoints.missing(MODEL_NAME, path, checkpoint is not None, TRAIN_COMMAND)
     meta = checkpoints.read_metadata(path)
     problems = checkpoints.base_problems(meta, CHECKPOINT_FORMAT)
     if meta.get("model") != MODEL_NAME:

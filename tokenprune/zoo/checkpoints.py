@@ -24,6 +24,16 @@ class ZooError(RuntimeError):
     """A zoo checkpoint is missing or does not match the model it is meant for."""
 
 
+def missing(name: str, path: Path, given: bool, train_command: str, what: str = "checkpoint") -> FileNotFoundError:
+    """The error for a checkpoint that is not there: a ``--checkpoint`` the user gave, or the shipped one."""
+    if given:
+        return FileNotFoundError(f"--checkpoint {path} not found: {name!r} takes a {what} written by `{train_command}`")
+    return FileNotFoundError(
+        f"the shipped {what} of {name!r} is missing at {path} (a broken install? reinstall tokenprune); "
+        f"it is made by `{train_command}`"
+    )
+
+
 def _safetensors():
     from tokenprune.optional import require
 

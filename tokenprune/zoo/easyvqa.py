@@ -124,10 +124,8 @@ def load_llava_easyvqa(checkpoint: str | os.PathLike[str] | None = None) -> tupl
     directory = Path(checkpoint) if checkpoint is not None else MODEL_DIR
     weights = directory / WEIGHTS_NAME
     if not weights.is_file() or not (directory / "config.json").is_file():
-        raise FileNotFoundError(
-            f"llava-easyvqa files not found in {directory} (need config.json, {WEIGHTS_NAME}, processor files); "
-            f"they are produced by `{TRAIN_COMMAND}`"
-        )
+        what = f"directory (config.json, {WEIGHTS_NAME}, processor files)"
+        raise checkpoints.missing(MODEL_NAME, directory, checkpoint is not None, TRAIN_COMMAND, what)
     meta = checkpoints.read_metadata(weights)
     if checkpoints.base_problems(meta, CHECKPOINT_FORMAT):
         raise ValueError(

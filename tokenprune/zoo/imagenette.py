@@ -93,9 +93,7 @@ def load(
     entry = get_entry(name)
     path = Path(checkpoint) if checkpoint is not None else CHECKPOINT_DIR / entry.checkpoint
     if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint for {name!r} not found at {path}; it is produced by `{entry.train_command}`"
-        )
+        raise checkpoints.missing(name, path, checkpoint is not None, entry.train_command)
     meta = checkpoints.read_metadata(path)
     problems = checkpoints.base_problems(meta, checkpoints.CHECKPOINT_FORMAT)
     if meta.get("img_size") != str(entry.img_size):
