@@ -192,6 +192,26 @@ QWEN25_7B = {  # Qwen2.5-7B text model (shared by Qwen2.5-VL-7B, InternVL3-8B an
     "rms_norm_eps": 1e-6,
     "max_position_embeddings": 32768,
 }
+MISTRAL_40L = {  # the 40-layer, 5120-wide Mistral text model of Mistral-Small-3.1-24B and Pixtral-12B (Mistral-NeMo)
+    "model_type": "mistral",
+    "hidden_size": 5120,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 131072,
+    "rms_norm_eps": 1e-5,
+    "sliding_window": None,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e9},
+}
+PIXTRAL_VIT = {  # Pixtral's vision encoder (Mistral-Small-3.1 and Pixtral-12B; image and patch size differ)
+    "model_type": "pixtral",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "head_dim": 64,
+}
 INTERNVIT_300M = {  # InternViT-300M-448px-V2.5 as InternVLForConditionalGeneration's vision_config
     "hidden_size": 1024,
     "intermediate_size": 4096,
@@ -208,6 +228,7 @@ _OV_VISUAL, _OV_NEWLINES = anyres_tokens(*PHOTO, OV_PINPOINTS, 384, 14, max_tile
 _INTERN_TILES = internvl_tiles(*PHOTO, max_tiles=12)
 _SMOL_TILES, _SMOL_ROWS = idefics3_tiles(*PHOTO, longest_edge=2048, tile=512)
 _PIXTRAL_VISUAL, _PIXTRAL_ROWS = pixtral_tokens(*PHOTO, patch=14, merge=2, longest_edge=1540)
+_PIXTRAL12_VISUAL, _PIXTRAL12_ROWS = pixtral_tokens(*PHOTO, patch=16, merge=1, longest_edge=1024)
 _PHOTO_TEXT = f"{PHOTO[1]}x{PHOTO[0]} photo"
 
 CHECKPOINTS = [
@@ -450,30 +471,8 @@ CHECKPOINTS = [
         "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
         "Mistral3ForConditionalGeneration",
         {
-            "text_config": {
-                "model_type": "mistral",
-                "hidden_size": 5120,
-                "intermediate_size": 32768,
-                "num_hidden_layers": 40,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 8,
-                "head_dim": 128,
-                "vocab_size": 131072,
-                "max_position_embeddings": 131072,
-                "rms_norm_eps": 1e-5,
-                "sliding_window": None,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1e9},
-            },
-            "vision_config": {
-                "model_type": "pixtral",
-                "hidden_size": 1024,
-                "intermediate_size": 4096,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 16,
-                "head_dim": 64,
-                "image_size": 1540,
-                "patch_size": 14,
-            },
+            "text_config": MISTRAL_40L | {"intermediate_size": 32768, "max_position_embeddings": 131072},
+            "vision_config": PIXTRAL_VIT | {"image_size": 1540, "patch_size": 14},
             "spatial_merge_size": 2,
             "multimodal_projector_bias": False,
             "projector_hidden_act": "gelu",
@@ -484,6 +483,24 @@ CHECKPOINTS = [
         _PIXTRAL_VISUAL,
         _PIXTRAL_ROWS,  # one [IMG_BREAK] per row, the last row's an [IMG_END]
         "confirmed: third-party copies of the Mistral-Small-3.1-24B-Instruct-2503 config.json",
+    ),
+    Checkpoint(
+        "Pixtral-12B",
+        "mistral-community/pixtral-12b",
+        "LlavaForConditionalGeneration",
+        {
+            "text_config": MISTRAL_40L | {"intermediate_size": 14336, "max_position_embeddings": 1024000},
+            "vision_config": PIXTRAL_VIT | {"image_size": 1024, "patch_size": 16},
+            "projector_hidden_act": "gelu",
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "full",
+            "image_token_id": 10,
+        },
+        f"{_PHOTO_TEXT} (patch 16, no merger, longest edge 1024)",
+        _PIXTRAL12_VISUAL,
+        _PIXTRAL12_ROWS,  # one [IMG_BREAK] per row, the last row's an [IMG_END]
+        "from memory (Mistral-NeMo-12B text model, Pixtral-ViT 400M at patch 16); not confirmed against its "
+        "config.json",
     ),
 ]
 

@@ -8,10 +8,13 @@ of 6; (16, 24): 2 rows of 3), ``"b"`` one ((24, 32): 3 rows of 4).
 
 What every method has on every family (zero reduction, remove(), lengths following the state, batches,
 generate, sdpa == eager, FLOPs == counter) is in test_vlm_matrix; here, the layout, per-image spans, the tower
-signals against HF's own eager attention, and the tower's FLOPs against the counter on HF's tower alone.
+signals against HF's own eager attention, and the tower's FLOPs against the counter on HF's tower alone. Last,
+Pixtral-12B's layout: ``LlavaForConditionalGeneration`` with a Pixtral tower and no patch merger.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -19,7 +22,8 @@ import transformers as hf
 
 import tokenprune
 from tests.helpers.vlm_families import MISTRAL_BREAK, MISTRAL_END, MISTRAL_IMAGE, families
-from tokenprune.adapters.vlm.mistral3 import Mistral3Adapter, image_segments, row_ends
+from tokenprune.adapters.vlm.llava import LlavaAdapter
+from tokenprune.adapters.vlm.mistral3 import Mistral3Adapter, PixtralLlavaAdapter, image_segments, row_ends
 from tokenprune.measure.flops import measure_flops
 
 IMG, BREAK, END = MISTRAL_IMAGE, MISTRAL_BREAK, MISTRAL_END
@@ -229,3 +233,41 @@ def test_registered_for_mistral3_only():
     )
     with pytest.raises(TypeError, match="Mistral3ForConditionalGeneration"):
         tokenprune.apply(text_only, "fastv")
+
+
+# ----------------------------------------------------------------------------- Pixtral-12B: LLaVA with a Pixtral tower
+def pixtral_llava():
+    return families()["llava-pixtral"]
+
+
+def test_a_llava_with_a_pixtral_tower_gets_the_pixtral_layout():
+    """Pixtral-12B's class is LLaVA's: its Pixtral tower, not the class, picks the layout (CLIP-style LLaVA keeps
+    the LLaVA adapter); each image is one span of one token per patch (patch 8 here: Mistral3's case's grids)."""
+    model = pixtral_llava().build()
+    assert tokenprune.registry.find_adapter(model) is PixtralLlavaAdapter
+    assert tokenprune.registry.find_adapter(families()["llava-llama"].build()) is LlavaAdapter
+    inputs = pixtral_llava().inputs(["a"])
+    patch = tokenprune.apply(model, "divprune", tokens=5)
+    with torch.no_grad():
+        model(**inputs)
+    assert patch.state.spans == [SPANS["a"]] and patch.state.visual_per_layer()[0] == [10]
+    structural = patch.state.structural[0]
+    ids = inputs["input_ids"][0][patch.state.index[0]]
+    assert bool((ids[structural] != IMG).all()) and int(structural.sum()) == ROW_ENDS["a"]
+
+
+@pytest.mark.parametrize("names", [["a"], ["b"]])
+def test_pixtral_llava_vision_flops_equal_the_counter(names):
+    model = pixtral_llava().build()
+    adapter = PixtralLlavaAdapter(model)
+    inputs = pixtral_llava().inputs(names)
+    features = functools.partial(model.model.get_image_features, image_sizes=inputs["image_sizes"])
+    measured = measure_flops(features, inputs["pixel_values"])
+    assert measured > 0 and adapter.inputs_vision_flops(inputs) == pytest.approx(measured, rel=1e-12)
+
+
+def test_pixtral_llava_with_the_default_feature_strategy_is_refused():
+    model = pixtral_llava().build()
+    model.config.vision_feature_select_strategy = "default"
+    with pytest.raises(TypeError, match="vision_feature_select_strategy='full'"):
+        tokenprune.apply(model, "fastv")

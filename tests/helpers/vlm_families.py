@@ -726,9 +726,8 @@ def mistral_image(height: int, width: int) -> list[int]:
     return ids[:-1] + [MISTRAL_END]
 
 
-def build_mistral3(attn: str = "sdpa") -> torch.nn.Module:
-    """A tiny Mistral3 (Pixtral: 2 layers, patch 4, 2-D RoPE; 2 x 2 patch merger; Mistral text model)."""
-    torch.manual_seed(0)
+def pixtral_configs(patch: int) -> tuple[hf.PixtralVisionConfig, hf.MistralConfig]:
+    """The Pixtral tower (2 layers, 2-D RoPE, ``patch`` px) and Mistral text model of the Pixtral-tower cases."""
     vision = hf.PixtralVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -736,14 +735,38 @@ def build_mistral3(attn: str = "sdpa") -> torch.nn.Module:
         num_attention_heads=2,
         head_dim=16,
         image_size=48,
-        patch_size=MISTRAL_PATCH,
+        patch_size=patch,
         initializer_range=0.1,
     )
     text = hf.MistralConfig(**TEXT, max_position_embeddings=512, sliding_window=None, pad_token_id=PAD)
+    return vision, text
+
+
+def build_mistral3(attn: str = "sdpa") -> torch.nn.Module:
+    """A tiny Mistral3 (Pixtral: 2 layers, patch 4, 2-D RoPE; 2 x 2 patch merger; Mistral text model)."""
+    torch.manual_seed(0)
+    vision, text = pixtral_configs(MISTRAL_PATCH)
     config = hf.Mistral3Config(
         vision_config=vision, text_config=text, image_token_index=MISTRAL_IMAGE, spatial_merge_size=2
     )
     model = hf.Mistral3ForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def build_pixtral_llava(attn: str = "sdpa") -> torch.nn.Module:
+    """A tiny Pixtral-12B layout: ``LlavaForConditionalGeneration`` with Mistral3's Pixtral tower but patch 8 and
+    no merger (so its images have Mistral3's case's token grids), LLaVA's MLP projector, ``"full"`` features."""
+    torch.manual_seed(0)
+    vision, text = pixtral_configs(2 * MISTRAL_PATCH)
+    config = hf.LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=MISTRAL_IMAGE,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    model = hf.LlavaForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn)
     return model
 
@@ -778,6 +801,14 @@ class Mistral3Case(VLMCase):
 
     def greedy(self, model, inputs, steps=None, **kwargs):
         return super().greedy(model, inputs, steps, pad_token_id=PAD, **kwargs)
+
+
+@dataclass
+class PixtralLlavaCase(Mistral3Case):
+    """Pixtral-12B's layout (LLaVA class, Pixtral tower, no merger) on Mistral3's prompts and images."""
+
+    def _build(self, attn: str) -> torch.nn.Module:
+        return build_pixtral_llava(attn)
 
 
 def mistral_samples() -> dict[str, list[int]]:
@@ -906,6 +937,7 @@ def families() -> dict[str, VLMCase]:
             "internvl", intern_samples(), (INTERN_IMAGE,), beams=(1, 2), batches=(("a", "b"), ("frames", "a"))
         ),
         Mistral3Case("mistral3", mistral_samples(), (MISTRAL_IMAGE, MISTRAL_BREAK, MISTRAL_END), beams=(1, 2)),
+        PixtralLlavaCase("llava-pixtral", mistral_samples(), (MISTRAL_IMAGE, MISTRAL_BREAK, MISTRAL_END)),
         Gemma3Case("gemma3", gemma_samples(), (GEMMA_IMAGE,), steps=4, beams=(1, 2)),
     ]
     return {case.name: case for case in cases}

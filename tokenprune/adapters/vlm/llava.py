@@ -15,6 +15,7 @@ import torch
 from tokenprune.adapters.base import hf_classes
 from tokenprune.adapters.vlm.base import VLMAdapter, VLMParts
 from tokenprune.adapters.vlm.flops import tower_has_class_token
+from tokenprune.adapters.vlm.mistral3 import has_pixtral_tower
 from tokenprune.registry import register_adapter
 
 
@@ -45,4 +46,9 @@ class LlavaAdapter(VLMAdapter):
         return signal[:, 0 if self._full_strategy() else 1 :].flatten(0, 1)
 
 
-register_adapter(hf_classes("LlavaForConditionalGeneration"), LlavaAdapter, LlavaAdapter.description)
+def clip_style_llava(model: torch.nn.Module) -> bool:
+    """A LLaVA model whose tower is not Pixtral's (a Pixtral tower is :mod:`.mistral3`'s layout)."""
+    return hf_classes("LlavaForConditionalGeneration")(model) and not has_pixtral_tower(model)
+
+
+register_adapter(clip_style_llava, LlavaAdapter, LlavaAdapter.description)

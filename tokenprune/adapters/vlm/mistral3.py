@@ -1,4 +1,6 @@
-"""``Mistral3ForConditionalGeneration`` (transformers 5.x): a Pixtral vision tower, a 2 x 2 patch merger, Mistral.
+"""The Pixtral-tower families (transformers 5.x): ``Mistral3ForConditionalGeneration`` (a Pixtral vision tower, a
+2 x 2 patch merger, Mistral) and Pixtral-12B's ``LlavaForConditionalGeneration`` with a Pixtral tower (no merger:
+one LLM token per patch, LLaVA's MLP projector, the same ``[IMG_BREAK]``/``[IMG_END]`` layout).
 
 Every VLM method (``tokenprune.methods(kind="vlm")``) patches the model in place; ``forward`` and ``generate()``
 keep their signatures. The language-model side (real removal, masks, compact KV cache, decode) is
@@ -189,7 +191,7 @@ class Mistral3Adapter(VLMAdapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.merge_size = model.config.spatial_merge_size
+        self.merge_size = getattr(model.config, "spatial_merge_size", 1)  # 1: no patch merger (Pixtral-12B)
         self.patch_size = model.config.vision_config.patch_size
         # Per sample of the last prefill that ran the tower: its images' patch grids, and the padded canvas.
         self._grids: list[list[Grid]] = []
@@ -324,4 +326,37 @@ class Mistral3Adapter(VLMAdapter):
         return self.vision_flops(grids, self._canvas) if grids else 0.0
 
 
+class PixtralLlavaAdapter(Mistral3Adapter):
+    """``LlavaForConditionalGeneration`` with a Pixtral tower (Pixtral-12B): Mistral3's layout, one token per patch.
+
+    HF's LLaVA takes every Pixtral token of the feature layer as an LLM token (``vision_feature_select_strategy``
+    ``"full"``: Pixtral has no class token to drop), so the image layout is Mistral3's with a merge size of 1.
+    """
+
+    description = "transformers LlavaForConditionalGeneration with a Pixtral vision tower (Pixtral-12B)"
+    layout = "transformers 5.x LLaVA (Pixtral tower)"
+    no_tower_merging = (
+        "its vision tower is Pixtral's own (2-D RoPE, images of any size in one sequence; no tokenprune ViT adapter)"
+    )
+
+    def __init__(self, model: nn.Module) -> None:
+        strategy = model.config.vision_feature_select_strategy
+        if strategy != "full":
+            raise TypeError(
+                f"tokenprune: a LLaVA model with a Pixtral tower must use vision_feature_select_strategy='full' "
+                f"(Pixtral has no class token; {strategy!r} would drop an image patch); got {strategy!r}"
+            )
+        super().__init__(model)  # LlavaConfig has no spatial_merge_size: each Pixtral patch is one [IMG] token
+
+
+def has_pixtral_tower(model: nn.Module) -> bool:
+    """Whether a LLaVA model's vision config is Pixtral's (Pixtral-12B's layout, not CLIP/SigLIP's)."""
+    return getattr(getattr(model.config, "vision_config", None), "model_type", None) == "pixtral"
+
+
+def pixtral_llava(model: nn.Module) -> bool:
+    return hf_classes("LlavaForConditionalGeneration")(model) and has_pixtral_tower(model)
+
+
 register_adapter(hf_classes("Mistral3ForConditionalGeneration"), Mistral3Adapter, Mistral3Adapter.description)
+register_adapter(pixtral_llava, PixtralLlavaAdapter, PixtralLlavaAdapter.description)
