@@ -9,6 +9,10 @@ goals checked.
 
     TOKENPRUNE_DATA=/work/shared/datasets python eval/run_imagenette_calibrated.py --resume
     python eval/run_imagenette_calibrated.py --limit 32 --calib-images 8 --max-evals 4 --bench-rounds 0 --out /tmp/c
+
+``--heldout N`` instead checks generalisation on train images only (no val): ``--calib-images`` + N class-balanced
+train images, every k-th one calibrates, the other N score agreement / KL with the unreduced model
+(``heldout_train_<budgets>.json``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Any
 
 import torch
 
+import tokenprune
 from tokenprune import registry, zoo
-from tokenprune.calibrate import calibrate_report, collect_images
+from tokenprune.calibrate import calibrate_report, collect_images, divergence
 from tokenprune.data import load_dataset
 from tokenprune.measure.options import resolve_data_root
 from tokenprune.measure.tasks.classification import build_model, evaluate_setting
@@ -44,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="eval/results/imagenette_calibrated")
     p.add_argument("--resume", action="store_true", help="keep settings whose JSON is already in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--heldout", type=int, help="train-only check: score on N other train images (no val)")
     args = p.parse_args(argv)
     if not 1 <= args.calib_images <= 512:
         p.error("--calib-images must be in 1..512 (the issue's limit)")
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     model, size = build_model(MODEL, None)
     transform = zoo.build_transform(size)
+    if args.heldout:
+        return heldout_check(model, transform, root, methods, budgets, args, out)
     train = load_dataset("imagenette", "train", root=root, transform=transform, limit=args.calib_images)
     val = load_dataset("imagenette", "val", root=root, transform=transform, limit=args.limit)
     calib = collect_images(torch.utils.data.DataLoader(train, batch_size=args.batch_size))
@@ -114,6 +122,48 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(table(rows, summary, args))
     sys.stdout.write((out / "table.md").read_text())
+    return 0
+
+
+def heldout_check(model, transform, root: str, methods: list[str], budgets: list[float], args, out: Path) -> int:
+    """Calibrate on every k-th of ``calib + heldout`` train images; agreement and KL on the others."""
+    total = args.calib_images + args.heldout
+    step = total // args.calib_images
+    if step * args.calib_images != total:
+        raise SystemExit("--heldout must be a multiple of --calib-images (every k-th image calibrates)")
+    train = load_dataset("imagenette", "train", root=root, transform=transform, limit=total)
+    images = collect_images(torch.utils.data.DataLoader(train, batch_size=args.batch_size))
+    mask = torch.zeros(len(images), dtype=torch.bool)
+    mask[::step] = True
+    calib, held = images[mask], images[~mask]
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(held[i : i + args.batch_size]) for i in range(0, len(held), args.batch_size)])
+
+    reference = logits()
+    rows = {}
+    for budget in budgets:
+        for method in methods:
+            report = calibrate_report(
+                model, method, budget, calib, args.seed, max_evals=args.max_evals, batch_size=args.batch_size,
+                progress=not args.no_progress,
+            )  # fmt: skip
+            row: dict[str, Any] = {"calibration": report.to_dict()}
+            for name, options in (("constant", {"flops": budget}), ("calibrated", report.config)):
+                patch = tokenprune.apply(model, method, **options)
+                try:
+                    reduced = logits()
+                finally:
+                    patch.remove()
+                agree = float((reduced.argmax(-1) == reference.argmax(-1)).double().mean())
+                row[name] = {"schedule": patch.schedule, "heldout_kl": divergence(reduced, reference, "kl"),
+                             "heldout_agreement": agree}  # fmt: skip
+            rows[f"{method}@{budget}"] = row
+            sys.stdout.write(f"{method} {budget}: {json.dumps({k: row[k] for k in ('constant', 'calibrated')})}\n")
+    meta = {"calib_images": len(calib), "heldout_images": len(held), "split": "train", "max_evals": args.max_evals}
+    name = "heldout_train_" + "_".join(str(b) for b in budgets) + ".json"
+    (out / name).write_text(json.dumps({**meta, "seed": args.seed, "rows": rows}, indent=2) + "\n")
     return 0
 
 
