@@ -127,3 +127,36 @@ def test_disabled_decode_ends_revival():
         model(input_ids=step, attention_mask=mask, cache=cache, use_cache=True)  # runs, unrevived
     assert [layer.keys.shape[2] for layer in cache.layers] == [e.tokens_in + 2 for e in patch.state.log]
     patch.remove()
+
+
+@family
+def test_beam_search_reorders_the_aux_cache(name):
+    """Beams of one prompt revive different tokens: reordering the cache must reorder the aux cache with it. Every
+    prompt token layer 1 holds (kept or revived after layer 0) has the unpruned model's layer-1 keys, in every beam
+    row, only if each row's slot positions follow that row's cache."""
+    model = build(name)
+    differing = 0
+    for keep in (0.5, 0.3):
+        for sample in ("a", "b"):
+            x = inputs([sample])
+            _, full_cache = unpruned_layer_outputs(model, x)
+            patch = tokenprune.apply(model, "lazyllm", layers=(0, 2), keep=keep)
+            with torch.no_grad():
+                out = model.generate(**x, max_new_tokens=6, num_beams=3, do_sample=False, return_dict_in_generate=True)
+            cache = out.past_key_values
+            slots, length = patch.adapter.aux_cache(cache).slots[1], len(PROMPTS[sample])
+            differing += len({tuple(row.tolist()) for row in slots}) > 1
+            for row in range(slots.shape[0]):
+                for slot, position in enumerate(slots[row].tolist()):
+                    if 0 <= position < length:
+                        ours, full = cache.layers[1].keys[row, :, slot], full_cache.layers[1].keys[0, :, position]
+                        torch.testing.assert_close(ours, full, atol=2e-5, rtol=1e-5)
+            patch.remove()
+    assert differing, "the beams always revived the same tokens: nothing checked the reordering"
+    patch = tokenprune.apply(model, "lazyllm", layers=(0, 2), keep=0.5)
+    with torch.no_grad():
+        batch = model.generate(**inputs(["a", "b"], "left"), max_new_tokens=5, num_beams=3, do_sample=False)
+        for row, sample in enumerate(("a", "b")):
+            alone = model.generate(**inputs([sample]), max_new_tokens=5, num_beams=3, do_sample=False)[0]
+            assert batch[row, -5:].tolist() == alone[-5:].tolist()
+    patch.remove()

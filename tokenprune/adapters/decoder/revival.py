@@ -98,6 +98,33 @@ class AuxCache:
     active: bool = True
 
 
+def follow_reorder(cache: Any, reducer: RevivingReducer) -> None:
+    """Make beam search's ``cache.reorder_cache(beam_idx)`` reorder the aux cache's rows too.
+
+    Beams of one prompt revive different tokens, so their rows of the bookkeeping differ; the method is wrapped on
+    this cache object only (once), and reorders whatever aux cache the reducer holds for it.
+    """
+    if getattr(cache, "_tokenprune_follows_reorder", False):
+        return
+    original = cache.reorder_cache
+
+    def reorder_cache(beam_idx: torch.LongTensor) -> None:
+        original(beam_idx)
+        aux = reducer.aux.get(cache)
+        if aux is None:
+            return
+        index = beam_idx.tolist()
+        aux.slots = [None if t is None else t[beam_idx.to(t.device)] for t in aux.slots]
+        aux.aux = [None if e is None else AuxEntries(*(t[beam_idx.to(t.device)] for t in e.astuple())) for e in aux.aux]
+        aux.prunable = aux.prunable[beam_idx.to(aux.prunable.device)]
+        aux.targets = [[row[i] for i in index] for row in aux.targets]
+        session = aux.session
+        session.key_valid = [None if t is None else t[beam_idx.to(t.device)] for t in session.key_valid]
+
+    cache.reorder_cache = reorder_cache
+    cache._tokenprune_follows_reorder = True
+
+
 class RevivingDecoderLayer(ReducingDecoderLayer):
     """A :class:`ReducingDecoderLayer` that records its full output during a prefill and revives at decode steps."""
 
@@ -165,6 +192,7 @@ class RevivingReducer(DecoderReducer):
             return out
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if layer == 0:
+            follow_reorder(cache, self)
             self.aux[cache] = AuxCache(
                 [None] * self.depth,
                 [None] * self.depth,
