@@ -198,3 +198,25 @@ def test_flops_budget_and_table():
     assert abs(layers / full - 0.6) < 0.05
     assert [row["tokens_in"] for row in table["layers"]] == [e.tokens_in for e in state.log]
     patch.remove()
+
+
+def test_refusals_and_other_call_forms():
+    model = build("qwen2")
+    patch = tokenprune.apply(model, "lazyllm", **OPTIONS)
+    x = inputs(["a"])
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="keyword arguments"):
+            model.model(x["input_ids"])
+        length = x["input_ids"].shape[1]
+        four_d = torch.ones(1, 1, length, length, dtype=torch.bool).tril()
+        with pytest.raises(NotImplementedError, match="4D attention mask"):
+            model(**x, attention_mask=four_d)
+        logits = model(**x).logits[:, -1]
+        embeds = model.model.embed_tokens(x["input_ids"])
+        torch.testing.assert_close(model(inputs_embeds=embeds).logits[:, -1], logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(**x, use_cache=False).logits[:, -1], logits, atol=1e-6, rtol=0)
+    patch.remove()
+    sliding = build("qwen2")
+    sliding.config.layer_types = ["sliding_attention"] * 4
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        tokenprune.apply(sliding, "lazyllm")
