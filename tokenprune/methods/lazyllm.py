@@ -20,12 +20,14 @@ decode steps that resumes from the pruning layer, the last token never pruned.
 What we changed: the attention row is recomputed for the last token only (``(1 x D) @ (D x N)`` per head on the
 layer's own rotary-embedded queries and keys), so the layers keep fused SDPA and never materialise an attention
 map; tokens are removed for real (shorter tensors, compact KV cache), not masked; batches of padded prompts get
-per-sample selections. At decode steps the new token's scores are computed from the cached (rotary-embedded) keys
-of the tokens it selected at that layer, softmax restricted to them; a revived token attends to every token of its
-layer's cache that precedes it (and to the tokens revived with it), as in the prefill. The paper's exact pruning
-layers per model were not in the text we could read; our default prunes at 1/4, 1/2 and 3/4 of the depth with
-``keep=0.7`` (about 63% of the prompt's layer-token work, close to the paper's reported ~64% of prompt tokens
-computed on multi-document QA). ``flops=`` solves ``keep`` for a fraction of the prefill FLOPs.
+per-sample selections, and beams of a beam search revive on their own. At decode steps the new token's scores come
+from the cached (rotary-embedded) keys of the tokens it selected at that layer, softmax restricted to them; a
+revived token attends to every token of its layer's cache that precedes it (and to the tokens revived with it), as
+in the prefill (tokens computed while it was absent are not recomputed, as in the paper). The paper's exact
+pruning layers per model were not in the text we could read; our default prunes after 1/4, 1/2 and 3/4 of the
+depth with ``keep=0.7`` (about 63% of the prompt's layer-token work, near the ~64% of prompt tokens computed the
+paper reports on multi-document QA). ``flops=`` solves ``keep`` for a fraction of the LLM prefill FLOPs. Text-only
+decoders only (model kind ``"llm"``): on vision-language models the reducer prunes visual tokens only.
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ positions, compact KV cache); :class:`RevivingReducer` adds what revival needs, 
   cached rotary-embedded keys) selects the top tokens for the next layer, as many as the prefill kept there.
 
 Invariant: ``aux[l]`` holds exactly the tokens in layer ``l``'s cache that layer ``l + 1``'s cache lacks, so
-every token is computed at most once per layer. Decode steps inside ``tokenprune.disabled`` run on the compact
-cache without revival, and end revival for that cache (its bookkeeping would miss that step's tokens).
+every token is computed at most once per layer. Beam search's cache reordering reorders the bookkeeping too
+(:func:`follow_reorder`). Decode steps inside ``tokenprune.disabled`` run on the compact cache without revival, and
+end revival for that cache (its bookkeeping would miss that step's tokens). A later call of several tokens per
+sample on the cache (a second turn) is refused while revival is on (``revive=False`` runs it on the compact cache).
 """
 
 from __future__ import annotations
