@@ -10,7 +10,9 @@ therefore only *decides*, at two points:
   :class:`TowerSignals` of that vision-tower layer) and returns which tokens stay, merged or selected;
 * **inside the LLM**, at each layer after which the plan has fewer visual tokens:
   :meth:`VisualTokenMethod.importance` receives a :class:`DecoderLayerContext` (the layer's queries and keys,
-  rotary-embedded on request, its valid/visual/text rows) and scores every token.
+  rotary-embedded on request, its valid/visual/text rows) and scores every token. A method whose plan recycles
+  (:attr:`VisualPlan.recycle`) also merges some pruned tokens into recycled ones there
+  (:meth:`VisualTokenMethod.recycle` returns a :class:`Recycling`).
 
 :meth:`VisualTokenMethod.plan_for` says how many visual tokens survive each of the two (a :class:`VisualPlan`);
 the adapter (``tokenprune.adapters.vlm``) does everything else: spans, per-sample top-k, real removal,
@@ -74,11 +76,15 @@ class VisualPlan:
         merge_keep: Fraction of each image's tokens left before the LLM, merged or selected (1.0: untouched).
         fractions: One entry per LLM layer: fraction of the (pre-LLM reduced) visual tokens entering that layer.
             ``fractions[0]`` is 1.0 (the first layer's attention is what the first pruning scores with) and
-            the entries never increase.
+            the entries never increase. With ``recycle``: the fraction *selected by score*.
+        recycle: None (pruned tokens are dropped), or the number of recycled tokens a removal of ``pruned``
+            tokens makes (at most ``pruned``): then the visual tokens entering a layer are the selected ones plus
+            the recycled ones (:meth:`visual_counts`), and the method's ``recycle`` makes them.
     """
 
     merge_keep: float
     fractions: tuple[float, ...]
+    recycle: Callable[[int], int] | None = field(default=None, compare=False)
 
     @classmethod
     def identity(cls, depth: int) -> VisualPlan:
@@ -91,8 +97,36 @@ class VisualPlan:
         return self.merge_keep >= 1.0 and all(f >= 1.0 for f in self.fractions)
 
     def visual_counts(self, merged: int) -> list[int]:
-        """Visual tokens entering each layer for a prompt with ``merged`` visual tokens after merging."""
-        return [count(f, merged) for f in self.fractions]
+        """Visual tokens entering each layer for a prompt with ``merged`` visual tokens after merging.
+
+        Without :attr:`recycle`, ``fractions`` of ``merged``; with it, those plus the recycled tokens
+        (:meth:`recycled_counts`).
+        """
+        return self._counts(merged)[0]
+
+    def recycled_counts(self, merged: int) -> list[int]:
+        """Per layer, the recycled tokens made by the removal just before it (0: none, or no removal there)."""
+        return self._counts(merged)[1]
+
+    def _counts(self, merged: int) -> tuple[list[int], list[int]]:
+        selected = [count(f, merged) for f in self.fractions]
+        if self.recycle is None:
+            return selected, [0] * len(selected)
+        # A removal where the selected count drops: the tokens entering the layer before it (recycled ones
+        # included) compete, ``selected`` stay and ``recycle(pruned)`` recycled tokens hold (some of) the rest.
+        totals, recycled = selected[:1], [0]
+        for before, after in zip(selected[:-1], selected[1:], strict=True):
+            made = 0
+            if after < before:
+                pruned = totals[-1] - after
+                made = min(pruned, max(0, int(self.recycle(pruned))))
+            if after < before and after + made < totals[-1]:
+                totals.append(after + made)
+                recycled.append(made)
+            else:  # no removal here (or one that recycles every pruned token: the same tokens, skipped)
+                totals.append(totals[-1])
+                recycled.append(0)
+        return totals, recycled
 
 
 # ----------------------------------------------------------------------------- before the LLM
@@ -175,6 +209,51 @@ class PreLLMContext:
 
 
 # ----------------------------------------------------------------------------- inside the LLM
+def instruction_mask(valid: torch.Tensor, visual: torch.Tensor, structural: torch.Tensor | None) -> torch.Tensor:
+    """``(B, N)`` real text tokens after a sample's first visual token, image-layout tokens excluded."""
+    text = valid & ~visual & (visual.long().cumsum(dim=1) > 0)
+    return text if structural is None else text & ~structural
+
+
+@dataclass
+class LLMInputs:
+    """What entered the LLM's first layer (after any merging before the LLM), for methods that set
+    ``reads_inputs``. ``L`` slots.
+
+    Attributes:
+        embeds: ``(B, L, C)`` the first layer's input hidden states (the input embeddings).
+        index: ``(B, L)`` input position of each slot (-1: fill).
+        valid: ``(B, L)`` real tokens.
+        visual: ``(B, L)`` visual tokens.
+        structural: ``(B, L)`` image-layout tokens, or None.
+    """
+
+    embeds: torch.Tensor
+    index: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor
+    structural: torch.Tensor | None = None
+
+
+class Recycling(NamedTuple):
+    """Pruned tokens a method merges into ``R`` recycled tokens at a removing layer (``B`` samples, ``N`` tokens).
+
+    Each recycled token is stored at the slot of one of its members (it keeps that slot's rotary position) and
+    stands for all its members (``size``: the sum of theirs; ``source``: theirs point to it).
+
+    Attributes:
+        group: ``(B, N)`` long, which recycled token (``0 .. R-1``) each current token is merged into; -1 for a
+            token that is not (kept, text, or dropped outright). Only pruned visual tokens may be members.
+        stored: ``(B, R)`` long, the slot each recycled token is stored at (a member of its group); -1 for ids a
+            sample does not use (samples make different numbers, as :meth:`VisualPlan.recycled_counts` says).
+        hidden: ``(B, R, C)`` the recycled tokens' hidden states (what the next layer reads).
+    """
+
+    group: torch.Tensor
+    stored: torch.Tensor
+    hidden: torch.Tensor
+
+
 @dataclass
 class DecoderLayerContext:
     """One pruning layer's view for a :class:`VisualTokenMethod`. Shapes: ``B`` samples, ``N`` current tokens.
@@ -191,7 +270,10 @@ class DecoderLayerContext:
         structural: ``(B, N)`` image-layout tokens (kept like text, never query rows), or None.
         hidden: ``(B, N, C)`` the layer's output hidden states (what the next layer reads), or None.
         keep: ``(B,)`` visual tokens each sample keeps after this layer (the plan's count; the adapter keeps the
-            top ``keep`` scores), or None.
+            top ``keep`` scores, less the recycled tokens the plan makes), or None.
+        index: ``(B, N)`` input position of each current token (-1: fill), or None.
+        inputs: What entered the first layer (:class:`LLMInputs`), for methods that set ``reads_inputs``; None
+            otherwise.
         scored_rows: Query rows :meth:`attention_rows` scored (for FLOPs bookkeeping).
     """
 
@@ -206,6 +288,8 @@ class DecoderLayerContext:
     structural: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     keep: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    inputs: LLMInputs | None = None
     scored_rows: int = field(default=0)
 
     @property
@@ -228,9 +312,7 @@ class DecoderLayerContext:
 
     def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, row_valid)`` ``(B, T)``: real text tokens after a sample's first visual token."""
-        after_image = self.visual.long().cumsum(dim=1) > 0
-        text = self.valid & ~self.visual & after_image
-        return compact(text if self.structural is None else text & ~self.structural)
+        return compact(instruction_mask(self.valid, self.visual, self.structural))
 
     def rotated_queries(self, rows: torch.Tensor) -> torch.Tensor:
         """``(B, H, T, D)`` the queries of ``rows`` ``(B, T)`` after the rotary embedding (as attention uses them)."""
@@ -318,6 +400,8 @@ class VisualTokenMethod(Method):
     tower_layer: ClassVar[int | None] = None
     #: Whether :meth:`merge` reads the instruction (``PreLLMContext.text``).
     reads_text: ClassVar[bool] = False
+    #: Whether :meth:`importance` / :meth:`recycle` read what entered the LLM (``DecoderLayerContext.inputs``).
+    reads_inputs: ClassVar[bool] = False
 
     def plan_for(self, depth: int, value: float | None = None) -> VisualPlan:
         """The plan for an LLM of ``depth`` layers; ``value`` overrides :attr:`budget_parameter`."""
@@ -348,6 +432,32 @@ class VisualTokenMethod(Method):
     def importance(self, ctx: DecoderLayerContext) -> torch.Tensor:
         """``(B, N)`` importance of every current token at a pruning layer (only visual entries are used)."""
         raise NotImplementedError(f"method {self.name!r} does not prune inside the LLM")
+
+    def recycle(
+        self, ctx: DecoderLayerContext, scores: torch.Tensor, keep: torch.Tensor, counts: torch.Tensor
+    ) -> Recycling:
+        """Merge pruned tokens into ``counts[b]`` recycled tokens per sample (plans with a ``recycle`` rule).
+
+        Args:
+            ctx: The removing layer's context.
+            scores: ``(B, N)`` what :meth:`importance` returned.
+            keep: ``(B, N)`` tokens that stay (text, structural and the top selected visual tokens); the pruned
+                ones are ``ctx.valid & ctx.visual & ~keep``.
+            counts: ``(B,)`` long, recycled tokens each sample makes (at most its pruned count).
+        """
+        raise NotImplementedError(f"method {self.name!r} plans recycled tokens but does not make them")
+
+    def pruning_flops(self, layer: int, visual: list[int], recycled: list[int], rows: int, channels: int) -> float:
+        """Matmul FLOPs (2 x MAC) a removal after ``layer`` spends besides scoring ``rows`` query rows.
+
+        Args:
+            layer: The removing layer.
+            visual: Visual tokens entering each layer (:meth:`VisualPlan.visual_counts`).
+            recycled: Recycled tokens entering each layer (:meth:`VisualPlan.recycled_counts`).
+            rows: Query rows scored.
+            channels: Hidden size.
+        """
+        return 0.0
 
     def max_removable(self, reducible: int) -> int:
         return reducible

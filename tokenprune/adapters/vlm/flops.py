@@ -47,8 +47,12 @@ class DecoderFlops:
         """Scoring ``rows`` query rows against ``tokens`` keys (all heads)."""
         return 2.0 * rows * tokens * self.num_heads * self.head_dim
 
-    def rows(self, tokens_in: list[int], tokens_out: list[int], rows: int) -> list[dict]:
+    def rows(
+        self, tokens_in: list[int], tokens_out: list[int], rows: int, extra: list[float] | None = None
+    ) -> list[dict]:
         """The per-layer table: each layer on its input tokens, plus the scoring where it removes tokens.
+
+        ``extra``: per layer, what the method spends at a removal besides scoring (:func:`pruning_extra`).
 
         Returns:
             ``[{"layer", "tokens_in", "tokens_out", "flops", "method_flops"}]``, one per layer.
@@ -56,20 +60,39 @@ class DecoderFlops:
         table = []
         for layer, (n_in, n_out) in enumerate(zip(tokens_in, tokens_out, strict=True)):
             overhead = self.score(rows, n_in) if n_out < n_in else 0.0
+            if extra is not None and n_out < n_in:
+                overhead += extra[layer]
             flops = self.layer(layer, n_in) + overhead
             table.append(
                 {"layer": layer, "tokens_in": n_in, "tokens_out": n_out, "flops": flops, "method_flops": overhead}
             )
         return table
 
-    def prefill(self, text: int, visual: list[int], rows: int) -> float:
-        """LLM prefill FLOPs of one sample: ``text`` tokens, ``visual[l]`` visual tokens entering layer ``l``."""
+    def prefill(self, text: int, visual: list[int], rows: int, extra: list[float] | None = None) -> float:
+        """LLM prefill FLOPs of one sample: ``text`` tokens, ``visual[l]`` visual tokens entering layer ``l``
+        (``extra``: as in :meth:`rows`)."""
         total = 0.0
         for layer, count in enumerate(visual):
             total += self.layer(layer, text + count)
             if layer + 1 < len(visual) and visual[layer + 1] < count:
                 total += self.score(rows, text + count)
+                if extra is not None:
+                    total += extra[layer]
         return total
+
+
+def pruning_extra(method: Any, visual: list[int], recycled: list[int], rows: int, channels: int) -> list[float] | None:
+    """Per layer, the method's :meth:`~tokenprune.methods.vlm.VisualTokenMethod.pruning_flops` where it removes
+    visual tokens (0 elsewhere): e.g. recycling's clustering products. None for a method without that hook (a
+    ViT method inside the vision tower)."""
+    if not hasattr(method, "pruning_flops"):
+        return None
+    return [
+        method.pruning_flops(layer, visual, recycled, rows, channels)
+        if layer + 1 < len(visual) and visual[layer + 1] < visual[layer]
+        else 0.0
+        for layer in range(len(visual))
+    ]
 
 
 def vit_tower_flops(tower: nn.Module, config: object) -> float:
@@ -118,5 +141,8 @@ def sample_table(flops: DecoderFlops, method: Any, state: Any, sample: int = 0) 
     merge = sum(
         method.merge_flops(n, method.merged_count(n, plan.merge_keep), flops.hidden_size) for n in state.spans[sample]
     )
-    tokens_in = [text + counts[sample] for counts in state.targets_list]
-    return {"merge": merge, "layers": flops.rows(tokens_in, tokens_in[1:] + tokens_in[-1:], rows)}
+    visual = [counts[sample] for counts in state.targets_list]
+    tokens_in = [text + count for count in visual]
+    recycled = [0] * len(visual) if state.recycled_list is None else [r[sample] for r in state.recycled_list]
+    extra = pruning_extra(method, visual, recycled, rows, flops.hidden_size)
+    return {"merge": merge, "layers": flops.rows(tokens_in, tokens_in[1:] + tokens_in[-1:], rows, extra)}

@@ -14,6 +14,10 @@ A family adapter (:mod:`tokenprune.adapters.vlm.base`) finds the visual tokens o
   head, the layer's attention itself stays SDPA), and the top tokens per sample are kept; hidden states,
   ``position_embeddings`` (cos, sin), ``position_ids`` and the attention mask of every later layer are sliced or
   rebuilt, so later layers compute on, and cache, only the kept tokens. The removing layer itself runs whole.
+* **Recycling** (a plan with a ``recycle`` rule, e.g. SparseVLM's): at a removal the top scores *less the plan's
+  recycled count* stay, and the method's ``recycle`` merges pruned tokens into recycled tokens
+  (:class:`~tokenprune.methods.vlm.Recycling`), each written at one member's slot (it keeps that slot's rotary
+  position); ``state.size`` and ``state.source`` follow, so a recycled token counts every input position it holds.
 
 Invariants:
 
@@ -47,13 +51,14 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.vlm.cache import check_cache, decode_step
-from tokenprune.adapters.vlm.flops import DecoderFlops
+from tokenprune.adapters.vlm.flops import DecoderFlops, pruning_extra
 from tokenprune.adapters.vlm.layer import DecoderSpec, ReducingDecoderLayer
 from tokenprune.adapters.vlm.masks import build_mask, check_decoder_attention, refuse_4d_mask
 from tokenprune.adapters.vlm.state import CacheSession, DecoderState, ForwardInFlight, VisualInputs
 from tokenprune.core.sequence import compact, gather_positions, gather_seq, segment_positions, top_per_row
 from tokenprune.methods.vlm import (
     DecoderLayerContext,
+    LLMInputs,
     PreLLMContext,
     TowerSignals,
     VisualPlan,
@@ -159,7 +164,10 @@ class DecoderReducer:
 
                 def cost(candidate: VisualPlan) -> float:
                     merged = sum(method.merged_count(n, candidate.merge_keep) for n in spans)
-                    return self.flops.prefill(text, candidate.visual_counts(merged), rows)
+                    visual = candidate.visual_counts(merged)
+                    recycled = candidate.recycled_counts(merged)
+                    extra = pruning_extra(method, visual, recycled, rows, self.flops.hidden_size)
+                    return self.flops.prefill(text, visual, rows, extra)
 
                 plan = method.solve_budget(budget, depth, sum(spans), cost)
             self._plans[key] = plan
@@ -257,6 +265,10 @@ class DecoderReducer:
             index, valid, visual, size, length, plans, targets, targets_list, merged=merge, structural=structural
         )
         fwd.state.spans = [[len(p) for _, p in spans] for spans in spans_per_sample]
+        if any(p.recycle is not None for p in plans):  # recycled tokens the removal before each layer makes
+            made = [p.recycled_counts(m) for p, m in zip(plans, merged_counts, strict=True)]
+            fwd.state.recycled_list = [[counts[layer] for counts in made] for layer in range(self.depth)]
+            fwd.state.recycled = torch.tensor(fwd.state.recycled_list, dtype=torch.long, device=device)
         if fwd.source is None:  # nothing merged before the LLM: every input token stands for itself
             fwd.source = torch.arange(length, device=device).expand(batch, length)
         fwd.state.source = fwd.source
@@ -382,6 +394,8 @@ class DecoderReducer:
         if fwd.active and cache is not None and kwargs.get("use_cache", True) is not False:
             self._open_session(fwd, layer, cache)
         tokens_in = hidden_states.shape[1]
+        if layer == 0 and fwd.active and self.method.reads_inputs:
+            fwd.inputs = LLMInputs(hidden_states, state.index, state.valid, state.visual, state.structural)
         state.visual_in.append(state.visual.sum(dim=1))
         state.index_in.append(state.index)
         if not self._prunes(state, layer):
@@ -414,11 +428,19 @@ class DecoderReducer:
             structural=state.structural,
             hidden=out[0] if isinstance(out, tuple) else out,
             keep=state.targets[layer + 1],
+            index=state.index,
+            inputs=fwd.inputs,
         )
         scores = self.method.importance(ctx).float()  # (B, N)
-        keep = (state.valid & ~state.visual) | top_per_row(scores, state.visual, state.targets[layer + 1])
-        gather, slot_valid = compact(keep)
+        selected, recycled = state.targets[layer + 1], None
+        if state.recycled_list is not None and any(state.recycled_list[layer + 1]):
+            recycled = state.recycled[layer + 1]  # (B,) the plan's count holds these recycled tokens
+            selected = selected - recycled
+        keep = (state.valid & ~state.visual) | top_per_row(scores, state.visual, selected)
         hidden = ctx.hidden
+        if recycled is not None:
+            hidden, keep = self._recycle(state, ctx, scores, keep, recycled)
+        gather, slot_valid = compact(keep)
         hidden = hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1]))
         state.index = torch.where(slot_valid, state.index.gather(1, gather), -1)
         state.visual = state.visual.gather(1, gather) & slot_valid
@@ -433,3 +455,53 @@ class DecoderReducer:
         state.log.append(LayerLog(layer, tokens_in, hidden.shape[1]))
         state.scored_rows.append(ctx.scored_rows)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    def _recycle(
+        self, state: DecoderState, ctx: DecoderLayerContext, scores: torch.Tensor, keep: torch.Tensor, counts: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge pruned tokens into the method's recycled tokens, each stored at one member's slot.
+
+        Updates ``state.size`` (a recycled token holds its members' sizes) and ``state.source`` (its members'
+        input positions point to its own); returns the layer output with the recycled hidden states written at
+        their slots, and ``keep`` with those slots kept.
+        """
+        group, stored, merged = self.method.recycle(ctx, scores, keep, counts)
+        r = stored.shape[1]
+        real = stored >= 0  # (B, R)
+        slot = stored.clamp(min=0)
+        member = group >= 0  # (B, N)
+        bad = group.shape != keep.shape or merged.shape[:2] != stored.shape or r == 0
+        if not bad:
+            pruned = state.valid & state.visual & ~keep
+            used = real.gather(1, group.clamp(0, r - 1))  # a member's recycled token is a real one
+            at_member = group.gather(1, slot) == torch.arange(r, device=stored.device)
+            bad = (
+                bool((member & ~pruned).any())
+                or bool((group >= r).any())
+                or bool((member & ~used).any())
+                or bool((real & ~at_member).any())
+                or not torch.equal(real.sum(dim=1), counts)
+            )
+        if bad:
+            raise RuntimeError(
+                f"tokenprune: method {self.method.name!r} recycle() must merge only pruned visual tokens, each "
+                "recycled token stored at one of its members, as many per sample as the plan's recycled count"
+            )
+        rows, ranks = real.nonzero(as_tuple=True)
+        slots = stored[rows, ranks]
+        hidden = ctx.hidden.clone()
+        hidden[rows, slots] = merged[rows, ranks].to(hidden.dtype)
+        held = torch.zeros(stored.shape, dtype=state.size.dtype, device=stored.device)
+        held = held.scatter_add(1, group.clamp(min=0), torch.where(member, state.size, 0))  # (B, R)
+        state.size = state.size.clone()
+        state.size[rows, slots] = held[rows, ranks]
+        # Input positions a member stood for now point to its recycled token's input position.
+        standing = state.index.gather(1, slot)  # (B, R)
+        length = state.source.shape[1]
+        remap = torch.arange(length, device=stored.device).repeat(stored.shape[0], 1)  # (B, L)
+        samples, members = member.nonzero(as_tuple=True)
+        remap[samples, state.index[samples, members]] = standing[samples, group[samples, members]]
+        state.source = torch.where(state.source >= 0, remap.gather(1, state.source.clamp(min=0)), state.source)
+        keep = keep.clone()
+        keep[rows, slots] = True
+        return hidden, keep

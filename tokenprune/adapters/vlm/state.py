@@ -35,8 +35,12 @@ class DecoderState:
         rows: Per sample, query rows its importance reads at a pruning layer.
         generated: Tokens decoded on top of this prefill's cache so far.
         source: ``(B, L)`` for every input position, the input position of the token that stands for it after
-            merging before the LLM (itself if kept; a merged group's stored position; -1 if dropped). A token
-            still present at layer ``l`` is one whose source is in ``index_in[l]``.
+            merging before the LLM (itself if kept; a merged group's stored position; -1 if dropped), and after
+            recycling inside the LLM (a recycled token's members point to its stored position; a token pruned
+            without recycling keeps its own). A token still present at layer ``l`` is one whose source is in
+            ``index_in[l]``; ``size`` of a current token counts the input positions whose source it is.
+        recycled: ``(depth, B)`` recycled tokens made by the removal before each layer (also as nested lists,
+            ``recycled_list``), or None when no plan recycles.
     """
 
     index: torch.Tensor
@@ -60,6 +64,8 @@ class DecoderState:
     version: int = 0  # removals inside the LLM so far in this forward
     tower_flops: list[float] = field(default_factory=list)  # per sample: computing vision-tower signals
     source: torch.Tensor | None = None
+    recycled: torch.Tensor | None = None
+    recycled_list: list[list[int]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -119,6 +125,7 @@ class ForwardInFlight:
     mask: Any = None
     mask_version: int = -1
     source: torch.Tensor | None = None  # (B, L) set by merging before the LLM (DecoderState.source)
+    inputs: Any = None  # LLMInputs of this prefill, for methods that read them (set at the first layer)
     all_valid: bool = True  # every current token is real (no padding / fill)
 
 
