@@ -16,7 +16,8 @@ at ``keep=0.5``. Random weights: which tokens are kept says nothing of accuracy,
 * Analytic LLM prefill FLOPs (2 x MAC, the per-layer table of ``adapter.flops_for``, LM head excluded); the FLOPs
   ratio = unpatched / patched. Goal: speedup >= 0.8 x the FLOPs ratio.
 
-Writes eval/results/lazyllm_ttft.json. Run: python eval/bench_lazyllm_ttft.py [--length 8192] [--rounds 3]
+Writes eval/results/lazyllm_ttft.json (``runs``: one entry per prompt length run, later runs added beside).
+Run: python eval/bench_lazyllm_ttft.py [--length 8192] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -161,8 +162,14 @@ def main() -> None:
         "command": f"python eval/bench_lazyllm_ttft.py --length {args.length} --rounds {args.rounds}",
         "rows": rows,
     }
+    # One file, one entry per prompt length (a run at another length is added beside the earlier ones).
+    runs = {}
+    if args.out.exists():
+        previous = json.loads(args.out.read_text())
+        runs = previous.get("runs", {str(previous.get("prompt_tokens")): previous})
+    runs[str(args.length)] = result
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps({"runs": dict(sorted(runs.items(), key=lambda kv: int(kv[0])))}, indent=2) + "\n")
     for name, row in rows.items():
         extra = "" if name == "unpatched" else f"  speedup {row['speedup']:.2f} (FLOPs ratio {row['flops_ratio']:.2f})"
         print(f"{name}: TTFT {row['ttft_median_seconds']:.2f} s, KV {row['kv_cache_bytes'] / 2**20:.1f} MiB{extra}")
