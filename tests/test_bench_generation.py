@@ -51,7 +51,7 @@ def test_bench_cli_reports_generation_side_by_side(llava: Path, tmp_path: Path, 
         assert result[f"ttft_ms_{kind}"] > 0 and result[f"decode_tokens_per_s_{kind}"] > 0
         assert len(result[f"seconds_{kind}"]) == 2
         peak = result[f"peak_memory_mib_{kind}"]
-        assert peak is None or peak >= 0
+        assert peak > 0 if Path("/proc/self/clear_refs").exists() else peak is None  # Linux: a fresh process each
     assert result["kv_cache_ratio"] < 1 and result["new_tokens"] == 4 and result["batch_size"] == 1
     table = capsys.readouterr().out
     assert "| unpatched |" in table and "| patched |" in table and "decode tokens/s" in table

@@ -131,10 +131,14 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any]:
     from tokenprune.measure.options import emit, method_options, runs, setting_label
     from tokenprune.measure.tasks.classification import build_model
 
-    if parse_model(args.model, getattr(args, "allow_download", False)).task == "vqa":
+    task = parse_model(args.model, getattr(args, "allow_download", False)).task
+    if task == "vqa":
         from tokenprune.measure.generation import bench_generation_command
 
         return bench_generation_command(args)
+    if task != "classification":
+        raise SystemExit(f"tokenprune bench takes classifiers and VLMs; {args.model} is a {task} model: its eval "
+                         "reports images/s (tokenprune eval)")  # fmt: skip
     model, size = build_model(args.model, args.img_size, getattr(args, "checkpoint", None))
     batch = args.batch_size or 32
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))

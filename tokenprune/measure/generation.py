@@ -8,8 +8,10 @@
   every run decodes exactly N tokens);
 * **KV-cache bytes after prefill**: the sum over the cache's layers of the bytes of every tensor a layer holds
   (keys and values; a reduced prefill caches only the tokens each layer kept);
-* **peak memory** of one ``generate()`` above the memory before it: CUDA ``max_memory_allocated``; on CPU the
-  resident-set high-water mark (Linux ``/proc/self/clear_refs`` resets it), else not measured.
+* **peak memory** of one ``generate()`` above the memory before it: CUDA ``max_memory_allocated`` (in the same
+  process); on CPU the resident-set high-water mark of a fresh process that loads the model and runs one
+  ``generate()`` (Linux ``/proc/self/clear_refs`` resets the mark; in the benchmark's own process the allocator
+  would reuse earlier runs' memory and show nothing), else not measured.
 
 Rounds alternate unpatched and patched (the patch applied and removed around its run), so machine noise hits both
 alike; medians over rounds; greedy decoding.
@@ -61,7 +63,11 @@ def _rss_mib(field: str) -> float | None:
 
 
 def peak_memory_mib(run: Any, device: torch.device) -> float | None:
-    """Peak memory of ``run()`` above the memory before it, MiB (None where it cannot be measured)."""
+    """Peak memory of ``run()`` above the memory before it, MiB (None where it cannot be measured).
+
+    CUDA: allocated tensor memory. CPU (Linux): the resident-set high-water mark, meaningful in a fresh process
+    only (see :func:`peak_memory_fresh_process`).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -77,6 +83,38 @@ def peak_memory_mib(run: Any, device: torch.device) -> float | None:
     run()
     peak = _rss_mib("VmHWM")
     return None if before is None or peak is None else peak - before
+
+
+def peak_memory_fresh_process(job: dict[str, Any]) -> float | None:
+    """CPU peak memory of one ``generate()`` in a fresh process (``python -m tokenprune.measure.generation JOB``).
+
+    ``job``: ``model``, ``allow_download``, ``checkpoint``, ``dtype``, ``data``, ``batch_size``, ``new_tokens``,
+    ``method`` (None: unpatched), ``options``.
+    """
+    import json
+    import subprocess
+    import sys
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "tokenprune.measure.generation", json.dumps(job)], capture_output=True, text=True
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"peak-memory process failed: {completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])["peak_memory_mib"]
+
+
+def _fresh_process_peak(job: dict[str, Any]) -> None:
+    import json
+
+    from tokenprune.measure.models import load_vlm, parse_model
+
+    loaded = load_vlm(parse_model(job["model"], job["allow_download"]), job["checkpoint"], job["dtype"])
+    inputs, _ = bench_inputs(loaded, job["data"], job["batch_size"])
+    patch = apply(loaded.model, job["method"], **job["options"]) if job["method"] else None
+    peak = peak_memory_mib(lambda: _run(loaded.model, inputs, job["new_tokens"]), torch.device("cpu"))
+    if patch is not None:
+        patch.remove()
+    print(json.dumps({"peak_memory_mib": peak}))
 
 
 def bench_inputs(loaded: Any, data: str | None, batch_size: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -120,9 +158,20 @@ def prefill_cache(out: Any) -> Any:
 
 
 def compare_generation(
-    model, inputs: dict[str, Any], method: str, options: dict[str, Any], new_tokens: int = 32, rounds: int = 3
+    model,
+    inputs: dict[str, Any],
+    method: str,
+    options: dict[str, Any],
+    new_tokens: int = 32,
+    rounds: int = 3,
+    peak: Any = None,
 ) -> dict[str, Any]:
-    """Time to first token, decode tokens/s, KV-cache bytes and peak memory, unpatched vs patched."""
+    """Time to first token, decode tokens/s, KV-cache bytes and peak memory, unpatched vs patched.
+
+    Args:
+        peak: ``kind -> MiB`` ("unpatched"/"patched"), e.g. a fresh process per kind on CPU; None: measured in this
+            process on CUDA, not measured on CPU.
+    """
     device = next(model.parameters()).device
     kinds = ("unpatched", "patched")
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
@@ -138,10 +187,14 @@ def compare_generation(
 
     _run(model, inputs, min(2, new_tokens))  # warm-up
     for kind in kinds:
-        measured[kind] = {
-            "kv_cache_bytes": under(kind, lambda: _prefill_cache_bytes(model, inputs)),
-            "peak_memory_mib": under(kind, lambda: peak_memory_mib(lambda: _run(model, inputs, new_tokens), device)),
-        }
+        if peak is not None:
+            memory = peak(kind)
+        elif device.type == "cuda":
+            memory = under(kind, lambda: peak_memory_mib(lambda: _run(model, inputs, new_tokens), device))
+        else:
+            memory = None  # this process's allocator holds earlier runs' memory: pass ``peak`` (a fresh process)
+        measured[kind] = {"kv_cache_bytes": under(kind, lambda: _prefill_cache_bytes(model, inputs)),
+                          "peak_memory_mib": memory}  # fmt: skip
     for _ in range(rounds):
         for kind in kinds:
             times[kind].append(under(kind, lambda: _run(model, inputs, new_tokens)))
@@ -196,10 +249,26 @@ def bench_generation_command(args: argparse.Namespace) -> dict[str, Any]:
     method, variant = resolve(args.method, "vlm")
     options = {**variant.options, **method_options(args)}
     inputs, _ = bench_inputs(loaded, args.data, args.batch_size or 1)
-    result = compare_generation(loaded.model, inputs, method, options, args.new_tokens, args.rounds)
+    peak = None
+    if loaded.model.device.type == "cpu" and Path("/proc/self/clear_refs").exists():
+        job = {"model": args.model, "allow_download": args.allow_download, "checkpoint": args.checkpoint,
+               "dtype": args.dtype, "data": args.data, "batch_size": args.batch_size or 1,
+               "new_tokens": args.new_tokens, "options": options}  # fmt: skip
+
+        def peak(kind: str) -> float | None:
+            return peak_memory_fresh_process({**job, "method": method if kind == "patched" else None})
+
+    result = compare_generation(loaded.model, inputs, method, options, args.new_tokens, args.rounds, peak)
     result.update({"model": args.model, "method": args.method, "options": options, "device": str(loaded.model.device)})
     result["threads"] = torch.get_num_threads()
     table = f"{args.model}: {setting_label(args.method, options)}, batch {result['batch_size']}, "
     table += f"{args.new_tokens} new tokens, {result['device']}\n\n" + generation_table(result)
     emit(result, args, table)
     return result
+
+
+if __name__ == "__main__":  # the fresh process of peak_memory_fresh_process
+    import json
+    import sys
+
+    _fresh_process_peak(json.loads(sys.argv[1]))

@@ -256,6 +256,11 @@ def load_classifier(spec: ModelSpec, img_size: int | None = None, checkpoint: st
         size = img_size or entry.img_size
         return LoadedModel(model, spec, zoo.build_transform(size), input_size=(size, size), labels=labels)
     if spec.source == "timm":
+        if checkpoint is not None and not spec.label.startswith(TIMM_PREFIX):
+            raise SystemExit(
+                f"--checkpoint applies to zoo models and timm:<arch>: write --model timm:{spec.name} to load "
+                "a state dict into that timm architecture"
+            )
         model = build_timm(spec.name, img_size, checkpoint)
         size = img_size or model.patch_embed.img_size[0]
         transform = _timm_transform(model, size) if checkpoint else zoo.build_transform(size)

@@ -60,8 +60,9 @@ class TokenPrune(lmms):
 
             accelerator = Accelerator()
             if accelerator.num_processes > 1:  # one replica per process; lmms-eval shards the requests
+                self.accelerator = accelerator  # lmms-eval gathers and waits through it
                 self._device = torch.device(f"cuda:{accelerator.local_process_index}")
-                self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
+                self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         except ImportError:
             pass
         self.model = loaded.model.to(self._device)
@@ -72,6 +73,14 @@ class TokenPrune(lmms):
         self.method = method
         self.patch = None if method == "none" else tokenprune.apply(self.model, method, **options)
         self.options = options
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
 
     def _rows(self, requests: Sequence[Instance]) -> list[dict[str, Any]]:
         rows = []
