@@ -88,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
             "(sorted folder names are the logits' order); default: the model's own labels",
         )
         p.add_argument("--max-new-tokens", type=int, help="VLMs: answer length limit (default: the model's)")
-        p.add_argument("--limit", type=int, help="deterministic class-balanced subset of N images")
+        p.add_argument(
+            "--limit",
+            type=int,
+            help="N images (ImageFolder: a deterministic class-balanced subset) or questions (easy-VQA: a seeded "
+            "subset; a JSONL: its first N)",
+        )
         p.add_argument("--split", help="split to score (default: val for classifiers, test for segmentation)")
         p.add_argument("--bench-rounds", type=int, default=3, help="side-by-side speed rounds (0: skip)")
 
