@@ -9,6 +9,7 @@
 from tokenprune import adapters as _adapters  # noqa: F401  (registers adapters)
 from tokenprune import methods as _methods  # noqa: F401  (registers methods)
 from tokenprune.api import Patch, apply, disabled, get_patch
+from tokenprune.calibrate import calibrate
 from tokenprune.config import ReductionConfig
 from tokenprune.measure.flops import FlopsReport, count_flops
 from tokenprune.methods.base import LayerContext, Method
@@ -47,6 +48,7 @@ __all__ = [
     "VisualTokenMethod",
     "apply",
     "available_models",
+    "calibrate",
     "count_flops",
     "disabled",
     "get_patch",

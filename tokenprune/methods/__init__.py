@@ -2,14 +2,20 @@
 
 import tokenprune.methods.aim
 import tokenprune.methods.cdpruner
+import tokenprune.methods.dart
 import tokenprune.methods.divprune
 import tokenprune.methods.dtop
 import tokenprune.methods.evit
 import tokenprune.methods.fastv
+import tokenprune.methods.lazyllm
 import tokenprune.methods.none
+import tokenprune.methods.pitome
+import tokenprune.methods.ppt
+import tokenprune.methods.pyramiddrop
 import tokenprune.methods.random_drop
 import tokenprune.methods.random_pre_llm
 import tokenprune.methods.random_visual
+import tokenprune.methods.sparsevlm
 import tokenprune.methods.tome
 import tokenprune.methods.visionzip
 import tokenprune.methods.vispruner  # noqa: F401  (each import registers its method)
