@@ -80,7 +80,7 @@ class ImageFolder(ImageFolderDataset):
         num_logits: int | None = None,
         limit: int | None = None,
     ) -> None:
-        root = Path(root).expanduser()
+        root = Path(root).expanduser().resolve()  # "." has no name to split on
         if not root.is_dir():
             raise _error(f"data folder {root} does not exist.", IMAGE_FOLDER_LAYOUT)
         loose = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
