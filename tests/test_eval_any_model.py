@@ -294,3 +294,17 @@ def test_zoo_segmenter_scores_an_images_and_labels_folder(tmp_path, capsys):
                           "--batch-size", "1", "--out", str(tmp_path / "r.json")], capsys)  # fmt: skip
     assert result["images"] == 1 and 0 <= result["miou"] <= 1 and str(tmp_path) in result["data"]
     assert "| none | miou " in stdout
+
+
+def test_timm_imagenet_checkpoints_match_wnid_or_name_folders(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from tokenprune.measure.layouts import map_classes
+    from tokenprune.measure.models import load_classifier, parse_model
+
+    model = timm.create_model("test_vit", pretrained=False, img_size=64)  # 1000 ImageNet classes
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "in1k.safetensors"))
+    loaded = load_classifier(parse_model("timm:test_vit"), 64, str(tmp_path / "in1k.safetensors"))
+    assert loaded.labels[0][:1] == ["n01440764"] and "tench" in loaded.labels[0]
+    assert map_classes(["n01443537", "tench"], loaded.labels, 1000, tmp_path) == {"n01443537": 1, "tench": 0}

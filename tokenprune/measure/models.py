@@ -237,12 +237,21 @@ def _timm_transform(model: nn.Module, size: int | None):
 
 
 def _timm_labels(model: nn.Module) -> list[list[str]] | None:
+    """Per logit: the wnid and names from the model's ``pretrained_cfg``, else ImageNet's when its class count is
+    an ImageNet subset's (timm's ``ImageNetInfo``); None when neither."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     wnids = cfg.get("label_names")
-    if not wnids:
+    if wnids:
+        names = cfg.get("label_descriptions") or {}
+        return [[w, names[w]] if w in names else [w] for w in wnids]
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    info = ImageNetInfo(subset) if subset else None
+    if info is None or info.num_classes() != getattr(model, "num_classes", None):
         return None
-    names = cfg.get("label_descriptions") or {}
-    return [[w, names[w]] if w in names else [w] for w in wnids]
+    descriptions = [info.index_to_description(i) for i in range(info.num_classes())]
+    return [[w, d, d.split(",")[0]] for w, d in zip(info.label_names(), descriptions, strict=True)]
 
 
 def load_classifier(spec: ModelSpec, img_size: int | None = None, checkpoint: str | None = None) -> LoadedModel:
