@@ -133,7 +133,10 @@ def test_released_schedule_on_llava_1_5_counts_as_their_code():
         assert plan.recycle is None
 
 
-@pytest.mark.parametrize(("depth", "layers"), [(32, (2, 6, 15)), (28, (2, 5, 13)), (40, (2, 8, 19)), (4, (0, 1, 2))])
+@pytest.mark.parametrize(
+    ("depth", "layers"),
+    [(32, (2, 6, 15)), (28, (2, 5, 13)), (40, (2, 8, 19)), (8, (1, 2, 4)), (5, (1, 2, 3)), (4, (0, 1, 2))],
+)
 def test_default_pruning_layers_scale_with_the_depth(depth, layers):
     assert SparseVLM(SparseVLMConfig()).pruning_layers(depth) == layers
 
