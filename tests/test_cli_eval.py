@@ -63,6 +63,21 @@ def test_eval_options_are_validated(monkeypatch):
         main(["eval", "--model", "deit_tiny_patch16_224", "--method", "tome", "--flops", "1.5", "--bench-rounds", "0"])
 
 
+def test_set_file_options_reach_the_method_and_set_goes_on_top(tmp_path, monkeypatch):
+    """A calibrate --out file (its ``config``) is the method's options; --set overrides; another method's refused."""
+    monkeypatch.delenv("TOKENPRUNE_DATA", raising=False)
+    schedule = [4, 3, 2, 1] + [0] * 8
+    set_file = tmp_path / "schedule.json"
+    set_file.write_text(json.dumps({"method": "tome", "config": {"r": schedule, "prop_attn": False}}))
+    out = tmp_path / "result.json"
+    base = ["eval", "--model", "deit_tiny_patch16_224", "--batch-size", "2", "--bench-rounds", "0", "--out", str(out)]
+    main([*base, "--method", "tome", "--set-file", str(set_file), "--set", "prop_attn=true"])
+    result = json.loads(out.read_text())
+    assert result["config"]["r"] == schedule and result["config"]["prop_attn"] is True
+    with pytest.raises(SystemExit, match="calibrated for method 'tome', not 'evit'"):
+        main([*base, "--method", "evit", "--set-file", str(set_file)])
+
+
 def test_eval_with_a_wrongly_laid_out_dataset_shows_the_layout(tmp_path):
     (tmp_path / "something_else").mkdir()
     with pytest.raises(SystemExit) as info:

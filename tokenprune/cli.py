@@ -1,4 +1,5 @@
-"""Command line: ``tokenprune bench | eval | sweep | demo``; it parses arguments, ``tokenprune.measure`` runs them."""
+"""Command line: ``tokenprune bench | eval | sweep | calibrate | demo``; argument parsing only (``tokenprune.measure``
+and ``tokenprune.calibrate`` run them)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--method", default="tome", help=METHOD_HELP)
         p.add_argument("--flops", type=float, help="FLOPs budget, fraction of the unreduced model in (0, 1]")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option, repeatable")
+        p.add_argument(
+            "--set-file", help="JSON of method options (e.g. a `tokenprune calibrate --out` schedule); --set on top"
+        )
         p.add_argument("--img-size", type=int, help="input side (default: the model's)")
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--out", help="write the full JSON result here")
@@ -118,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="keep settings whose JSON is already in --out")
     data_args(sweep)
     sweep.set_defaults(func=cmd_sweep)
+
+    from tokenprune.calibrate import add_calibrate_command
+
+    add_calibrate_command(sub)
 
     demo = sub.add_parser("demo", help="Gradio app: original vs reduced model side by side (needs the [demo] extra)")
     demo.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")

@@ -27,8 +27,13 @@ def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Method options from ``--set`` plus the ``--flops`` shortcut."""
-    options = parse_set(args.set or [])
+    """Method options from ``--set-file`` (if given), ``--set`` on top, plus the ``--flops`` shortcut."""
+    options = {}
+    if getattr(args, "set_file", None):
+        from tokenprune.calibrate import load_set_file
+
+        options = load_set_file(args.set_file, getattr(args, "method", None))
+    options.update(parse_set(args.set or []))
     if getattr(args, "flops", None) is not None:
         options["flops"] = args.flops
     return options
