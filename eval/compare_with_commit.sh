@@ -10,11 +10,14 @@ DATA=${TOKENPRUNE_DATA:-$(cd .. && pwd)/shared/datasets}
 OLD=$(mktemp -d)/base
 git worktree add -q "$OLD" "$BASE"
 trap 'git worktree remove --force "$OLD"' EXIT
-run() {  # run TREE ARGS...: the eval JSON without its timing fields
+run() {  # run TREE ARGS...: the eval JSON (written with --out: stdout is a table) without its timing fields
     local tree=$1; shift
-    (cd "$tree" && PYTHONPATH="$tree" OMP_NUM_THREADS=2 python -m tokenprune.cli eval --bench-rounds 1 "$@" 2>/dev/null) |
-        python -c "import json, sys; d = json.load(sys.stdin); skip = ('_per_s', 'ms', 'seconds', 'speedup', 'time')
-print(json.dumps({k: v for k, v in d.items() if not any(t in k for t in skip)}, sort_keys=True))"
+    local out; out=$(mktemp --suffix .json)
+    (cd "$tree" && PYTHONPATH="$tree" OMP_NUM_THREADS=2 python -m tokenprune.cli eval --bench-rounds 1 "$@" \
+        --out "$out" >/dev/null 2>&1)
+    python -c "import json, sys; d = json.load(open(sys.argv[1])); skip = ('_per_s', 'ms', 'seconds', 'speedup', 'time')
+print(json.dumps({k: v for k, v in d.items() if not any(t in k for t in skip)}, sort_keys=True))" "$out"
+    rm -f "$out"
 }
 while read -r args; do
     a=$(run "$OLD" $args); b=$(run . $args)
