@@ -164,8 +164,8 @@ def test_other_attention_implementations_are_refused():
 
 
 def test_unsupported_models_and_methods_raise_with_the_supported_ones():
-    text_only = hf.LlamaForCausalLM(
-        hf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    text_only = hf.MistralForCausalLM(  # a model no adapter takes (Llama/Qwen decoders are lazyllm's "llm" kind)
+        hf.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=9)
     )
     with pytest.raises(TypeError, match="LlavaOnevisionForConditionalGeneration") as error:
         tokenprune.apply(text_only, "fastv")
