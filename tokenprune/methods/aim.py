@@ -57,12 +57,7 @@ class AIMConfig(VLMReductionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.merge_keep is not None:
-            if self.flops is not None:
-                raise ValueError("give either merge_keep or flops, not both")
-            self.merge_keep = check_fraction("merge_keep", self.merge_keep, True)
-        elif self.flops is None:
-            self.merge_keep = 0.25
+        self.ratio_or_flops("merge_keep", 0.25, low_open=True)
         self.prune_start = check_fraction("prune_start", self.prune_start, False)
         self.prune_end = check_fraction("prune_end", self.prune_end, False)
         if self.prune_end < self.prune_start:

@@ -43,7 +43,6 @@ from tokenprune.methods.vlm import (
     VisualPlan,
     VisualTokenMethod,
     VLMReductionConfig,
-    check_fraction,
 )
 from tokenprune.registry import register_method
 
@@ -86,12 +85,7 @@ class DARTConfig(VLMReductionConfig):
             raise ValueError("pivot_image + pivot_text must be >= 1: DART needs a pivot to measure duplication")
         if not isinstance(self.norm, bool):
             raise TypeError(f"norm must be a bool, got {self.norm!r}")
-        if self.keep is not None:
-            if self.flops is not None:
-                raise ValueError("give either keep or flops, not both")
-            self.keep = check_fraction("keep", self.keep, False)
-        elif self.flops is None:
-            self.keep = 0.222
+        self.ratio_or_flops("keep", 0.222)
 
 
 class DART(VisualTokenMethod):

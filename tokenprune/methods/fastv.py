@@ -20,7 +20,6 @@ from tokenprune.methods.vlm import (
     VisualPlan,
     VisualTokenMethod,
     VLMReductionConfig,
-    check_fraction,
 )
 from tokenprune.registry import register_method
 
@@ -43,12 +42,7 @@ class FastVConfig(VLMReductionConfig):
         super().__post_init__()
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be an int >= 1 (layers that see every visual token), got {self.k!r}")
-        if self.keep is not None:
-            if self.flops is not None:
-                raise ValueError("give either keep or flops, not both")
-            self.keep = check_fraction("keep", self.keep, False)
-        elif self.flops is None:
-            self.keep = 0.5
+        self.ratio_or_flops("keep", 0.5)
 
 
 class FastV(VisualTokenMethod):

@@ -41,7 +41,6 @@ from tokenprune.methods.vlm import (
     VisualPlan,
     VisualTokenMethod,
     VLMReductionConfig,
-    check_fraction,
 )
 from tokenprune.registry import register_method
 
@@ -80,12 +79,7 @@ class LazyLLMConfig(VLMReductionConfig):
             self.layers = tuple(layers)
         if not isinstance(self.revive, bool):
             raise TypeError(f"revive must be a bool, got {self.revive!r}")
-        if self.keep is not None:
-            if self.flops is not None:
-                raise ValueError("give either keep or flops, not both")
-            self.keep = check_fraction("keep", self.keep, False)
-        elif self.flops is None:
-            self.keep = 0.7
+        self.ratio_or_flops("keep", 0.7)
 
 
 class LazyLLM(VisualTokenMethod):

@@ -104,10 +104,8 @@ class PyramidDropConfig(VLMReductionConfig):
             boundaries = len(self.layers if self.layers is not None else self.stages)
             if len(self.ratios) != boundaries:
                 raise ValueError(f"ratios needs one entry per stage boundary ({boundaries}), got {self.ratios!r}")
-        elif self.keep is not None:
-            self.keep = check_fraction("keep", self.keep, False)
-        elif self.flops is None:
-            self.keep = 0.5
+        else:
+            self.ratio_or_flops("keep", 0.5)
 
 
 class PyramidDrop(VisualTokenMethod):

@@ -67,6 +67,16 @@ class VLMReductionConfig(ConfigOptions):
         if self.flops is not None:
             self.flops = check_fraction("flops (fraction of the unreduced LLM prefill FLOPs)", self.flops, True)
 
+    def ratio_or_flops(self, name: str, default: float, low_open: bool = False) -> None:
+        """Validate the method's own ratio option ``name`` against ``flops``: one of the two, or ``default``."""
+        value = getattr(self, name)
+        if value is not None:
+            if self.flops is not None:
+                raise ValueError(f"give either {name} or flops, not both")
+            setattr(self, name, check_fraction(name, value, low_open))
+        elif self.flops is None:
+            setattr(self, name, default)
+
 
 @dataclass(frozen=True)
 class VisualPlan:
