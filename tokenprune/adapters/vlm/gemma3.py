@@ -256,7 +256,7 @@ class Gemma3Adapter(VLMAdapter):
     def _before_prefill_layer(self, wrapper: nn.Module, args: tuple, kwargs: dict) -> None:
         """After an in-LLM removal: the mask and ``(cos, sin)`` of this layer's type for the reducer to pass on."""
         fwd = self.reducer.forward_in_flight
-        if fwd is None or fwd.decode or fwd.state is None or fwd.state.version == 0:
+        if fwd is None or not fwd.prefill_after_removal:
             return
         state, kind = fwd.state, self.layer_types[wrapper.layer]
         key = (state.version, kind)

@@ -168,7 +168,7 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     def _before_prefill_layer(self, wrapper: nn.Module, args: tuple, kwargs: dict) -> None:
         """After an in-LLM removal: a linear layer gets the compact sequence's 2-D validity, a full one the 4-D mask."""
         fwd = self.reducer.forward_in_flight
-        if fwd is None or fwd.decode or fwd.state is None or fwd.state.version == 0:
+        if fwd is None or not fwd.prefill_after_removal:
             return
         state, kind = fwd.state, self.layer_types[wrapper.layer]
         key = (state.version, kind)

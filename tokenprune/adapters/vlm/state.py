@@ -128,6 +128,11 @@ class ForwardInFlight:
     inputs: Any = None  # LLMInputs of this prefill, for methods that read them (set at the first layer)
     all_valid: bool = True  # every current token is real (no padding / fill)
 
+    @property
+    def prefill_after_removal(self) -> bool:
+        """A prefill whose sequence changed in the LLM: HF's own mask and ``(cos, sin)`` no longer fit it."""
+        return not self.decode and self.state is not None and self.state.version > 0
+
 
 @dataclass
 class TowerSequence:
