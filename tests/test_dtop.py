@@ -198,7 +198,7 @@ def test_disabled_runs_the_original_forward() -> None:
         ({"keep_top_k": -1}, ValueError, "keep_top_k must be an int >= 0"),
         ({"keep_top_k": 2.5}, ValueError, "keep_top_k must be an int >= 0"),
         ({"r": 4}, ValueError, "no per-layer schedule"),
-        ({"flops": 0.5}, ValueError, "no FLOPs budget"),
+        ({"flops": 0.5, "threshold": 0.9}, ValueError, "threshold and flops exclude each other"),
         ({"thresold": 0.9}, TypeError, "valid: .*threshold"),
     ],
 )

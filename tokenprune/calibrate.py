@@ -124,6 +124,14 @@ def calibrate_report(
         TypeError: Images of the wrong type or shape, a model no ViT adapter supports.
         RuntimeError: The model is already patched.
     """
+    budget = getattr(registry.get_method(method).method_cls, "calibrate_budget", None)
+    if budget is not None:  # a method with its own budget search (dtop: per-stage exit quotas of a segmenter)
+        if get_patch(model) is not None:
+            raise RuntimeError(f"model is already patched with {get_patch(model).method!r}; call patch.remove() first")
+        return budget(
+            model, flops, collect_images(images, limit), seed, max_evals=max_evals, batch_size=batch_size,
+            progress=progress, **options,
+        )  # fmt: skip
     entry = _check_method(method, options)
     if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0.0 < float(flops) <= 1.0:
         raise ValueError(f"flops budget must be a number in (0, 1] (fraction of the unreduced FLOPs), got {flops!r}")

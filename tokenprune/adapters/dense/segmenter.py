@@ -22,6 +22,7 @@ compute that the per-image figures leave out; ``torch.utils.flop_counter`` on a 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -129,16 +130,43 @@ class SegmenterAdapter(Adapter):
 
     def early_exit_flops(self, state: EarlyExitState) -> torch.Tensor:
         """Per-image FLOPs ``(B,)`` of an early-exit forward from its own live-token counts (no padding)."""
+        return self._exit_flops(state.tokens_in.double(), state.graded.double(), state.final_tokens.double())
+
+    def _exit_flops(self, tokens_in: torch.Tensor, graded: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        """FLOPs ``(B,)`` from live tokens entering each block ``(B, depth)`` (prefix included), the patch
+        tokens each aux head graded ``(B, S)`` and those the final head predicted ``(B,)``."""
         model = self.model
-        tokens_in = state.tokens_in.double()  # (B, depth)
-        total = torch.full_like(tokens_in[:, 0], self.embed_flops(int(state.tokens_in[0, 0])))
+        total = torch.full_like(tokens_in[:, 0], self.embed_flops(self.num_protected + self.num_patches))
         for layer in range(self.depth):
             n = tokens_in[:, layer]
             attn_linear, attn_dim, mlp_linear = self.inner._layer_macs[layer]
             total += 2.0 * n * (attn_linear + mlp_linear) + 4.0 * n**2 * attn_dim
         for stage, head in enumerate(model.aux_heads):
-            total += 2.0 * state.graded[:, stage].double() * linear_macs(head)
-        return total + 2.0 * state.final_tokens.double() * linear_macs(model.head)
+            total += 2.0 * graded[:, stage] * linear_macs(head)
+        return total + 2.0 * final * linear_macs(model.head)
+
+    def planned_flops(self, counts: Sequence[float]) -> float:
+        """FLOPs per image when exactly ``counts[s]`` patch tokens exit at boundary ``s`` (fractions allowed).
+
+        The same count as :meth:`early_exit_flops` of a forward that exited those counts, so a quota's cost is
+        known before any image is seen (every image of a quota forward costs this).
+        """
+        if len(counts) != len(self.exit_after):
+            raise ValueError(f"{len(counts)} exit counts for {len(self.exit_after)} exit stages ({self.exit_after})")
+        exited = [sum(counts[: s + 1]) for s in range(len(counts))]  # exited by the end of stage s
+        live, gone = [], 0.0  # live tokens entering each block; gone: exited before it
+        for layer in range(self.depth):
+            if layer in self.exit_after:  # a boundary after `layer` blocks
+                gone = exited[self.exit_after.index(layer)]
+            live.append(self.num_protected + self.num_patches - gone)
+        graded = [self.num_patches - (exited[s - 1] if s else 0.0) for s in range(len(counts))]
+        final = self.num_patches - exited[-1]
+        as_row = partial(torch.tensor, dtype=torch.float64)
+        return float(self._exit_flops(as_row([live]), as_row([graded]), as_row([final]))[0])
+
+    def dense_flops(self) -> float:
+        """FLOPs per image of the unreduced segmenter (what a FLOPs fraction is relative to)."""
+        return float(super().analytic_flops(self.num_protected + self.num_patches, [0] * self.depth)["total"])
 
     def analytic_flops(self, num_tokens: int, schedule: list[int], method: Method | None = None) -> dict:
         runtime = self._runtime
@@ -156,6 +184,12 @@ class SegmenterAdapter(Adapter):
         return {"embed": embed, "head": total - embed - sum(r["flops"] for r in rows), "total": total, "layers": rows}
 
     # ----------------------------------------------------------------- install / uninstall
+    def resolve_schedule(self, runtime: Any) -> list[int] | None:
+        if isinstance(runtime.method, EarlyExitMethod):
+            # No per-layer schedule: an early-exit method's flops budget is its own (solved in check_model).
+            return [0] * self.depth
+        return super().resolve_schedule(runtime)
+
     def install(self, runtime: Any) -> None:
         self._runtime = runtime
         if isinstance(runtime.method, EarlyExitMethod):
