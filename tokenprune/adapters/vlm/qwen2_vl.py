@@ -24,6 +24,11 @@ What this file owns:
 * **AIM merging** needs ``merge_positions="original"`` here: a merged token is stored at (and keeps the 3-axis
   position of) one of the tokens of its own frame. ``"compact"`` renumbers 1-D positions and has no meaning for
   M-RoPE grids, so it is refused when merging is on (prune-only ``merge_keep=1.0`` works with either).
+* **Whole videos** for temporal methods (a method class with ``whole_videos = True``, e.g. ``dycoke``): each
+  video is one span (all its frames, in order; Qwen3-VL's per-frame runs straddle their timestamps) instead of
+  one per frame, and :attr:`Qwen2VLAdapter.span_frames` says how many frames a span of each size holds (images:
+  1). A video's extent comes from ``video_grid_thw``, or in ``generate()`` from the encoded videos it passes
+  (``mm_encoder_outputs``); its frames from the per-frame spans above. Other methods are unaffected.
 * ``labels`` are refused while reducing, as for LLaVA.
 """
 
@@ -192,6 +197,9 @@ class Qwen2VLAdapter(VLMAdapter):
         # Per sample of the last prefill with visual inputs: the (t, h, w) of its images and videos, in order.
         self._grids: list[list[tuple[int, int, int]]] = []
         self._placeholders: tuple[torch.Tensor, torch.Tensor] | None = None  # (image, video) of the last call
+        #: With a ``whole_videos`` method: for each span size of the last call with visual inputs, the frame counts
+        #: of its spans of that size (an image: 1), e.g. ``{24: {3}, 16: {1}}``.
+        self.span_frames: dict[int, set[int]] = {}
 
     def parts(self) -> VLMParts:
         inner = self.model.model  # ``Qwen2VLModel``
@@ -229,13 +237,50 @@ class Qwen2VLAdapter(VLMAdapter):
         frames = image_video_segments(image, video, *grids_thw, self.merge_size, per_frame=True, positions=positions)
         visual = image | video
         self._placeholders = (image, video)
+        spans = frames
+        if getattr(self.method, "whole_videos", False):
+            spans = self._whole_videos(image, video, frames, kwargs)
         if bool(visual.any()):  # per sample, the (t, h, w) of its images and videos in order (for FLOPs)
             inputs = image_video_segments(image, video, *grids_thw, self.merge_size).cpu()  # (B, L) which input
             grids = [tuple(g) for thw in grids_thw if thw is not None for g in thw.tolist()]
             order = [torch.unique_consecutive(row[row >= 0]).tolist() for row in inputs]
             valid = all(0 <= i < len(grids) for ids in order for i in ids)
             self._grids = [[grids[i] for i in ids] for ids in order] if valid else []
-        return VisualInputs(visual, frames)
+        return VisualInputs(visual, spans)
+
+    def _whole_videos(
+        self, image: torch.Tensor, video: torch.Tensor, frames: torch.Tensor, kwargs: dict
+    ) -> torch.Tensor:
+        """``(B, L)`` segments with each video whole (images as in ``frames``); fills :attr:`span_frames`.
+
+        Raises:
+            RuntimeError: Videos whose extent neither ``video_grid_thw`` nor ``mm_encoder_outputs`` gives.
+        """
+        self.span_frames = {}
+        for b in range(image.shape[0]):  # an image is one frame
+            for n in torch.unique_consecutive(frames[b][image[b]], return_counts=True)[1].tolist():
+                self.span_frames.setdefault(n, set()).add(1)
+        if not bool(video.any()):
+            return frames
+        grid = kwargs.get("video_grid_thw")
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video")
+        if grid is not None:
+            counts = grid.long().prod(dim=1) // self.merge_size**2  # (V,) placeholders of each video
+        elif encoded is not None:  # generate(): one feature row per placeholder of each video
+            counts = torch.tensor([len(features) for features in encoded.pooler_output])
+        else:
+            counts = None
+        if counts is None or int(counts.sum()) != int(video.sum()):
+            raise RuntimeError(
+                f"tokenprune: method {self.method.name!r} needs every video's extent: pass video_grid_thw with "
+                "the video placeholders (or call generate(), which passes the encoded videos)"
+            )
+        rank = video.flatten().long().cumsum(0) - 1  # (B * L,) index of each video placeholder
+        which = torch.searchsorted(counts.to(video.device).cumsum(0), rank, right=True).view_as(video)  # (B, L)
+        for v, n in enumerate(counts.tolist()):
+            inside = video & (which == v)
+            self.span_frames.setdefault(n, set()).add(int(torch.unique(frames[inside]).numel()))
+        return torch.where(video, which + frames.max() + 1, frames)  # video ids after every frame id
 
     # ----------------------------------------------------------------- vision-tower signals
     def tower_layer_list(self) -> nn.ModuleList:
@@ -336,7 +381,8 @@ class Qwen2VLAdapter(VLMAdapter):
         """The sample's images and videos (their grids from the forward; else each span as one image of its size)."""
         spans = state.spans[sample]  # placeholders per temporal slice
         grids = self._grids[sample] if sample < len(self._grids) else []
-        if [h * w // self.merge_size**2 for t, h, w in grids for _ in range(t)] == spans:
+        per_frame = [h * w // self.merge_size**2 for t, h, w in grids for _ in range(t)]
+        if spans in (per_frame, [t * h * w // self.merge_size**2 for t, h, w in grids]):  # or whole videos
             return self.grids_vision_flops(grids)
         return sum(self.vision_flops(n) for n in spans)
 

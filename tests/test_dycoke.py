@@ -1,0 +1,282 @@
+"""``dycoke`` (stage 1, token temporal merging) on the videos of tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL.
+
+The shared matrix runs dycoke with its identity options only (images keep every token); the reducing checks
+run here on videos: a video of grid ``(6, 4, 8)`` reaches the LLM as 6 frames of 8 tokens (windows of 4: frames
+0-3 and 4-5), one of ``(3, 4, 8)`` as 3 frames, an image ``(1, 8, 8)`` as 16 tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+import tokenprune
+from tests.helpers.vlm_families import (
+    QWEN_IMAGE,
+    QWEN_VIDEO,
+    families,
+    padded,
+    qwen3_prompt,
+    qwen_inputs,
+    qwen_prompt,
+)
+from tests.test_hf_qwen2_vl import PATCH_DIM, rope_positions
+from tests.vlm_checks import (
+    assert_batch_rows_equal_alone,
+    assert_batched_generate_equals_alone,
+    assert_remove_restores,
+    assert_zero_reduction_exact,
+)
+from tokenprune.methods import dycoke
+from tokenprune.methods.dycoke import reference_frames
+
+FAMILIES = {"qwen2": "qwen2-vl", "qwen2.5": "qwen2.5-vl", "qwen3": "qwen3-vl"}
+#: Per sample: text before, [(kind, grid (t, h, w) in patches, pixel seed), ...], text after.
+MEDIA = {
+    "long": ([1, 5], [("video", (6, 4, 8), 0)], [7, 8, 9, 10]),
+    "short": ([1, 11, 4], [("video", (3, 4, 8), 3)], [12, 13, 14, 15, 16]),
+    "mixed": ([1, 6], [("image", (1, 8, 8), 20), ("video", (6, 4, 8), 21)], [7, 8, 9]),
+    "image": ([1, 5], [("image", (1, 8, 8), 1)], [7, 8]),
+}
+FRAME = 8  # tokens per video frame
+
+
+def prompt(family: str, name: str) -> list[int]:
+    before, media, after = MEDIA[name]
+    if family == "qwen3":  # per temporal slice: a timestamp, then its run of placeholders
+        return qwen3_prompt(before, after, [(kind, grid) for kind, grid, _ in media])
+    tokens = [QWEN_IMAGE if kind == "image" else QWEN_VIDEO for kind, _, _ in media]
+    return qwen_prompt(before, after, [grid for _, grid, _ in media], tokens)
+
+
+def inputs(family: str, names: list[str], side: str = "left") -> dict:
+    ids, mask = padded([prompt(family, n) for n in names], side)
+    media: dict[str, list] = {"image": [], "video": []}
+    for name in names:
+        for kind, (t, h, w), seed in MEDIA[name][1]:
+            patches = torch.randn(t * h * w, PATCH_DIM, generator=torch.Generator().manual_seed(seed))
+            media[kind].append(((t, h, w), patches))
+    return qwen_inputs(ids, mask, media, "qwen2.5" if family == "qwen2.5" else "qwen2")  # as the families' cases
+
+
+@functools.cache
+def _built(family: str) -> torch.nn.Module:
+    return families()[FAMILIES[family]].build()
+
+
+def build(family: str) -> torch.nn.Module:
+    return copy.deepcopy(_built(family))
+
+
+def greedy(model, x: dict, steps: int = 3, **extra) -> torch.Tensor:
+    return model.generate(**x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, **extra)
+
+
+def reference_keep(frames: torch.Tensor, ratio: float, window: int) -> list[int]:
+    """Kept tokens of one video ``frames`` ``(T, m, C)``, as flat indices, from the definition, in float64.
+
+    Frame ``f`` is the ``i``-th of its window (``i = f % window``); ``i = 0``: the pivot, kept whole; otherwise it
+    is compared with frame ``f - (i & -i)`` and keeps the ``round(m (1 - ratio))`` tokens least cosine-similar
+    to the token at the same place there.
+    """
+    frames = frames.double()
+    t, m, _ = frames.shape
+    keep = int(m * (1 - ratio) + 0.5 + 1e-9)
+    kept = []
+    for f in range(t):
+        i = f % window
+        if i == 0:
+            kept += [f * m + j for j in range(m)]
+            continue
+        other = frames[f - (i & -i)]
+        cosine = [float(frames[f, j] @ other[j] / (frames[f, j].norm() * other[j].norm())) for j in range(m)]
+        kept += [f * m + j for j in sorted(range(m), key=lambda j: cosine[j])[:keep]]
+    return sorted(kept)
+
+
+def llm_inputs(model, x: dict) -> torch.Tensor:
+    """``(B, L, C)`` the unreduced input embeddings of the text model (the visual features in place)."""
+    seen = []
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.append(k["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad(), tokenprune.disabled(model):
+        model(**x)
+    handle.remove()
+    return seen[0]
+
+
+# ----------------------------------------------------------------------------- the rule, exactness first
+def test_reference_frames_are_the_reference_codes():
+    """Window 4: frames 1 and 2 against frame 0, frame 3 against frame 2 (dycole_ttm), every window alike."""
+    assert reference_frames(8, 4).tolist() == [0, 0, 0, 2, 4, 4, 4, 6]
+    assert reference_frames(6, 2).tolist() == [0, 0, 2, 2, 4, 4]
+    assert reference_frames(9, 8).tolist() == [0, 0, 0, 2, 0, 4, 4, 6, 8]
+    assert reference_frames(3, 1).tolist() == [0, 1, 2]  # every frame a pivot
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("options", [{"ratio": 0.0}, {"ratio": 0.7, "window": 1}])
+def test_nothing_dropped_is_bit_exact_on_videos(family, options):
+    model = build(family)
+    patch = assert_zero_reduction_exact(model, inputs(family, ["long", "mixed"]), "dycoke", options, greedy)
+    assert patch.state.spans == [[48], [16, 48]]  # one span per video (and per image)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_images_keep_every_token(family):
+    """An image is one frame: no temporal redundancy, every token stays and the outputs are bit-exact (the
+    reducer still takes its merge path: ``state.merged``, nothing removed)."""
+    model = build(family)
+    x = inputs(family, ["image"])
+    with torch.no_grad():
+        expected, expected_tokens = model(**x).logits, greedy(model, x)
+        patch = tokenprune.apply(model, "dycoke", ratio=0.7)
+        got, tokens = model(**x).logits, greedy(model, x)
+    assert torch.equal(got, expected) and torch.equal(tokens, expected_tokens)
+    assert patch.state.visual_per_layer()[0] == [16] and patch.state.num_tokens == x["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_remove_restores_and_flops_are_counted(family):
+    model = build(family)
+    x = inputs(family, ["mixed"])
+    assert_remove_restores(model, x, "dycoke", {"ratio": 0.5}, greedy)
+    full = tokenprune.count_flops(model, x)
+    patch = tokenprune.apply(model, "dycoke", ratio=0.5)
+    reduced = tokenprune.count_flops(model, x)
+    assert reduced.analytic == pytest.approx(reduced.measured, rel=1e-9)
+    assert patch.adapter.flops_for(patch.state)["total"] == pytest.approx(reduced.measured, rel=1e-9)
+    assert reduced.measured < full.measured
+
+
+# ----------------------------------------------------------------------------- which tokens, where
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("ratio, window", [(0.5, 4), (0.7, 2), (1.0, 4), (0.3, 8)])
+def test_kept_tokens_match_a_float64_reference(family, ratio, window):
+    model = build(family)
+    x = inputs(family, ["long", "mixed", "short"])
+    embeds = llm_inputs(model, x)
+    patch = tokenprune.apply(model, "dycoke", ratio=ratio, window=window)
+    with torch.no_grad():
+        model(**x)
+    first = patch.state.index_in[0]  # (B, N0) input position of each token entering the LLM
+    for b in range(3):
+        video = (x["input_ids"][b] == QWEN_VIDEO).nonzero().squeeze(1)  # frame after frame
+        frames = embeds[b, video].view(-1, FRAME, embeds.shape[-1])  # (T, m, C)
+        expected = video[reference_keep(frames, ratio, window)].tolist()
+        kept = [i for i in first[b].tolist() if i >= 0 and x["input_ids"][b, i] == QWEN_VIDEO]
+        assert kept == expected, b
+        image = (x["input_ids"][b] == QWEN_IMAGE).nonzero().squeeze(1).tolist()
+        assert [i for i in first[b].tolist() if i in image] == image  # images whole
+    pivots = -(-6 // window)
+    assert patch.state.visual_per_layer()[0][0] == pivots * FRAME + (6 - pivots) * int(FRAME * (1 - ratio) + 0.5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_kept_tokens_keep_their_3axis_positions(family):
+    """Every layer's (cos, sin) are the rotary embedding of get_rope_index's positions of the tokens it sees."""
+    model = build(family)
+    x = inputs(family, ["long", "mixed"])
+    lm = model.model.language_model
+    patch = tokenprune.apply(model, "dycoke", ratio=0.5)
+    seen = []
+    handles = [
+        layer.base_layer.register_forward_pre_hook(
+            lambda m, a, k: seen.append(k["position_embeddings"]), with_kwargs=True
+        )
+        for layer in lm.layers
+    ]
+    with torch.no_grad():
+        model(**x)
+    for handle in handles:
+        handle.remove()
+    state, positions = patch.state, rope_positions(model, x)  # (3, B, L) the model's own (t, h, w) positions
+    assert state.reduced and state.spans == [[48], [16, 48]]
+    for b in range(2):  # per frame: the pivots whole, the others half, each token at its own (t, h, w)
+        video = (x["input_ids"][b] == QWEN_VIDEO).nonzero().squeeze(1).view(6, FRAME)
+        kept = state.index_in[0][b]
+        assert [int(torch.isin(kept, frame).sum()) for frame in video] == [8, 4, 4, 4, 8, 4]
+    for layer, index in enumerate(state.index_in):
+        gathered = positions.gather(-1, index.clamp(min=0).expand(3, *index.shape))  # (3, B, N_l)
+        cos, sin = lm.rotary_emb(torch.zeros(1, dtype=torch.float32), gathered)
+        valid = (index >= 0)[..., None]
+        assert torch.equal(torch.where(valid, seen[layer][0], 0), torch.where(valid, cos, 0)), layer
+        assert torch.equal(torch.where(valid, seen[layer][1], 0), torch.where(valid, sin, 0)), layer
+
+
+# ----------------------------------------------------------------------------- batches, generate
+BATCHES = [("long", "short"), ("mixed", "image"), ("short", "mixed")]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_samples_run_alone(family, side):
+    model = build(family)
+    patch = tokenprune.apply(model, "dycoke", ratio=0.6)
+    for names in BATCHES:
+        with torch.no_grad():
+            batched = model(**inputs(family, list(names), side)).logits
+        state = patch.state
+        singles = [inputs(family, [n]) for n in names]
+        lengths = [len(prompt(family, n)) for n in names]
+        assert_batch_rows_equal_alone(model, patch, batched, state, singles, lengths, side)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_batched_generate_equals_samples_alone(family):
+    model = build(family)
+    patch = tokenprune.apply(model, "dycoke", ratio=0.6)
+    for names in BATCHES[:2]:
+        singles = [inputs(family, [n]) for n in names]
+        lengths = [len(prompt(family, n)) for n in names]
+        assert_batched_generate_equals_alone(model, greedy, inputs(family, list(names)), singles, lengths)
+        assert patch.state.reduced and patch.state.generated == 2
+
+
+# ----------------------------------------------------------------------------- budgets and refusals
+def test_flops_budget_is_solved_per_video_prompt(monkeypatch):
+    """With flops= enabled: the LLM prefill of a video prompt at the budget (closest reachable), a prompt
+    with images only refused (nothing there to drop)."""
+    with pytest.raises(ValueError, match="ratio="):
+        tokenprune.apply(build("qwen2"), "dycoke", flops=0.8)  # refused while ACCEPTS_FLOPS is False
+    monkeypatch.setattr(dycoke, "ACCEPTS_FLOPS", True)
+    model = build("qwen2")
+    x = inputs("qwen2", ["long"])
+    full = sum(row["flops"] for row in tokenprune.count_flops(model, x).layers)
+    patch = tokenprune.apply(model, "dycoke", flops=0.8)
+    got = sum(row["flops"] for row in tokenprune.count_flops(model, x).layers) / full
+    assert patch.schedule is None and patch.state.reduced
+    kept = (patch.state.visual_per_layer()[0][0] - 2 * FRAME) // 4  # tokens each of the 4 non-pivot frames keeps
+    with pytest.raises(ValueError, match="valid budgets"), torch.no_grad():
+        model(**inputs("qwen2", ["image"]))
+    patch.remove()
+    # One token more or less per non-pivot frame moves 4 tokens (~7% of this prefill): the closest of those.
+    for other in (kept - 1, kept + 1):
+        patch = tokenprune.apply(model, "dycoke", ratio=1 - other / FRAME)
+        cost = sum(row["flops"] for row in tokenprune.count_flops(model, x).layers) / full
+        assert abs(got - 0.8) <= abs(cost - 0.8) and patch.state.visual_per_layer()[0][0] == 2 * FRAME + 4 * other
+        patch.remove()
+    assert abs(got - 0.8) < 0.04
+
+
+def test_bad_options_and_models_are_refused():
+    for bad in ({"window": 0}, {"window": 2.0}, {"ratio": 1.5}, {"ratio": -0.1}):
+        with pytest.raises((TypeError, ValueError)):
+            tokenprune.apply(build("qwen2"), "dycoke", **bad)
+    llava = families()["llava-llama"].build()
+    with pytest.raises(NotImplementedError, match="Qwen2-VL"):
+        tokenprune.apply(llava, "dycoke", ratio=0.5)
+    tokenprune.apply(llava, "dycoke", ratio=0.0).remove()  # nothing to lay out: accepted, unreduced
+
+
+def test_an_image_and_a_video_of_one_size_are_refused():
+    """Spans of equal size but different frame counts in one call: which is which is not known, so refused."""
+    model = build("qwen2")
+    ids, mask = padded([qwen_prompt([1], [7], [(1, 8, 8), (2, 4, 8)], [QWEN_IMAGE, QWEN_VIDEO])])
+    media = {"image": [((1, 8, 8), torch.randn(64, PATCH_DIM))], "video": [((2, 4, 8), torch.randn(64, PATCH_DIM))]}
+    tokenprune.apply(model, "dycoke", ratio=0.5)
+    with pytest.raises(ValueError, match="different frame counts"), torch.no_grad():
+        model(**qwen_inputs(ids, mask, media, "qwen2"))
