@@ -26,13 +26,23 @@ revived token attends to every token of its layer's cache that precedes it (and 
 in the prefill (tokens computed while it was absent are not recomputed, as in the paper). The paper's exact
 pruning layers per model were not in the text we could read; our default prunes after 1/4, 1/2 and 3/4 of the
 depth with ``keep=0.7`` (about 63% of the prompt's layer-token work, near the ~64% of prompt tokens computed the
-paper reports on multi-document QA). ``flops=`` solves ``keep`` for a fraction of the LLM prefill FLOPs. Text-only
-decoders only (model kind ``"llm"``): on vision-language models the reducer prunes visual tokens only.
+paper reports on multi-document QA). ``flops=`` solves ``keep`` for a fraction of the LLM prefill FLOPs.
+
+Models: text-only decoders (kind ``"llm"``) and every vision-language family (kind ``"vlm"``). The paper is
+text-only; on a VLM we do what it does to a prompt: visual and text tokens alike are prunable (``prunes_text``:
+every real prompt token but each sample's last and the family's structural tokens, e.g. LLaVA-OneVision's
+``image_newline``), ranked together by the last token's attention; kept tokens keep their original rotary
+positions (Qwen's 3-axis M-RoPE ones too), and a revived token its own. A text-only prompt to a VLM is pruned as
+well. Revival needs every layer to be full causal attention over the cache with masks tokenprune builds, and
+nothing but the layers to change hidden states after a pruning layer: on Gemma 3 (sliding windows, bidirectional
+image blocks) and Qwen3.5 (recurrent layers), and on Qwen3-VL when a pruning layer is one of its DeepStack layers,
+``revive`` defaults to off (decode steps attend to the compact cache) and ``revive=True`` is refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,12 +67,15 @@ class LazyLLMConfig(VLMReductionConfig):
         keep: Fraction of the tokens still present kept at each pruning layer (cumulative), in [0, 1]; default 0.7.
             Give ``keep`` or ``flops``, not both.
         revive: Keep an aux cache of pruned tokens' hidden states and revive the ones each decoding step selects
-            (False: decoding attends to the compact cache as the prefill left it).
+            (False: decoding attends to the compact cache as the prefill left it). Default None: revive where the
+            model can (decoders of full causal attention layers: every family but Gemma 3 and Qwen3.5, whose
+            sliding-window / recurrent layers a revived token cannot re-enter, and Qwen3-VL when pruning within
+            its DeepStack layers), else not; True there is refused.
     """
 
     layers: tuple[int, ...] | None = None
     keep: float | None = None
-    revive: bool = True
+    revive: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,8 +90,8 @@ class LazyLLMConfig(VLMReductionConfig):
             if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
                 raise ValueError(f"layers must be strictly increasing, got {list(layers)}")
             self.layers = tuple(layers)
-        if not isinstance(self.revive, bool):
-            raise TypeError(f"revive must be a bool, got {self.revive!r}")
+        if self.revive is not None and not isinstance(self.revive, bool):
+            raise TypeError(f"revive must be a bool or None (where the model can), got {self.revive!r}")
         self.ratio_or_flops("keep", 0.7)
 
 
@@ -86,11 +99,29 @@ class LazyLLM(VisualTokenMethod):
     """Progressive top-``keep`` pruning of prompt tokens by the last token's attention; pruned tokens revivable."""
 
     name = "lazyllm"
-    kinds = frozenset({"llm"})
+    kinds = frozenset({"llm", "vlm"})
     identity = {"keep": 1.0}
     example = {"layers": (0, 2), "keep": 0.6}
     query_rows = "last"
     budget_parameter = "keep"
+    #: Text tokens are pruned too (every prompt token but structural ones and each sample's last).
+    prunes_text = True
+
+    #: Whether the adapter keeps an aux cache and revives pruned tokens at decode steps (``revive``, resolved
+    #: for the model by :meth:`check_model`).
+    revives = True
+
+    def check_model(self, adapter: Any) -> None:
+        super().check_model(adapter)
+        refusal = None
+        if hasattr(adapter, "revival_refusal"):
+            refusal = adapter.revival_refusal(self.pruning_layers(adapter.depth))
+        if refusal and self.config.revive:
+            raise NotImplementedError(
+                f"lazyllm revive=True cannot run on {type(adapter.model).__name__}: {refusal}; pass revive=False "
+                "or leave it unset (decode steps then attend to the compact cache the prefill left)"
+            )
+        self.revives = self.config.revive if self.config.revive is not None else refusal is None
 
     def pruning_layers(self, depth: int) -> tuple[int, ...]:
         """The layers after which tokens are pruned, for a model of ``depth`` layers."""

@@ -4,8 +4,8 @@ The three share one layout (``model.model.layers[i].self_attn`` with ``q_proj``/
 ``k_norm`` read by :class:`~tokenprune.adapters.vlm.layer.DecoderSpec`), so a family is one row of
 :data:`FAMILIES`, not a class. The language-model side is the VLM adapters' own
 (:class:`~tokenprune.adapters.vlm.reducer.DecoderReducer`, here with LazyLLM's aux cache,
-:class:`~tokenprune.adapters.decoder.revival.RevivingReducer`): the layers are wrapped, never copied; the reducer's
-"visual" tokens are the prompt tokens a method may prune: every valid prompt token but each sample's last (the one
+:class:`~tokenprune.adapters.decoder.revival.RevivingReducer`): the layers are wrapped, never copied; the method prunes
+text (``prunes_text``), so the reducer's prunable tokens are every valid prompt token but each sample's last (the one
 that predicts the next token). Real removal under SDPA or eager, original rotary positions, left- or right-padded
 batches (each sample as alone), a compact ``DynamicCache`` that ``generate()`` decodes on.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from tokenprune.adapters.base import Adapter, hf_classes, linear_macs
@@ -22,7 +21,7 @@ from tokenprune.adapters.decoder.revival import AuxCache, RevivingReducer
 from tokenprune.adapters.vlm.flops import DecoderFlops, sample_table
 from tokenprune.adapters.vlm.layer import DecoderSpec
 from tokenprune.adapters.vlm.masks import check_decoder_attention
-from tokenprune.adapters.vlm.state import DecoderState, VisualInputs
+from tokenprune.adapters.vlm.state import DecoderState
 from tokenprune.methods.vlm import VisualTokenMethod
 from tokenprune.registry import register_adapter
 
@@ -32,13 +31,6 @@ FAMILIES: dict[str, DecoderSpec] = {
     "Qwen2ForCausalLM": DecoderSpec(),
     "Qwen3ForCausalLM": DecoderSpec(),  # per-head q_norm/k_norm: the spec reads the queries and keys after them
 }
-
-
-def prunable_prompt(valid: torch.Tensor) -> torch.Tensor:
-    """``(B, L)`` the prompt tokens a method may prune: every ``valid`` one but each sample's last."""
-    positions = torch.arange(valid.shape[1], device=valid.device)
-    last = torch.where(valid, positions, -1).amax(dim=1, keepdim=True)  # (B, 1)
-    return valid & (positions[None, :] != last)
 
 
 class CausalLMAdapter(Adapter):
@@ -83,8 +75,8 @@ class CausalLMAdapter(Adapter):
     def resolve_schedule(self, runtime: Any) -> list[float] | None:
         """Check the method; the per-layer fractions of prunable tokens (None for a FLOPs budget)."""
         method = runtime.method
-        if not isinstance(method, VisualTokenMethod):
-            raise TypeError(f"method {method.name!r} cannot prune prompt tokens of a decoder LLM")
+        if not isinstance(method, VisualTokenMethod) or not getattr(method, "prunes_text", False):
+            raise TypeError(f"method {method.name!r} cannot prune prompt tokens of a decoder LLM (it has no text)")
         if getattr(runtime.config, "flops", None) is not None:
             return None
         return list(method.plan_for(self.depth).fractions)
@@ -93,12 +85,10 @@ class CausalLMAdapter(Adapter):
     def install(self, runtime: Any) -> None:
         self.method = runtime.method
         owner = type(self.model).__name__
-        revive = bool(getattr(runtime.config, "revive", False))
+        revive = bool(getattr(runtime.method, "revives", False))
         self.reducer = RevivingReducer(self.language_model, runtime, owner, self.decoder, self.llm_flops, revive=revive)
-        # Registered before the reducer's own entry hook, so it runs first and hands it the prunable tokens.
-        self._handles = [self.language_model.register_forward_pre_hook(self._before_lm, with_kwargs=True)]
-        self.reducer.install()
-        self._handles.append(self.model.register_forward_pre_hook(self._check_labels, with_kwargs=True))
+        self.reducer.install()  # the method prunes text: the reducer finds the prunable prompt tokens itself
+        self._handles = [self.model.register_forward_pre_hook(self._check_labels, with_kwargs=True)]
 
     def uninstall(self) -> None:
         for handle in self._handles:
@@ -107,23 +97,6 @@ class CausalLMAdapter(Adapter):
         if self.reducer is not None:
             self.reducer.uninstall()
             self.reducer = None
-
-    def _before_lm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        reducer = self.reducer
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if not reducer.runtime.enabled or (cache is not None and cache.get_seq_length() > 0):
-            return  # a decode step or an unreduced call: nothing to hand over
-        x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        if x is None:
-            return  # positional inputs: the reducer's entry hook refuses them with a clear message
-        batch, length = x.shape[:2]
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            valid = mask[:, -length:].bool().to(x.device)
-        else:  # none, or a 4D mask (the reducer refuses it while tokens are pruned)
-            valid = torch.ones(batch, length, dtype=torch.bool, device=x.device)
-        prunable = prunable_prompt(valid)
-        reducer.pending_visual = VisualInputs(prunable, torch.where(prunable, 0, -1))
 
     def _check_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         runtime = self.reducer.runtime

@@ -183,7 +183,7 @@ class RevivingReducer(DecoderReducer):
         if not isinstance(wrapper, RevivingDecoderLayer) or not fwd.active:
             return super().run_prefill_layer(wrapper, hidden_states, attention_mask, kwargs)
         state = fwd.state
-        index_in, valid_in, visual_in, version = state.index, state.valid, state.visual, state.version
+        index_in, valid_in, prunable_in, version = state.index, state.valid, state.prunable, state.version
         wrapper.record = True
         try:
             out = super().run_prefill_layer(wrapper, hidden_states, attention_mask, kwargs)
@@ -198,7 +198,7 @@ class RevivingReducer(DecoderReducer):
             self.aux[cache] = AuxCache(
                 [None] * self.depth,
                 [None] * self.depth,
-                visual_in,  # layer 0's input: (B, L) in input positions
+                prunable_in,  # layer 0's input: (B, L) in input positions
                 state.targets_list,
                 state.num_original,
                 fwd.session,

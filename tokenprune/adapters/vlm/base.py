@@ -238,9 +238,7 @@ class VLMAdapter(Adapter):
     # ----------------------------------------------------------------- install / uninstall
     def install(self, runtime: Any) -> None:
         self.method = runtime.method
-        self.reducer = DecoderReducer(
-            self.language_model, runtime, type(self.model).__name__, self.decoder, self.llm_flops
-        )
+        self.reducer = self.reducer_for(runtime)
         self.reducer.install()
         if runtime.method.tower_layer is not None:
             self._tower_capture = self.tower_capture(runtime.method.tower_layer)
@@ -251,6 +249,41 @@ class VLMAdapter(Adapter):
             self.inner.register_forward_hook(self._after_inner, always_call=True),
             self.model.register_forward_pre_hook(self._check_labels, with_kwargs=True),
         ]
+
+    def reducer_for(self, runtime: Any) -> DecoderReducer:
+        """The language-model side of this patch: a :class:`DecoderReducer`, or for a method that revives pruned
+        tokens at decode steps (its ``revives``, LazyLLM's) the reducer with its aux cache
+        (:class:`~tokenprune.adapters.decoder.revival.RevivingReducer`, the text-only decoders' own)."""
+        args = (self.language_model, runtime, type(self.model).__name__, self.decoder, self.llm_flops)
+        if not getattr(runtime.method, "revives", False):
+            return DecoderReducer(*args)
+        from tokenprune.adapters.decoder.revival import RevivingReducer  # here: that package imports this one
+
+        return RevivingReducer(*args, revive=True)
+
+    def revival_refusal(self, layers: tuple[int, ...] = ()) -> str | None:
+        """Why this family cannot revive tokens pruned after ``layers`` at decode steps (None: it can).
+
+        Revival runs a revived token from its stored hidden state through the later layers beside the new one,
+        under its own causal mask: every layer must be full causal attention over the cache, with masks tokenprune
+        builds, and nothing but the layers may change hidden states after a pruning layer (Qwen3-VL's DeepStack
+        adds vision features after its first layers, outside them).
+        """
+        levels = getattr(getattr(self.model.config, "vision_config", None), "deepstack_visual_indexes", None) or []
+        if hasattr(self.language_model, "_deepstack_process") and layers and min(layers) < len(levels):
+            return (
+                f"its DeepStack adds vision features to visual tokens after layers 0..{len(levels) - 1}, which a token "
+                f"pruned after layer {min(layers)} would miss when revived (prune after layer {len(levels)} or later)"
+            )
+        kinds = sorted(set(getattr(self.language_model.config, "layer_types", None) or []) - {"full_attention"})
+        if kinds:
+            return (
+                f"its language model has {kinds} layers (a revived token cannot re-enter a sliding window or a "
+                "recurrent state)"
+            )
+        if self.sliding_attention:
+            return "its adapter builds its layers' masks itself (sliding windows, bidirectional image blocks)"
+        return None
 
     def uninstall(self) -> None:
         for handle in self._handles:

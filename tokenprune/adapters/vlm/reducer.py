@@ -31,6 +31,10 @@ Invariants:
   LLaVA-OneVision's row-end ``image_newline``): kept like text, never merged, and never query rows. A prompt
   without visual tokens runs unreduced. With nothing to remove (zero ratios), no tensor is touched: outputs are
   bit-identical to the unpatched model.
+* A method that sets ``prunes_text`` (LazyLLM) may remove text tokens too: its prunable tokens
+  (``state.prunable``, what the plan's counts count) are every real token but the structural ones and each
+  sample's last (the one that predicts the next token), so a text-only prompt is pruned as well; ``state.visual``
+  still marks the visual ones. Such a method does not merge before the LLM.
 * A cache produced by a reduced prefill is remembered (weakly, per ``Cache`` object): every later forward with
   it, even inside ``tokenprune.disabled``, gets the per-layer masks its compact layers need.
 
@@ -65,6 +69,18 @@ from tokenprune.methods.vlm import (
     VisualTokenMethod,
 )
 from tokenprune.state import LayerLog
+
+
+def prunable_tokens(
+    valid: torch.Tensor, visual: torch.Tensor, structural: torch.Tensor, prunes_text: bool
+) -> torch.Tensor:
+    """``(B, L)`` the tokens a method may remove: the ``visual`` ones, or (``prunes_text``) every ``valid`` token
+    but the ``structural`` ones and each sample's last (it predicts the next token)."""
+    if not prunes_text:
+        return visual
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    last = torch.where(valid, positions, -1).amax(dim=1, keepdim=True)  # (B, 1)
+    return valid & ~structural & (positions[None, :] != last)
 
 
 class DecoderReducer:
@@ -127,6 +143,11 @@ class DecoderReducer:
     @property
     def method(self) -> VisualTokenMethod:
         return self.runtime.method
+
+    @property
+    def prunes_text(self) -> bool:
+        """Whether the method prunes text tokens too (its ``prunes_text``, e.g. LazyLLM's), not visual ones only."""
+        return bool(getattr(self.method, "prunes_text", False))
 
     # ------------------------------------------------------------------------- install / uninstall
     def install(self) -> None:
@@ -218,7 +239,7 @@ class DecoderReducer:
         device = x.device
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.ndim != 2:
-            mask = None if pending is None else refuse_4d_mask()
+            mask = None if pending is None and not self.prunes_text else refuse_4d_mask()
         valid = (
             mask[:, -length:].bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
         )
@@ -231,15 +252,25 @@ class DecoderReducer:
         else:
             visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
             segments = torch.full((batch, length), -1, dtype=torch.long, device=device)
+        prunable = prunable_tokens(valid, visual, structural, self.prunes_text)
 
-        # Plan every sample: visual spans (tokens per image), text tokens, scoring rows.
+        # Plan every sample: prunable tokens (per image, or all of them for a method that prunes text), the other
+        # tokens, scoring rows.
         spans_per_sample = segment_positions(segments)
-        text = (valid & ~visual).sum(dim=1).tolist()
+        text = (valid & ~prunable).sum(dim=1).tolist()
         after = (visual.long().cumsum(dim=1) > 0) & valid & ~visual & ~structural
         rows = {"text": after.sum(dim=1).tolist(), "last": [1] * batch, "none": [0] * batch}[self.method.query_rows]
-        samples = zip(spans_per_sample, text, rows, strict=True)
-        plans = [self.plan([len(p) for _, p in spans], t, r) for spans, t, r in samples]
+        if self.prunes_text:
+            counts = [[n] for n in prunable.sum(dim=1).tolist()]
+        else:
+            counts = [[len(p) for _, p in spans] for spans in spans_per_sample]
+        plans = [self.plan(c, t, r) for c, t, r in zip(counts, text, rows, strict=True)]
         merge = any(p.merge_keep < 1.0 for p, spans in zip(plans, spans_per_sample, strict=True) if spans)
+        if merge and self.prunes_text:
+            raise NotImplementedError(
+                f"tokenprune: method {self.method.name!r} prunes text tokens; merging visual spans before the LLM "
+                "is supported for methods that prune visual tokens only (give it merge_keep=1.0)"
+            )
 
         index = torch.arange(length, device=device).expand(batch, length)
         size = valid.to(x.dtype)
@@ -257,13 +288,16 @@ class DecoderReducer:
             x, index, valid, visual, size, structural, kwargs = self._merge(
                 x, kwargs, valid, visual, structural, spans_per_sample, plans, fwd, tower
             )
-        merged_counts = visual.sum(dim=1).tolist()
+        if not self.prunes_text:
+            prunable = visual  # after merging: the merged visual tokens
+        merged_counts = prunable.sum(dim=1).tolist()
         per_sample = [p.visual_counts(m) for p, m in zip(plans, merged_counts, strict=True)]
         targets_list = [[counts[layer] for counts in per_sample] for layer in range(self.depth)]
         targets = torch.tensor(targets_list, dtype=torch.long, device=device).reshape(self.depth, batch)
         fwd.state = DecoderState(
             index, valid, visual, size, length, plans, targets, targets_list, merged=merge, structural=structural
         )
+        fwd.state.prunable = prunable
         fwd.state.spans = [[len(p) for _, p in spans] for spans in spans_per_sample]
         if any(p.recycle is not None for p in plans):  # recycled tokens the removal before each layer makes
             made = [p.recycled_counts(m) for p, m in zip(plans, merged_counts, strict=True)]
@@ -397,6 +431,7 @@ class DecoderReducer:
         if layer == 0 and fwd.active and self.method.reads_inputs:
             fwd.inputs = LLMInputs(hidden_states, state.index, state.valid, state.visual, state.structural)
         state.visual_in.append(state.visual.sum(dim=1))
+        state.prunable_in.append(state.prunable.sum(dim=1))
         state.index_in.append(state.index)
         if not self._prunes(state, layer):
             out = wrapper.base_layer(hidden_states, attention_mask=attention_mask, **kwargs)
@@ -436,14 +471,16 @@ class DecoderReducer:
         if state.recycled_list is not None and any(state.recycled_list[layer + 1]):
             recycled = state.recycled[layer + 1]  # (B,) the plan's count holds these recycled tokens
             selected = selected - recycled
-        keep = (state.valid & ~state.visual) | top_per_row(scores, state.visual, selected)
+        keep = (state.valid & ~state.prunable) | top_per_row(scores, state.prunable, selected)
         hidden = ctx.hidden
         if recycled is not None:
             hidden, keep = self._recycle(state, ctx, scores, keep, recycled)
         gather, slot_valid = compact(keep)
         hidden = hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1]))
         state.index = torch.where(slot_valid, state.index.gather(1, gather), -1)
+        prunable = state.prunable is not state.visual
         state.visual = state.visual.gather(1, gather) & slot_valid
+        state.prunable = state.prunable.gather(1, gather) & slot_valid if prunable else state.visual
         state.structural = state.structural.gather(1, gather) & slot_valid
         state.size = torch.where(slot_valid, state.size.gather(1, gather), 0)
         state.valid = slot_valid
@@ -472,7 +509,7 @@ class DecoderReducer:
         member = group >= 0  # (B, N)
         bad = group.shape != keep.shape or merged.shape[:2] != stored.shape or r == 0
         if not bad:
-            pruned = state.valid & state.visual & ~keep
+            pruned = state.valid & state.prunable & ~keep
             used = real.gather(1, group.clamp(0, r - 1))  # a member's recycled token is a real one
             at_member = group.gather(1, slot) == torch.arange(r, device=stored.device)
             bad = (

@@ -27,11 +27,16 @@ class DecoderState:
         targets: ``(depth, B)`` visual tokens planned to enter each layer (also as nested lists, ``targets_list``).
         log: One :class:`LayerLog` per layer (sequence lengths, fill included).
         visual_in: Per layer, ``(B,)`` visual tokens that entered it.
+        prunable: ``(B, N)`` tokens the method may remove: ``visual`` itself (the same tensor), or, for a method
+            that prunes text (``prunes_text``, e.g. LazyLLM), every real token but structural ones and each
+            sample's last. ``targets`` count these.
+        prunable_in: Per layer, ``(B,)`` prunable tokens that entered it (``targets``, as tensors).
         index_in: Per layer, the ``index`` of the tokens that entered it.
         scored_rows: Per layer, query rows scored there (0: no pruning).
         spans: Per sample, visual tokens of each span (an image, or a part of one the adapter merges on its own;
             before merging).
-        text: Per sample, real text tokens.
+        text: Per sample, real tokens the method may not remove (text, or for a ``prunes_text`` method the
+            structural tokens and the last one).
         rows: Per sample, query rows its importance reads at a pruning layer.
         generated: Tokens decoded on top of this prefill's cache so far.
         source: ``(B, L)`` for every input position, the input position of the token that stands for it after
@@ -66,6 +71,8 @@ class DecoderState:
     source: torch.Tensor | None = None
     recycled: torch.Tensor | None = None
     recycled_list: list[list[int]] | None = None
+    prunable: torch.Tensor | None = None
+    prunable_in: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +91,10 @@ class DecoderState:
     def visual_per_layer(self) -> list[list[int]]:
         """Per layer, the visual tokens of each sample that entered it."""
         return [v.tolist() for v in self.visual_in]
+
+    def prunable_per_layer(self) -> list[list[int]]:
+        """Per layer, the prunable tokens of each sample that entered it (``targets_list``, as measured)."""
+        return [v.tolist() for v in self.prunable_in]
 
 
 @dataclass
