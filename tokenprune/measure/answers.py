@@ -1,7 +1,8 @@
 """Answers of a vision-language model to (image, question) rows, and their scores; one code path for
 ``tokenprune eval`` and the lmms-eval plugin, so the two agree on the same questions.
 
-* **Prompt**: ``llava-easyvqa`` takes its trained prompt (``<image> question answer :``); any other model its
+* **Prompt**: the zoo's LLaVA models (``llava-easyvqa``, ``llava-scenes``) take their trained prompt
+  (``<image> question answer :``, style ``"easyvqa"``); any other model its
   processor's chat template (one image, then the question, generation prompt added); a processor without a
   template gets ``<image token> question``.
 * **Generation**: greedy, prompts grouped by token length (a batch holds no padding, so batching cannot change
@@ -136,15 +137,23 @@ def vqa_soft_accuracy(prediction: str, answer: str | Sequence[str]) -> float:
 
 
 def score(rows: Sequence[dict[str, Any]], answers: Sequence[str]) -> dict[str, Any]:
-    """Exact-match ``accuracy``, ``vqa_accuracy``, counts, and accuracy per reference answer (string answers)."""
+    """Exact-match ``accuracy``, ``vqa_accuracy``, counts, and accuracy per reference answer (string answers);
+    rows with a ``"family"`` (question type) add ``accuracy_per_family`` and ``family_average`` (their mean)."""
     exact = [exact_match(a, row["answer"]) for row, a in zip(rows, answers, strict=True)]
     soft = [vqa_soft_accuracy(a, row["answer"]) for row, a in zip(rows, answers, strict=True)]
     per_answer: dict[str, list[float]] = {}
     for row, hit in zip(rows, exact, strict=True):
         if isinstance(row["answer"], str):
             per_answer.setdefault(row["answer"], []).append(hit)
+    per_family: dict[str, list[float]] = {}
+    for row, hit in zip(rows, exact, strict=True):
+        if "family" in row:
+            per_family.setdefault(row["family"], []).append(hit)
     n = max(1, len(rows))
+    families = {f: sum(v) / len(v) for f, v in sorted(per_family.items())}
+    extra = {"accuracy_per_family": families, "family_average": sum(families.values()) / len(families)}
     return {
+        **(extra if families else {}),
         "accuracy": sum(exact) / n,
         "vqa_accuracy": sum(soft) / n,
         "correct": int(sum(exact)),

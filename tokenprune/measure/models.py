@@ -302,7 +302,9 @@ def load_vlm(spec: ModelSpec, checkpoint: str | None = None, dtype: str | None =
 
     if spec.source == "zoo":
         model, processor = zoo.load_model(spec.name, checkpoint=checkpoint)
-        return LoadedModel(model, spec, processor=processor, extra={"prompt": "easyvqa", "max_new_tokens": 2})
+        entry = zoo.get_entry(spec.name)
+        extra = {"prompt": "easyvqa", "max_new_tokens": entry.max_new_tokens, "dataset": entry.dataset}
+        return LoadedModel(model, spec, processor=processor, extra=extra)
     if checkpoint is not None:
         raise SystemExit("--checkpoint is for zoo and timm: models; a Hugging Face directory holds its own weights")
     from transformers import AutoModelForImageTextToText, AutoProcessor

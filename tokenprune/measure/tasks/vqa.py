@@ -1,7 +1,9 @@
 """VQA: answer accuracy vs LLM prefill FLOPs of a vision-language model.
 
-``--model llava-easyvqa`` scores the easy-VQA test split (from the easy-vqa package) unless ``--data`` names a
-JSONL file of questions (:func:`tokenprune.measure.layouts.load_vqa_jsonl`; ``--limit N``: its first N); any
+``--model llava-easyvqa`` scores the easy-VQA test split (from the easy-vqa package), ``--model llava-scenes``
+the procedural scenes' test split (:data:`SCENE_TEST_IMAGES` scenes generated from their fixed seeds, one question
+per family each; accuracy per family too), unless ``--data`` names a JSONL file of questions
+(:func:`tokenprune.measure.layouts.load_vqa_jsonl`; ``--limit N``: its first N); any
 other vision-language model (a local Hugging Face directory or a cached hub id) needs ``--data``. Prompts and
 answers: :mod:`tokenprune.measure.answers` (the processor's chat template; ``accuracy`` is exact match,
 ``vqa_accuracy`` the VQA soft score).
@@ -83,6 +85,28 @@ def load_questions(split: str = "test", limit: int | None = None) -> list[dict[s
         random.Random(SUBSET_SEED).shuffle(order)
         rows = [rows[i] for i in sorted(order[:limit])]
     return rows
+
+
+#: Scenes of the ``llava-scenes`` test split (seeds ``scenes.SPLIT_SEEDS["test"]`` onwards).
+SCENE_TEST_IMAGES = 2000
+
+
+def load_scene_questions(split: str = "test", limit: int | None = None, scenes: int = SCENE_TEST_IMAGES):
+    """The questions of ``scenes`` procedural scenes of ``split`` (:mod:`tokenprune.zoo.scenes`), as rows with
+    ``"family"`` and the rendered image (``"pil"``); ``limit``: a seeded subset of the questions."""
+    from tokenprune.zoo.scenes import make_scene, questions_for, split_scenes
+
+    rows = []
+    for seed in split_scenes(split, scenes):
+        for q in questions_for(make_scene(seed)):
+            row = {"index": len(rows), "question": q.question, "answer": q.answer, "family": q.family}
+            rows.append({**row, "image": f"scene:{seed}", "seed": seed})
+    if limit:
+        order = list(range(len(rows)))
+        random.Random(SUBSET_SEED).shuffle(order)
+        rows = [rows[i] for i in sorted(order[:limit])]
+    images = {seed: make_scene(seed).image for seed in sorted({row["seed"] for row in rows})}
+    return [{**row, "pil": [images[row["seed"]]]} for row in rows]
 
 
 def searched_options(model, processor, rows, name: str, variant: Variant, budget: float) -> dict[str, Any]:
@@ -378,9 +402,11 @@ class VQA(Task):
         style = loaded.extra["prompt"]
         max_new = getattr(args, "max_new_tokens", None) or loaded.extra["max_new_tokens"]
         if data is None:  # the zoo model's own test split
-            rows = load_questions("test", args.limit)
+            scenes = loaded.extra["dataset"] == "scenes"
+            rows = load_scene_questions("test", args.limit) if scenes else load_questions("test", args.limit)
             subset = f"seeded subset of {len(rows)} (seed {SUBSET_SEED})" if args.limit else f"all {len(rows)}"
-            description = f"easy-VQA test questions: {subset}"
+            what = f"scenes test questions ({SCENE_TEST_IMAGES} scenes)" if scenes else "easy-VQA test questions"
+            description = f"{what}: {subset}"
         else:
             rows = load_vqa_jsonl(data, args.limit)
             description = f"{data} ({len(rows)} questions{', first ' + str(args.limit) if args.limit else ''})"
