@@ -1,4 +1,4 @@
-"""``dycoke`` (stage 1, token temporal merging) on the videos of tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL.
+"""``dycoke`` (stage 1, token temporal merging) on the videos of tiny random Qwen2-VL / 2.5-VL / 3-VL / 3.5.
 
 The shared matrix runs dycoke with its identity options only (images keep every token); the reducing checks
 run here on videos: a video of grid ``(6, 4, 8)`` reaches the LLM as 6 frames of 8 tokens (windows of 4: frames
@@ -33,7 +33,7 @@ from tests.vlm_checks import (
 from tokenprune.methods import dycoke
 from tokenprune.methods.dycoke import reference_frames
 
-FAMILIES = {"qwen2": "qwen2-vl", "qwen2.5": "qwen2.5-vl", "qwen3": "qwen3-vl"}
+FAMILIES = {"qwen2": "qwen2-vl", "qwen2.5": "qwen2.5-vl", "qwen3": "qwen3-vl", "qwen3.5": "qwen3.5"}
 #: Per sample: text before, [(kind, grid (t, h, w) in patches, pixel seed), ...], text after.
 MEDIA = {
     "long": ([1, 5], [("video", (6, 4, 8), 0)], [7, 8, 9, 10]),
@@ -46,7 +46,7 @@ FRAME = 8  # tokens per video frame
 
 def prompt(family: str, name: str) -> list[int]:
     before, media, after = MEDIA[name]
-    if family == "qwen3":  # per temporal slice: a timestamp, then its run of placeholders
+    if family in ("qwen3", "qwen3.5"):  # per temporal slice: a timestamp, then its run of placeholders
         return qwen3_prompt(before, after, [(kind, grid) for kind, grid, _ in media])
     tokens = [QWEN_IMAGE if kind == "image" else QWEN_VIDEO for kind, _, _ in media]
     return qwen_prompt(before, after, [grid for _, grid, _ in media], tokens)
@@ -252,6 +252,10 @@ def test_flops_budget_is_solved_per_video_prompt(monkeypatch):
     kept = (patch.state.visual_per_layer()[0][0] - 2 * FRAME) // 4  # tokens each of the 4 non-pivot frames keeps
     with pytest.raises(ValueError, match="valid budgets"), torch.no_grad():
         model(**inputs("qwen2", ["image"]))
+    ids, mask = padded([qwen_prompt([1], [7], [(3, 8, 8)], [QWEN_VIDEO])])  # 48 tokens again: 3 frames of 16
+    media = {"image": [], "video": [((3, 8, 8), torch.randn(192, PATCH_DIM))]}
+    with pytest.raises(ValueError, match="had 6 frames before"), torch.no_grad():
+        model(**qwen_inputs(ids, mask, media, "qwen2"))  # the solved plan of a 48-token span was for 6 frames
     patch.remove()
     # One token more or less per non-pivot frame moves 4 tokens (~7% of this prefill): the closest of those.
     for other in (kept - 1, kept + 1):

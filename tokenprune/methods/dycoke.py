@@ -24,8 +24,8 @@ frame, and ranks frame ``2j + 1`` by the similarity of the previous pair: ``simi
 count is rounded half up (``count``), not floored; kept tokens stay in their place (each keeps its own 3-axis
 M-RoPE position on Qwen-VL) instead of being concatenated; a batch runs together.
 
-Inputs: videos of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (their adapters lay a video out as one span with its frame
-count, :attr:`~tokenprune.adapters.vlm.qwen2_vl.Qwen2VLAdapter.span_frames`). An image is a single frame: it
+Inputs: videos of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 (their adapter lays a video out as one span with its
+frame count, :attr:`~tokenprune.adapters.vlm.qwen2_vl.Qwen2VLAdapter.span_frames`). An image is a single frame: it
 has no temporal redundancy and keeps every token (a prompt with images only runs unreduced). Other families
 (LLaVA-OneVision's videos included) do not lay out frames for a method: reducing options are refused there.
 
@@ -122,8 +122,8 @@ class DyCoke(VisualTokenMethod):
         reduces = self.config.flops is not None or self.config.ratio > 0
         if reduces and not isinstance(getattr(adapter, "span_frames", None), dict):
             raise NotImplementedError(
-                f"dycoke reduces video frames of Qwen2-VL, Qwen2.5-VL and Qwen3-VL; {type(adapter.model).__name__}'s "
-                "adapter does not lay out video frames (ratio=0 runs it unreduced)"
+                "dycoke reduces video frames of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5; "
+                f"{type(adapter.model).__name__}'s adapter does not lay out video frames (ratio=0 runs it unreduced)"
             )
         self._adapter = adapter
 
