@@ -16,8 +16,14 @@ at ``keep=0.5``. Random weights: which tokens are kept says nothing of accuracy,
 * Analytic LLM prefill FLOPs (2 x MAC, the per-layer table of ``adapter.flops_for``, LM head excluded); the FLOPs
   ratio = unpatched / patched. Goal: speedup >= 0.8 x the FLOPs ratio.
 
+``--vlm``: the same rows on a vision-language model, ``eval/bench_vlm_prefill.py``'s random-weight LLaVA (the same
+Qwen2-0.5B-shaped language model, a ViT-S/14-sized CLIP tower at 336 px: 576 visual tokens), one prompt of
+``--length`` tokens: 24 text tokens, the image, then text (a long document and question); lazyllm prunes visual
+and text tokens alike. The vision tower is in the time (as in ``generate()``), not in the FLOPs ratio (LLM
+prefill only). Writes eval/results/lazyllm_ttft_vlm.json.
+
 Writes eval/results/lazyllm_ttft.json (``runs``: one entry per prompt length run, later runs added beside).
-Run: python eval/bench_lazyllm_ttft.py [--length 8192] [--rounds 3]
+Run: python eval/bench_lazyllm_ttft.py [--length 8192] [--rounds 3] [--vlm]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +41,7 @@ import torch
 import transformers as hf
 
 import tokenprune
-from tokenprune.adapters.decoder import CausalLMAdapter
+from tokenprune import registry
 
 RESULTS = Path(__file__).parent / "results"
 QWEN2_05B = {  # Qwen/Qwen2-0.5B config.json
@@ -67,18 +74,35 @@ def cache_bytes(cache: Any) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
+def build_vlm(device: str, length: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``bench_vlm_prefill.py``'s LLaVA, one ``length``-token prompt with one image, and a short warm-up prompt."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_vlm_prefill as vlm  # noqa: PLC0415  (an eval script beside this one, not a package)
+
+    if length < vlm.VISUAL_TOKENS + 32:
+        raise SystemExit(f"--vlm needs --length >= {vlm.VISUAL_TOKENS + 32} (the image alone is {vlm.VISUAL_TOKENS})")
+    model = vlm.build_model().to(device)
+    generator = torch.Generator().manual_seed(0)
+    words = torch.randint(1000, 100000, (length - vlm.VISUAL_TOKENS,), generator=generator).tolist()
+    ids = torch.tensor([words[:24] + [vlm.IMAGE_TOKEN_ID] * vlm.VISUAL_TOKENS + words[24:]], device=device)
+    pixels = torch.randn(1, 3, 336, 336, generator=generator).to(device)
+    short = ids[:, : 24 + vlm.VISUAL_TOKENS + 8]
+    return model, {"input_ids": ids, "pixel_values": pixels}, {"input_ids": short, "pixel_values": pixels}
+
+
 def aux_bytes(aux: Any) -> int:
     entries = [e for e in (aux.aux if aux is not None else []) if e is not None]
     return sum(t.nbytes for e in entries for t in e.astuple())
 
 
-def ttft(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, float, Any]:
-    """Wall and process-CPU seconds of ``generate(max_new_tokens=1)`` on ``ids``, and its output."""
-    if ids.is_cuda:
+def ttft(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[float, float, Any]:
+    """Wall and process-CPU seconds of ``generate(max_new_tokens=1)`` on ``inputs``, and its output."""
+    cuda = inputs["input_ids"].is_cuda
+    if cuda:
         torch.cuda.synchronize()
     start, cpu = time.perf_counter(), time.process_time()
-    out = model.generate(ids, max_new_tokens=1, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
-    if ids.is_cuda:
+    out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start, time.process_time() - cpu, out
 
@@ -88,36 +112,47 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8192, help="prompt tokens")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per row (after one warm-up round)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS / "lazyllm_ttft.json")
+    parser.add_argument("--vlm", action="store_true", help="on a LLaVA with one image in the prompt (see above)")
+    parser.add_argument("--out", type=Path, help="default: eval/results/lazyllm_ttft.json (--vlm: _vlm.json)")
     args = parser.parse_args()
+    args.out = args.out or RESULTS / ("lazyllm_ttft_vlm.json" if args.vlm else "lazyllm_ttft.json")
 
-    model = build(args.device)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, QWEN2_05B["vocab_size"], (1, args.length), generator=generator).to(args.device)
+    if args.vlm:
+        model, inputs, warm = build_vlm(args.device, args.length)
+    else:
+        model = build(args.device)
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, QWEN2_05B["vocab_size"], (1, args.length), generator=generator).to(args.device)
+        inputs, warm = {"input_ids": ids}, {"input_ids": ids[:, :256]}
+    adapter = registry.find_adapter(model)(model)
+    depth = adapter.llm_flops.depth
     times: dict[str, list[float]] = {name: [] for name in ROWS}
     cpu_times: dict[str, list[float]] = {name: [] for name in ROWS}
     facts: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
         for options in ROWS.values():  # warm-up on a short prompt: kernels and allocator, not a result
             patch = None if options is None else tokenprune.apply(model, "lazyllm", **options)
-            ttft(model, ids[:, :256])
+            ttft(model, warm)
             if patch is not None:
                 patch.remove()
         for round_ in range(args.rounds):
             for name, options in ROWS.items():
                 patch = None if options is None else tokenprune.apply(model, "lazyllm", **options)
-                seconds, cpu, out = ttft(model, ids)
+                seconds, cpu, out = ttft(model, inputs)
                 times[name].append(seconds)
                 cpu_times[name].append(cpu)
                 if name not in facts:
                     row: dict[str, Any] = {"kv_cache_bytes": cache_bytes(out.past_key_values)}
-                    if patch is None:
-                        row["prefill_flops"] = CausalLMAdapter(model).prefill_flops(args.length)
+                    if patch is None:  # the per-layer table with nothing removed
+                        row["prefill_flops"] = adapter.llm_flops.prefill(args.length, [0] * depth, 0)
                     else:
                         table = patch.adapter.flops_for(patch.state)
                         row["prefill_flops"] = sum(r["flops"] for r in table["layers"])
                         row["tokens_per_layer"] = [r["tokens_in"] for r in table["layers"]]
-                        row["aux_cache_bytes"] = aux_bytes(patch.adapter.aux_cache(out.past_key_values))
+                        if args.vlm:
+                            row["visual_tokens_per_layer"] = [v[0] for v in patch.state.visual_per_layer()]
+                        aux = getattr(patch.adapter.reducer, "aux", {}).get(out.past_key_values)
+                        row["aux_cache_bytes"] = aux_bytes(aux)
                         row["options"] = options
                     facts[name] = row
                 del out
@@ -149,8 +184,9 @@ def main() -> None:
                 kv_cache_fraction=row["kv_cache_bytes"] / facts["unpatched"]["kv_cache_bytes"],
             )
         rows[name] = row
+    vlm = "random-weight LlavaForConditionalGeneration (eval/bench_vlm_prefill.py's), one image of 576 tokens"
     result = {
-        "model": "random-weight Qwen2ForCausalLM, Qwen2-0.5B shape",
+        "model": vlm if args.vlm else "random-weight Qwen2ForCausalLM, Qwen2-0.5B shape",
         "config": QWEN2_05B,
         "prompt_tokens": args.length,
         "rounds": args.rounds,
@@ -159,7 +195,8 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": hf.__version__,
         "machine": platform.processor() or platform.machine(),
-        "command": f"python eval/bench_lazyllm_ttft.py --length {args.length} --rounds {args.rounds}",
+        "command": f"python eval/bench_lazyllm_ttft.py --length {args.length} --rounds {args.rounds}"
+        + (" --vlm" if args.vlm else ""),
         "rows": rows,
     }
     # One file, one entry per prompt length (a run at another length is added beside the earlier ones).
