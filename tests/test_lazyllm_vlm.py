@@ -148,6 +148,9 @@ def test_revival_refused_where_the_family_cannot():
     options = case.options_for(registry.get_method("lazyllm").config_cls, {})
     with pytest.raises(NotImplementedError, match="DeepStack"):
         tokenprune.apply(model, "lazyllm", layers=(1, 2), revive=True, **options)
-    patch = tokenprune.apply(model, "lazyllm", layers=(2,), revive=True, **options)
+    patch = tokenprune.apply(model, "lazyllm", layers=(2,), keep=0.5, revive=True, **options)
     assert patch.runtime.method.revives
+    with torch.no_grad():
+        out = case.greedy(model, case.inputs(["a"]), 3, return_dict_in_generate=True)
+    assert patch.adapter.reducer.aux[out.past_key_values].revived  # decode steps after DeepStack's layers revive
     patch.remove()
