@@ -1,8 +1,11 @@
-"""``dycoke`` (stage 1, token temporal merging) on the videos of tiny random Qwen2-VL / 2.5-VL / 3-VL / 3.5.
+"""``dycoke`` (stage 1, token temporal merging) on the videos of tiny random Qwen2-VL / 2.5-VL / 3-VL / 3.5 and
+LLaVA-OneVision.
 
 The shared matrix runs dycoke with its identity options only (images keep every token); the reducing checks
-run here on videos: a video of grid ``(6, 4, 8)`` reaches the LLM as 6 frames of 8 tokens (windows of 4: frames
-0-3 and 4-5), one of ``(3, 4, 8)`` as 3 frames, an image ``(1, 8, 8)`` as 16 tokens.
+run here on videos. Qwen: a video of grid ``(6, 4, 8)`` reaches the LLM as 6 frames of 8 tokens (windows of 4:
+frames 0-3 and 4-5), one of ``(3, 4, 8)`` as 3 frames, an image ``(1, 8, 8)`` as 16 tokens. LLaVA-OneVision:
+every video is 6 frames of 2 x 2 pooled tokens and a newline (videos of one batch share a frame count), an
+image the wide one of the family case (a 16-token base grid, a 32-token high-res grid and 4 newlines).
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ import torch
 
 import tokenprune
 from tests.helpers.vlm_families import (
+    OV_IMAGE,
+    OV_PLACEHOLDERS,
+    OV_VIDEO,
+    OV_WIDE,
     QWEN_IMAGE,
     QWEN_VIDEO,
     families,
+    ov_images,
     padded,
     qwen3_prompt,
     qwen_inputs,
@@ -33,7 +41,14 @@ from tests.vlm_checks import (
 from tokenprune.methods import dycoke
 from tokenprune.methods.dycoke import reference_frames
 
-FAMILIES = {"qwen2": "qwen2-vl", "qwen2.5": "qwen2.5-vl", "qwen3": "qwen3-vl", "qwen3.5": "qwen3.5"}
+FAMILIES = {
+    "qwen2": "qwen2-vl",
+    "qwen2.5": "qwen2.5-vl",
+    "qwen3": "qwen3-vl",
+    "qwen3.5": "qwen3.5",
+    "onevision": "llava-onevision",
+}
+QWEN = [f for f in FAMILIES if f.startswith("qwen")]
 #: Per sample: text before, [(kind, grid (t, h, w) in patches, pixel seed), ...], text after.
 MEDIA = {
     "long": ([1, 5], [("video", (6, 4, 8), 0)], [7, 8, 9, 10]),
@@ -41,11 +56,28 @@ MEDIA = {
     "mixed": ([1, 6], [("image", (1, 8, 8), 20), ("video", (6, 4, 8), 21)], [7, 8, 9]),
     "image": ([1, 5], [("image", (1, 8, 8), 1)], [7, 8]),
 }
-FRAME = 8  # tokens per video frame
+FRAME = 8  # tokens per video frame (Qwen)
+OV_FRAMES, OV_FRAME = 6, 4  # LLaVA-OneVision: frames per video, tokens per frame
+SPANS = {"qwen": [[48], [16, 48]], "onevision": [[24], [16, 32, 24]]}  # of ["long", "mixed"]
+
+
+def frame_tokens(family: str) -> int:
+    return OV_FRAME if family == "onevision" else FRAME
+
+
+def ids_of(family: str) -> tuple[int, int]:
+    """``(image, video)`` placeholder ids."""
+    return (OV_IMAGE, OV_VIDEO) if family == "onevision" else (QWEN_IMAGE, QWEN_VIDEO)
 
 
 def prompt(family: str, name: str) -> list[int]:
     before, media, after = MEDIA[name]
+    if family == "onevision":
+        ids = list(before)
+        for i, (kind, _, _) in enumerate(media):
+            size = OV_PLACEHOLDERS[OV_WIDE] if kind == "image" else OV_FRAMES * OV_FRAME + 1
+            ids += ([3] if i else []) + [OV_IMAGE if kind == "image" else OV_VIDEO] * size
+        return ids + list(after)
     if family in ("qwen3", "qwen3.5"):  # per temporal slice: a timestamp, then its run of placeholders
         return qwen3_prompt(before, after, [(kind, grid) for kind, grid, _ in media])
     tokens = [QWEN_IMAGE if kind == "image" else QWEN_VIDEO for kind, _, _ in media]
@@ -54,6 +86,17 @@ def prompt(family: str, name: str) -> list[int]:
 
 def inputs(family: str, names: list[str], side: str = "left") -> dict:
     ids, mask = padded([prompt(family, n) for n in names], side)
+    if family == "onevision":
+        out = {"input_ids": ids, "attention_mask": mask}
+        media = [(kind, seed) for name in names for kind, _, seed in MEDIA[name][1]]
+        images = [ov_images([OV_WIDE], seed) for kind, seed in media if kind == "image"]
+        videos = [torch.randn(1, OV_FRAMES, 3, 32, 32, generator=torch.Generator().manual_seed(s)) for k, s in media]
+        videos = [v for v, (kind, _) in zip(videos, media, strict=True) if kind == "video"]
+        if images:
+            out |= {key: torch.cat([image[key] for image in images]) for key in ("pixel_values", "image_sizes")}
+        if videos:
+            out["pixel_values_videos"] = torch.cat(videos)  # (V, F, 3, 32, 32)
+        return out
     media: dict[str, list] = {"image": [], "video": []}
     for name in names:
         for kind, (t, h, w), seed in MEDIA[name][1]:
@@ -97,6 +140,12 @@ def reference_keep(frames: torch.Tensor, ratio: float, window: int) -> list[int]
     return sorted(kept)
 
 
+def video_positions(family: str, x: dict, b: int) -> torch.Tensor:
+    """Input positions of sample ``b``'s video tokens, frame after frame (LLaVA-OneVision's newlines left out)."""
+    video = (x["input_ids"][b] == ids_of(family)[1]).nonzero().squeeze(1)
+    return video.view(-1, OV_FRAMES * OV_FRAME + 1)[:, :-1].flatten() if family == "onevision" else video
+
+
 def llm_inputs(model, x: dict) -> torch.Tensor:
     """``(B, L, C)`` the unreduced input embeddings of the text model (the visual features in place)."""
     seen = []
@@ -122,7 +171,7 @@ def test_reference_frames_are_the_reference_codes():
 def test_nothing_dropped_is_bit_exact_on_videos(family, options):
     model = build(family)
     patch = assert_zero_reduction_exact(model, inputs(family, ["long", "mixed"]), "dycoke", options, greedy)
-    assert patch.state.spans == [[48], [16, 48]]  # one span per video (and per image)
+    assert patch.state.spans == SPANS["onevision" if family == "onevision" else "qwen"]  # one span per video
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -136,7 +185,7 @@ def test_images_keep_every_token(family):
         patch = tokenprune.apply(model, "dycoke", ratio=0.7)
         got, tokens = model(**x).logits, greedy(model, x)
     assert torch.equal(got, expected) and torch.equal(tokens, expected_tokens)
-    assert patch.state.visual_per_layer()[0] == [16] and patch.state.num_tokens == x["input_ids"].shape[1]
+    assert patch.state.num_tokens == x["input_ids"].shape[1]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -145,6 +194,7 @@ def test_remove_restores_and_flops_are_counted(family):
     x = inputs(family, ["mixed"])
     assert_remove_restores(model, x, "dycoke", {"ratio": 0.5}, greedy)
     full = tokenprune.count_flops(model, x)
+    assert full.analytic == pytest.approx(full.measured, rel=1e-9)  # the tower on every video frame counted
     patch = tokenprune.apply(model, "dycoke", ratio=0.5)
     reduced = tokenprune.count_flops(model, x)
     assert reduced.analytic == pytest.approx(reduced.measured, rel=1e-9)
@@ -163,19 +213,20 @@ def test_kept_tokens_match_a_float64_reference(family, ratio, window):
     with torch.no_grad():
         model(**x)
     first = patch.state.index_in[0]  # (B, N0) input position of each token entering the LLM
+    m = frame_tokens(family)
     for b in range(3):
-        video = (x["input_ids"][b] == QWEN_VIDEO).nonzero().squeeze(1)  # frame after frame
-        frames = embeds[b, video].view(-1, FRAME, embeds.shape[-1])  # (T, m, C)
+        video = video_positions(family, x, b)  # frame after frame
+        frames = embeds[b, video].view(-1, m, embeds.shape[-1])  # (T, m, C)
         expected = video[reference_keep(frames, ratio, window)].tolist()
-        kept = [i for i in first[b].tolist() if i >= 0 and x["input_ids"][b, i] == QWEN_VIDEO]
+        kept = [i for i in first[b].tolist() if i in set(video.tolist())]
         assert kept == expected, b
-        image = (x["input_ids"][b] == QWEN_IMAGE).nonzero().squeeze(1).tolist()
+        image = (x["input_ids"][b] == ids_of(family)[0]).nonzero().squeeze(1).tolist()
         assert [i for i in first[b].tolist() if i in image] == image  # images whole
     pivots = -(-6 // window)
-    assert patch.state.visual_per_layer()[0][0] == pivots * FRAME + (6 - pivots) * int(FRAME * (1 - ratio) + 0.5)
+    assert patch.state.visual_per_layer()[0][0] == pivots * m + (6 - pivots) * int(m * (1 - ratio) + 0.5)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", QWEN)
 def test_kept_tokens_keep_their_3axis_positions(family):
     """Every layer's (cos, sin) are the rotary embedding of get_rope_index's positions of the tokens it sees."""
     model = build(family)
@@ -270,9 +321,10 @@ def test_bad_options_and_models_are_refused():
     for bad in ({"window": 0}, {"window": 2.0}, {"ratio": 1.5}, {"ratio": -0.1}):
         with pytest.raises((TypeError, ValueError)):
             tokenprune.apply(build("qwen2"), "dycoke", **bad)
+    for other in ("llava-llama", "llava-next-video"):  # no frame layout for a temporal method
+        with pytest.raises(NotImplementedError, match="Qwen2-VL"):
+            tokenprune.apply(families()[other].build(), "dycoke", ratio=0.5)
     llava = families()["llava-llama"].build()
-    with pytest.raises(NotImplementedError, match="Qwen2-VL"):
-        tokenprune.apply(llava, "dycoke", ratio=0.5)
     tokenprune.apply(llava, "dycoke", ratio=0.0).remove()  # nothing to lay out: accepted, unreduced
 
 

@@ -24,17 +24,18 @@ frame, and ranks frame ``2j + 1`` by the similarity of the previous pair: ``simi
 count is rounded half up (``count``), not floored; kept tokens stay in their place (each keeps its own 3-axis
 M-RoPE position on Qwen-VL) instead of being concatenated; a batch runs together.
 
-Inputs: videos of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 (their adapter lays a video out as one span with its
-frame count, :attr:`~tokenprune.adapters.vlm.qwen2_vl.Qwen2VLAdapter.span_frames`). An image is a single frame: it
-has no temporal redundancy and keeps every token (a prompt with images only runs unreduced). Other families
-(LLaVA-OneVision's videos included) do not lay out frames for a method: reducing options are refused there.
+Inputs: videos of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-OneVision (the reference's model): their
+adapters lay each video out as one span with its frame count (``span_frames``; LLaVA-OneVision's video newline
+stays, structural). An image is a single frame: it has no temporal redundancy and keeps every token (a prompt
+with images only keeps all its tokens). Other families do not lay out video frames: reducing options are refused
+there.
 
 ``flops=`` (a fraction of the LLM prefill FLOPs) is solved per prompt for ``ratio`` and tested, but refused
 while :data:`ACCEPTS_FLOPS` is False: a budget cannot be met on image-only prompts, which the shared method
 matrix asks of every method that takes one.
 
 Paper (arXiv 2411.15024, abstract): "achieving 1.5X inference speedup, 1.4X memory reduction against the
-baseline VLLM, while still improving the performance, with no training" (LLaVA-OneVision-7B).
+baseline VLLM, while still improving the performance, with no training" (its main baseline: LLaVA-OneVision).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class DyCoke(VisualTokenMethod):
         reduces = self.config.flops is not None or self.config.ratio > 0
         if reduces and not isinstance(getattr(adapter, "span_frames", None), dict):
             raise NotImplementedError(
-                "dycoke reduces video frames of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5; "
+                "dycoke reduces video frames of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-OneVision; "
                 f"{type(adapter.model).__name__}'s adapter does not lay out video frames (ratio=0 runs it unreduced)"
             )
         self._adapter = adapter

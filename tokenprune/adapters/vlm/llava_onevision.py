@@ -33,13 +33,20 @@ What the reduction does with that layout:
 ``generate()`` encodes the images itself and passes ``mm_encoder_outputs`` instead of ``pixel_values``: then
 the layout is read from the packed features (base grid first; newline tokens are exact copies of
 ``image_newline``). With neither, each run of placeholders is one span with no structural tokens. Video
-placeholders are left alone (treated like text). ``labels`` are refused while reducing, as for LLaVA.
+placeholders are left alone (treated like text), except for temporal methods (a method class with
+``whole_videos = True``, e.g. ``dycoke``): HF lays a video of ``F`` frames out as ``F`` pooled grids of
+``ceil(side / 2)**2`` tokens, frame after frame, then one ``image_newline``; each video is one span (the newline
+structural) and :attr:`LlavaOnevisionAdapter.span_frames` says how many frames a span of each size holds (image
+grids: 1). ``F`` comes from ``pixel_values_videos`` ``(V, F, 3, H, W)``, or in ``generate()`` from the encoded
+videos. Their tower runs (one crop per frame) are counted in the vision FLOPs. ``labels`` are refused while
+reducing, as for LLaVA.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 import sys
 from typing import Any
 
@@ -72,6 +79,13 @@ class LlavaOnevisionAdapter(VLMAdapter):
         super().__init__(model)
         self._crops: list[list[int]] = []  # per sample of the last prefill: crops of each of its images
         self._tower_layout: tuple[torch.Tensor, torch.Tensor | None] | None = None  # image_sizes, batch_num_images
+        # LLaVA-OneVision's own video layout (pooled frames and a newline); not its subclasses' (LLaVA-NeXT's).
+        self._onevision_videos = type(self.inner).__name__.startswith("LlavaOnevision")
+        self._video_frames: list[int] = []  # per sample of the last prefill: frames of its videos (tower runs)
+        if self._onevision_videos:
+            #: With a ``whole_videos`` method: for each span size of the last call with visual inputs, the frame
+            #: counts of its spans of that size (an image grid: 1).
+            self.span_frames: dict[int, set[int]] = {}
 
     def parts(self) -> VLMParts:
         inner = self.model.model  # ``LlavaOnevisionModel``
@@ -200,6 +214,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
         kinds, crops = None, []
         if bool(placeholders.any()):  # a prefill with images: forget the last one's crops
             self._crops = [[] for _ in range(placeholders.shape[0])]
+            self._video_frames = [0] * placeholders.shape[0]
             image_sizes = kwargs.get("image_sizes")
             encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
             if kwargs.get("pixel_values") is not None and image_sizes is not None:
@@ -221,23 +236,84 @@ class LlavaOnevisionAdapter(VLMAdapter):
                 first = torch.tensor([0] + [len(k) for k in kinds[:-1]]).cumsum(0)  # (I,) first placeholder
                 for sample, n in zip(owner[first].tolist(), crops, strict=True):
                     self._crops[sample].append(n)
+        if not self._onevision_videos:
+            return VisualInputs(visual, segments, structural)
+        video = self.visual_mask(input_ids, kwargs, self.model.config.video_token_id)  # (B, L)
+        if bool(video.any()):  # a prefill with videos: the tower runs on each of their frames
+            frames, length = self.video_layout(kwargs)
+            if not bool(placeholders.any()):
+                self._crops = [[] for _ in range(video.shape[0])]
+            ran = kwargs.get("pixel_values_videos") is not None  # not in generate(): encoded before the forward
+            self._video_frames = [int(row.sum()) // length * frames if ran and length else 0 for row in video]
+        if getattr(self.method, "whole_videos", False):
+            return self._with_videos(video, kwargs, visual, segments, structural)
         return VisualInputs(visual, segments, structural)
+
+    def video_layout(self, kwargs: dict) -> tuple[int, int]:
+        """``(F, placeholders per video)`` of one call's videos (all of one length: ``(V, F, 3, H, W)``), or 0s."""
+        vision = self.model.config.vision_config
+        per_frame = math.ceil(vision.image_size // vision.patch_size / 2) ** 2  # HF's apply_pooling grid
+        pixels = kwargs.get("pixel_values_videos")
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video")
+        if pixels is not None:
+            frames = pixels.shape[1]
+        elif encoded is not None:  # generate(): (V, F * per_frame + 1, C) pooled features and newline
+            frames = (encoded.pooler_output.shape[1] - 1) // per_frame
+        else:
+            return 0, 0
+        return int(frames), int(frames) * per_frame + 1
+
+    def _with_videos(
+        self,
+        video: torch.Tensor,
+        kwargs: dict,
+        visual: torch.Tensor,
+        segments: torch.Tensor,
+        structural: torch.Tensor | None,
+    ) -> VisualInputs:
+        """:meth:`find_visual`'s spans plus one per video (its newline structural); fills :attr:`span_frames`.
+
+        Raises:
+            RuntimeError: Video placeholders whose count is not ``V`` videos of ``F`` frames plus a newline each.
+        """
+        self.span_frames = {}
+        for b in range(visual.shape[0]):  # image grids: one frame each
+            for n in torch.unique_consecutive(segments[b][visual[b]], return_counts=True)[1].tolist():
+                self.span_frames.setdefault(n, set()).add(1)
+        if not bool(video.any()):
+            return VisualInputs(visual, segments, structural)
+        frames, length = self.video_layout(kwargs)
+        if not frames or int(video.sum()) % length:
+            raise RuntimeError(
+                f"tokenprune: method {self.method.name!r} needs every video's frames: pass pixel_values_videos "
+                "(V, F, 3, H, W) with F frames of pooled tokens and one newline per video as placeholders"
+            )
+        pieces = split_runs(video, length)  # (B, L) one id per video, its newline last
+        ends = video & (pieces != torch.roll(pieces, -1, dims=1))  # (B, L) the last placeholder of each video
+        structural = ends if structural is None else structural | ends
+        segments = torch.where(video & ~ends, pieces + segments.max() + 1, segments)  # after every image span
+        self.span_frames.setdefault(length - 1, set()).add(frames)
+        return VisualInputs(visual | (video & ~ends), segments, structural)
 
     # ----------------------------------------------------------------- FLOPs (2 x MAC)
     def sample_vision_flops(self, state: DecoderState, sample: int) -> float:
         """Vision tower + projector on every crop of the sample's images in the last prefill.
 
-        0 when the tower did not run there (features given as ``mm_encoder_outputs``).
+        Videos: one crop's tower per frame. 0 when the tower did not run there (features given as
+        ``mm_encoder_outputs``).
         """
         crops = self._crops[sample] if sample < len(self._crops) else []
-        return sum(crops) * self.vision_flops()
+        frames = self._video_frames[sample] if sample < len(self._video_frames) else 0  # one crop's tower each
+        return (sum(crops) + frames) * self.vision_flops()
 
     def inputs_vision_flops(self, inputs: dict) -> float:
-        """The vision tower runs once per crop (from ``image_sizes``)."""
+        """The vision tower runs once per crop (from ``image_sizes``) and once per video frame."""
         crops = 0
         if inputs.get("pixel_values") is not None and inputs.get("image_sizes") is not None:
             crops = sum(self.image_layouts(inputs["image_sizes"], inputs.get("batch_num_images"))[1])
-        return crops * self.vision_flops()
+        videos = inputs.get("pixel_values_videos") if self._onevision_videos else None  # (V, F, 3, H, W)
+        frames = int(videos.shape[0] * videos.shape[1]) if videos is not None else 0  # the tower on every frame
+        return (crops + frames) * self.vision_flops()
 
 
 register_adapter(
