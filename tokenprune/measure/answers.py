@@ -151,7 +151,7 @@ def score(rows: Sequence[dict[str, Any]], answers: Sequence[str]) -> dict[str, A
             per_family.setdefault(row["family"], []).append(hit)
     n = max(1, len(rows))
     families = {f: sum(v) / len(v) for f, v in sorted(per_family.items())}
-    extra = {"accuracy_per_family": families, "family_average": sum(families.values()) / len(families)}
+    extra = {"accuracy_per_family": families, "family_average": sum(families.values()) / max(1, len(families))}
     return {
         **(extra if families else {}),
         "accuracy": sum(exact) / n,

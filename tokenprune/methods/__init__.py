@@ -5,6 +5,7 @@ import tokenprune.methods.cdpruner
 import tokenprune.methods.dart
 import tokenprune.methods.divprune
 import tokenprune.methods.dtop
+import tokenprune.methods.dycoke
 import tokenprune.methods.evit
 import tokenprune.methods.fastv
 import tokenprune.methods.lazyllm
