@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -41,6 +40,8 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from train_llava_easyvqa import fold_standardization_, llava_logits, lr_factor  # noqa: E402
 
 from tokenprune.zoo import llava_common  # noqa: E402
 from tokenprune.zoo import llava_scenes as L  # noqa: E402
@@ -252,22 +253,6 @@ def cache_scene_features(tower, image_processor, seeds: list[int], directory: Pa
         os.replace(path.with_suffix(".tmp"), path)
 
 
-def llava_logits(model, ids, positions, mask, features, where):
-    """LLaVA's forward with cached tower output: logits (B, K, V) at positions ``where`` (B, K).
-
-    Same operations as ``LlavaForConditionalGeneration.forward``: projector on (B, 576, 768) features,
-    ``masked_scatter`` into the ``<image>`` embeddings, language model, LM head (only on the rows needed).
-    """
-    inner = model.model
-    embeds = inner.get_input_embeddings()(ids)  # (B, T, H)
-    projected = inner.multi_modal_projector(features)  # (B, 576, H)
-    image_mask = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
-    embeds = embeds.masked_scatter(image_mask, projected.to(embeds.dtype))
-    hidden = inner.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
-    picked = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, K, H)
-    return model.lm_head(picked)
-
-
 @torch.no_grad()
 def evaluate(model, store, seeds, encoded, families, ids_of, batch_size=8) -> dict[str, float]:
     """Exact match (every answer token and ``</s>`` argmax-right), overall and per family, float32."""
@@ -285,12 +270,6 @@ def evaluate(model, store, seeds, encoded, families, ids_of, batch_size=8) -> di
     out = {f: sum(h) / len(h) for f, h in sorted(hits.items())}
     out["overall"] = sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
     return out
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def scene_questions(seeds: list[int], draws: int | None) -> dict[int, list[S.Question]]:
@@ -431,24 +410,10 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     print(f"wrote {path} (val exact match {best['val']['overall']:.4f} at step {best['step']})", flush=True)
 
 
-@torch.no_grad()
-def fold_standardization_(model, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """Turn the projector trained on standardized features into one that takes the raw tower output.
-
-    Since ``W z + b = (W / std) x + (b - (W / std) mean)`` for ``z = (x - mean) / std``, folding leaves the
-    standard LLaVA projector.
-    """
-    linear = model.model.multi_modal_projector.linear_1
-    weight = linear.weight / std[None, :]  # (H, C)
-    linear.bias.sub_(weight @ mean)
-    linear.weight.copy_(weight)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     work = args.work_dir or cache_dir() / "train_llava_scenes"
-    sys.path.insert(0, str(REPO / "models"))
     from llava_builders import build_image_processor
 
     if args.stage in ("cache", "all"):
