@@ -30,9 +30,8 @@ stays, structural). An image is a single frame: it has no temporal redundancy an
 with images only keeps all its tokens). Other families do not lay out video frames: reducing options are refused
 there.
 
-``flops=`` (a fraction of the LLM prefill FLOPs) is solved per prompt for ``ratio`` and tested, but refused
-while :data:`ACCEPTS_FLOPS` is False: a budget cannot be met on image-only prompts, which the shared method
-matrix asks of every method that takes one.
+``flops=`` (a fraction of the LLM prefill FLOPs) is solved per video prompt for ``ratio``; a prompt with images
+only cannot meet a budget (nothing there to drop) and is refused, naming the valid budgets.
 
 Paper (arXiv 2411.15024, abstract): "achieving 1.5X inference speedup, 1.4X memory reduction against the
 baseline VLLM, while still improving the performance, with no training" (its main baseline: LLaVA-OneVision).
@@ -58,8 +57,6 @@ from tokenprune.methods.vlm import (
 from tokenprune.registry import register_method
 
 DEFAULT_RATIO = 0.7  # the reference's dycoke_k: 70% of every non-pivot frame's tokens pruned
-#: Whether ``flops=`` is accepted (see the module docstring).
-ACCEPTS_FLOPS = False
 
 
 @dataclass
@@ -77,11 +74,6 @@ class DyCokeConfig(VLMReductionConfig):
     window: int = 4
 
     def __post_init__(self) -> None:
-        if self.flops is not None and not ACCEPTS_FLOPS:
-            raise ValueError(
-                "dycoke takes no flops= budget yet (it reduces video frames only; a budget has no meaning on "
-                "image-only prompts); give ratio= (fraction of each non-pivot frame's tokens dropped, in [0, 1])"
-            )
         super().__post_init__()
         self.ratio_or_flops("ratio", DEFAULT_RATIO)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:

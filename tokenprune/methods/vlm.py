@@ -198,6 +198,13 @@ class VisualTokenMethod(Method):
     reads_text: ClassVar[bool] = False
     #: Whether :meth:`importance` / :meth:`recycle` read what entered the LLM (``DecoderLayerContext.inputs``).
     reads_inputs: ClassVar[bool] = False
+    #: Whether text tokens are prunable too (LazyLLM): every prompt token but structural ones and each sample's
+    #: last may go; otherwise only visual tokens do.
+    prunes_text: ClassVar[bool] = False
+    #: Whether pruned tokens are revived at decode steps from an aux cache (an instance may resolve it per model).
+    revives: bool = False
+    #: Whether the method reduces whole videos along time (DyCoke): the adapter lays each video out as one span.
+    whole_videos: ClassVar[bool] = False
 
     def plan_for(self, depth: int, value: float | None = None) -> VisualPlan:
         """The plan for an LLM of ``depth`` layers; ``value`` overrides :attr:`budget_parameter`."""

@@ -75,7 +75,7 @@ class CausalLMAdapter(Adapter):
     def resolve_schedule(self, runtime: Any) -> list[float] | None:
         """Check the method; the per-layer fractions of prunable tokens (None for a FLOPs budget)."""
         method = runtime.method
-        if not isinstance(method, VisualTokenMethod) or not getattr(method, "prunes_text", False):
+        if not isinstance(method, VisualTokenMethod) or not method.prunes_text:
             raise TypeError(f"method {method.name!r} cannot prune prompt tokens of a decoder LLM (it has no text)")
         if getattr(runtime.config, "flops", None) is not None:
             return None
@@ -85,7 +85,7 @@ class CausalLMAdapter(Adapter):
     def install(self, runtime: Any) -> None:
         self.method = runtime.method
         owner = type(self.model).__name__
-        revive = bool(getattr(runtime.method, "revives", False))
+        revive = bool(runtime.method.revives)
         self.reducer = RevivingReducer(self.language_model, runtime, owner, self.decoder, self.llm_flops, revive=revive)
         self.reducer.install()  # the method prunes text: the reducer finds the prunable prompt tokens itself
         self._handles = [self.model.register_forward_pre_hook(self._check_labels, with_kwargs=True)]

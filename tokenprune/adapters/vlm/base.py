@@ -255,7 +255,7 @@ class VLMAdapter(Adapter):
         tokens at decode steps (its ``revives``, LazyLLM's) the reducer with its aux cache
         (:class:`~tokenprune.adapters.decoder.revival.RevivingReducer`, the text-only decoders' own)."""
         args = (self.language_model, runtime, type(self.model).__name__, self.decoder, self.llm_flops)
-        if not getattr(runtime.method, "revives", False):
+        if not runtime.method.revives:
             return DecoderReducer(*args)
         from tokenprune.adapters.decoder.revival import RevivingReducer  # here: that package imports this one
 

@@ -245,7 +245,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
                 self._crops = [[] for _ in range(video.shape[0])]
             ran = kwargs.get("pixel_values_videos") is not None  # not in generate(): encoded before the forward
             self._video_frames = [int(row.sum()) // length * frames if ran and length else 0 for row in video]
-        if getattr(self.method, "whole_videos", False):
+        if self.method.whole_videos:
             return self._with_videos(video, kwargs, visual, segments, structural)
         return VisualInputs(visual, segments, structural)
 

@@ -238,7 +238,7 @@ class Qwen2VLAdapter(VLMAdapter):
         visual = image | video
         self._placeholders = (image, video)
         spans = frames
-        if getattr(self.method, "whole_videos", False):
+        if self.method.whole_videos:
             spans = self._whole_videos(image, video, frames, kwargs)
         if bool(visual.any()):  # per sample, the (t, h, w) of its images and videos in order (for FLOPs)
             inputs = image_video_segments(image, video, *grids_thw, self.merge_size).cpu()  # (B, L) which input

@@ -147,7 +147,7 @@ class DecoderReducer:
     @property
     def prunes_text(self) -> bool:
         """Whether the method prunes text tokens too (its ``prunes_text``, e.g. LazyLLM's), not visual ones only."""
-        return bool(getattr(self.method, "prunes_text", False))
+        return bool(self.method.prunes_text)
 
     # ------------------------------------------------------------------------- install / uninstall
     def install(self) -> None:
