@@ -21,6 +21,13 @@ Stages (all under ``<cache>/train_llava_scenes``, ``<cache>`` = ``$TOKENPRUNE_CA
    under teacher forcing == greedy decoding); per-family accuracy is logged. The best weights are written with
    config, tokenizer and processor to ``--out`` (float16 safetensors; metadata: seeds, steps, val accuracy).
 
+Rounds: a session of this machine lasts 3 hours and its cache goes with it, while caching and training all of
+the scenes takes longer, so training runs in rounds. Round 0 trains from scratch on scenes ``0 ..
+--train-images - 1``; each later round caches new scenes (``--train-start``) and starts from the model the
+round before exported (``--init``; fresh optimizer, its own warmup and cosine schedule, its first val score the
+one to beat, so a round never exports a worse model). The exported metadata lists every round's command in
+order (``rounds``): rerunning them in order reproduces the shipped weights.
+
 Test accuracy (generated answers, scored once): ``tokenprune eval --model llava-scenes --method none``.
 """
 
@@ -58,6 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage", choices=("cache", "train", "all"), default="all")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--train-images", type=int, default=24_000)
+    p.add_argument(
+        "--train-start", type=int, default=0, help="index of the first train scene (a later round takes new scenes)"
+    )
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="a model directory written by an earlier round: start from its weights (a new round, fresh optimizer)",
+    )
     p.add_argument("--val-images", type=int, default=800)
     p.add_argument("--shard", type=int, default=400, help="scenes per feature file")
     p.add_argument("--tower-batch", type=int, default=16)
@@ -228,14 +244,17 @@ def build_tower():
 
 
 @torch.no_grad()
-def cache_scene_features(tower, image_processor, seeds: list[int], directory: Path, shard: int, batch: int, bf16: bool):
-    """Writes ``directory/<first index>.safetensors`` per ``shard`` scenes: ``layer{2,-1}`` (n, 576, 384) float16
-    (hidden states without the class token, as LLaVA's ``get_image_features`` selects them) and ``seeds`` (n,)."""
+def cache_scene_features(
+    tower, image_processor, seeds: list[int], directory: Path, shard: int, batch: int, bf16: bool, first: int = 0
+):
+    """Writes ``directory/<index>.safetensors`` per ``shard`` scenes (``index``: the shard's first scene in its
+    split, ``seeds`` starting at scene ``first``): ``layer{2,-1}`` (n, 576, 384) float16 (hidden states without
+    the class token, as LLaVA's ``get_image_features`` selects them) and ``seeds`` (n,)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     starts = range(0, len(seeds), shard)
-    todo = [s for s in starts if not (directory / f"{s:06d}.safetensors").is_file()]
+    todo = [s for s in starts if not (directory / f"{first + s:06d}.safetensors").is_file()]
     for start in tqdm(todo, desc=f"tower features -> {directory.name}", unit="shard"):
         part = seeds[start : start + shard]
         feats: dict[int, list[torch.Tensor]] = {layer: [] for layer in L.VISION_FEATURE_LAYERS}
@@ -248,7 +267,7 @@ def cache_scene_features(tower, image_processor, seeds: list[int], directory: Pa
                 feats[layer].append(hidden[layer][:, 1:].to(torch.float16))  # drop the class token
         tensors = {f"layer{layer}": torch.cat(f) for layer, f in feats.items()}
         tensors["seeds"] = torch.tensor(part)
-        path = directory / f"{start:06d}.safetensors"
+        path = directory / f"{first + start:06d}.safetensors"
         save_file(tensors, str(path.with_suffix(".tmp")))
         os.replace(path.with_suffix(".tmp"), path)
 
@@ -298,7 +317,8 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     model, processor = build(args.seed)
     tokenizer = processor.tokenizer
     ids_of = (model.config.image_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
-    train_seeds, val_seeds = split_scenes("train", args.train_images), split_scenes("val", args.val_images)
+    train_seeds = split_scenes("train", args.train_images, args.train_start)
+    val_seeds = split_scenes("val", args.val_images)
     questions = {**scene_questions(val_seeds, None), **scene_questions(train_seeds, args.draws)}
     encoded = {s: [encode(tokenizer, q) for q in qs] for s, qs in questions.items()}
     families = {s: [q.family for q in qs] for s, qs in questions.items()}
@@ -309,6 +329,9 @@ def train(args, work: Path, argv: list[str] | None) -> None:
         store.mean, store.std = mean, std  # the projector trains on standardized input (folded at the end)
     n_train = sum(len(encoded[s]) for s in train_seeds)
     print(f"train: {len(train_seeds)} scenes / {n_train} questions; val: {len(val_seeds)} scenes", flush=True)
+    rounds = []  # the commands of the earlier rounds this one continues, oldest first
+    if args.init is not None:
+        rounds = init_from_(model, args.init, mean, std)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
@@ -321,7 +344,10 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     eval_every = max(1, steps_per_epoch // args.evals_per_epoch)
     step, history, best = 0, [], {"val": {"overall": -1.0}}
     last = run_dir / "last.pt"
-    keys = ("draws", "batch_size", "lr", "weight_decay", "warmup_steps", "seed", "train_images", "val_images")
+    keys = (
+        *("draws", "batch_size", "lr", "weight_decay", "warmup_steps", "seed"),
+        *("train_images", "train_start", "val_images", "init"),
+    )
     now = {k: str(getattr(args, k)) for k in keys}
     if last.is_file() and not args.benchmark_steps:
         state = torch.load(last, weights_only=True)
@@ -351,6 +377,11 @@ def train(args, work: Path, argv: list[str] | None) -> None:
         if not history:
             raise RuntimeError(f"--finalize needs a checkpoint with at least one val evaluation in {last}")
         total = step
+    if args.init is not None and not history:  # the round starts from the earlier round's model: never worse
+        val = evaluate(model, val_store, val_seeds, encoded, families, ids_of)
+        history.append({"step": 0, "epoch": 0.0, "loss": None, "val": val})
+        print(json.dumps(history[-1]), flush=True)
+        best = {"val": val, "step": 0, "model": {k: v.clone() for k, v in trained().items()}}
     model.train()
     model.model.vision_tower.eval()
     last_save = time.time()
@@ -396,10 +427,12 @@ def train(args, work: Path, argv: list[str] | None) -> None:
 
     model.load_state_dict(best["model"], strict=False)
     fold_standardization_(model, mean, std)
+    command = " ".join(["python", "models/train_llava_scenes.py", *(argv or sys.argv[1:])])
     metadata = {
-        "train_command": " ".join(["python", "models/train_llava_scenes.py", *(argv or sys.argv[1:])]),
+        "train_command": command,
+        "rounds": json.dumps([*rounds, command]),
         "seed": str(args.seed),
-        "train_scenes": str(len(train_seeds)),
+        "train_scenes": f"{args.train_start}..{args.train_start + len(train_seeds) - 1}",
         "val_scenes": str(len(val_seeds)),
         "val_exact_match": json.dumps({k: round(v, 4) for k, v in best["val"].items()}),
         "selected_step": str(best["step"]),
@@ -410,6 +443,31 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     print(f"wrote {path} (val exact match {best['val']['overall']:.4f} at step {best['step']})", flush=True)
 
 
+def init_from_(model, directory: Path, mean: torch.Tensor, std: torch.Tensor) -> list[str]:
+    """Load an earlier round's exported weights into ``model`` and undo their folded standardization for this
+    round's ``mean``/``std`` (``W z + b`` with ``z = (x - mean) / std`` is the same map); returns its rounds."""
+    from safetensors import safe_open
+
+    path = Path(directory) / L.WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"--init {directory}: no {L.WEIGHTS_NAME} there (a directory an earlier round wrote)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        weights = {k: f.get_tensor(k).float() for k in f.keys()}
+    if meta.get("format") != L.CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {L.CHECKPOINT_FORMAT} checkpoint: format {meta.get('format')!r}")
+    expected = set(llava_common.trained_state_dict(model, L))
+    if set(weights) != expected:
+        raise ValueError(f"{path} does not hold this model's trained weights: {sorted(set(weights) ^ expected)[:5]}")
+    model.load_state_dict(weights, strict=False)
+    with torch.no_grad():
+        linear = model.model.multi_modal_projector.linear_1
+        raw = linear.weight.clone()  # (H, C): takes the raw tower output
+        linear.bias.add_(raw @ mean)
+        linear.weight.copy_(raw * std[None, :])
+    return json.loads(meta.get("rounds", json.dumps([meta.get("train_command", str(path))])))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -418,10 +476,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.stage in ("cache", "all"):
         tower, image_processor = build_tower(), build_image_processor(L.IMAGE_SIZE)
-        for split, count, bf16 in (("val", args.val_images, False), ("train", args.train_images, True)):
-            seeds = split_scenes(split, count)
+        for split, count, first, bf16 in (
+            ("val", args.val_images, 0, False),
+            ("train", args.train_images, args.train_start, True),
+        ):
+            seeds = split_scenes(split, count, first)
             cache_scene_features(
-                tower, image_processor, seeds, work / "features" / split, args.shard, args.tower_batch, bf16
+                tower, image_processor, seeds, work / "features" / split, args.shard, args.tower_batch, bf16, first
             )
     if args.stage in ("train", "all"):
         train(args, work, argv)

@@ -81,3 +81,31 @@ def test_packed_rows_equal_each_question_alone(processor):
                 torch.testing.assert_close(packed[r][question[r] == k], expected, atol=1e-5, rtol=1e-5)
                 assert torch.equal(targets[r][question[r] == k], torch.tensor(a))
     assert (question >= 0).sum() == sum(len(a) for row in rows for _, a in row)
+
+
+def test_a_new_round_starts_from_the_exported_model(processor, tmp_path):
+    """``--init``: an exported round (standardization folded, float16) loads back with the standardization
+    undone for the next round's statistics, so the projector computes the same map on standardized input."""
+    from llava_builders import build_config, save_pretrained
+    from transformers import LlavaForConditionalGeneration
+
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = build_config(processor.tokenizer, {**tiny, "num_key_value_heads": 1}, spec=T.L)
+    config.vision_config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    trained, fresh = LlavaForConditionalGeneration(config).eval(), LlavaForConditionalGeneration(config).eval()
+    x = torch.randn(4, 768) * torch.linspace(0.01, 10, 768) + 3  # raw tower channels of very different scales
+    mean, std = x.mean(0), x.std(0)
+    before = trained.model.multi_modal_projector(((x - mean) / std)[None])
+    with torch.no_grad():
+        T.fold_standardization_(trained, mean, std)
+    save_pretrained(trained, processor, tmp_path, {"train_command": "round 0"}, spec=T.L)
+    other_mean, other_std = mean + 1, std * 2  # the next round's train scenes have their own statistics
+    assert T.init_from_(fresh, tmp_path, other_mean, other_std) == ["round 0"]
+    after = fresh.model.multi_modal_projector(((x - other_mean) / other_std)[None])
+    torch.testing.assert_close(after, before, atol=2e-2, rtol=2e-3)  # float16 weights
+    for name, value in T.llava_common.trained_state_dict(trained, T.L).items():
+        if "multi_modal_projector.linear_1" not in name:
+            torch.testing.assert_close(fresh.state_dict()[name], value.half().float())
+    with pytest.raises(FileNotFoundError, match="llava-scenes.safetensors"):
+        T.init_from_(fresh, REPO / "tokenprune" / "checkpoints" / "llava-easyvqa", mean, std)
