@@ -68,7 +68,8 @@ def reduces(method: str) -> bool:
 def prunes_text(method: str) -> bool:
     """Whether the method prunes text tokens too (``prunes_text``, LazyLLM): then every real token but the
     structural ones and each prompt's last may go, and a text-only prompt is reduced as well."""
-    return registry.get_method(method).method_cls.prunes_text
+    cls = registry.get_method(method).method_cls
+    return issubclass(cls, VisualTokenMethod) and cls.prunes_text  # a ViT method in the tower (tome) never does
 
 
 def deterministic(method: str) -> bool:
