@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Methods acting before the LLM vs the in-LLM ones (aim, fastv, random, pyramiddrop, dart, sparsevlm) on llava-easyvqa, at 48 / 32 / 16 of its 144 visual
+# Methods acting before the LLM vs the in-LLM ones (aim, fastv, random, pyramiddrop, dart, sparsevlm, lazyllm) on llava-easyvqa, at 48 / 32 / 16 of its 144 visual
 # tokens per image (the fractions of LLaVA-1.5's 192 / 128 / 64 of 576), on a seeded subset of the easy-VQA
 # test split.
 #   pip install -e '.[zoo,eval,vqa]' && bash eval/run_easyvqa_prellm_sweep.sh    (CPU, 1 thread; ~2 min per setting)
@@ -12,6 +12,6 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 LIMIT=${LIMIT:-500}
 TOKENS=${TOKENS:-48,32,16}
-METHODS=${METHODS:-none,visionzip,vispruner,divprune,cdpruner,tome,random_pre_llm,aim,fastv,fastv_k1,random,pyramiddrop,dart,sparsevlm}
+METHODS=${METHODS:-none,visionzip,vispruner,divprune,cdpruner,tome,random_pre_llm,aim,fastv,fastv_k1,random,pyramiddrop,dart,sparsevlm,lazyllm}
 tokenprune sweep --model llava-easyvqa --methods "$METHODS" --tokens "$TOKENS" --limit "$LIMIT" \
     --batch-size 32 --bench-rounds 1 --out eval/results/easyvqa_prellm --resume

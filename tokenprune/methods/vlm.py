@@ -289,7 +289,7 @@ class VisualTokenMethod(Method):
         if floor > fraction + 1e-12:
             raise ValueError(
                 f"flops budget {fraction} is below what {self.name!r} reaches on this prompt "
-                f"({visual} visual tokens; lowest: {floor:.3f}); valid budgets are in [{floor:.3f}, 1]"
+                f"({visual} {'prunable' if self.prunes_text else 'visual'} tokens; lowest: {floor:.3f}); valid budgets are in [{floor:.3f}, 1]"
             )
         low, high = 0, len(values) - 1  # relative(low) <= fraction < relative(high) (or high is the top)
         while high - low > 1:
