@@ -313,10 +313,11 @@ def _choose(page, dropdown: str, option: str, timeout: int) -> None:
 def test_vqa_tab_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
     """VQA tab: every registered method listed; an example question answered by both models, the reduced one
     with fewer LLM GFLOPs; the map's caption counts merged groups; a budget a method refuses is a message."""
-    from tokenprune.demo.vqa import TAB_NAME, budget_control, vqa_methods
+    from tokenprune.demo.vqa import TAB_NAME, VQA_MODELS, budget_control, vqa_methods, zoo_module
 
     expect, timeout, outside = sync_api.expect, 180_000, []
     methods = vqa_methods()
+    installed = [name for name in VQA_MODELS if zoo_module(name).MODEL_DIR.is_dir()]
     merging = next(m for m in ("visionzip", "aim") if m in methods)  # a method that merges before the LLM
     with sync_api.sync_playwright() as playwright:
         browser, page = _open_page(sync_api, playwright, demo_url, timeout, outside)
@@ -367,10 +368,45 @@ def test_vqa_tab_in_browser(sync_api, demo_url: str, tmp_path: Path) -> None:
             page.locator("#tp-vqa-run").click()
             expect(reduced).to_contain_text("GFLOPs", timeout=timeout)
             expect(page.locator("#tp-vqa-error")).to_have_text(re.compile(r"^\s*$"), timeout=timeout)
+            # The model dropdown: every installed VQA model; another one brings its examples and token grid.
+            page.locator("#tp-vqa-model input").click()
+            listed = page.get_by_role("option")
+            expect(listed).to_have_count(len(installed), timeout=timeout)
+            assert listed.evaluate_all("options => options.map(o => o.getAttribute('aria-label'))") == installed
+            page.keyboard.press("Escape")
+            if "llava-scenes" in installed:
+                _choose(page, "#tp-vqa-model", "llava-scenes", timeout)
+                expect(page.locator("#tp-vqa-model-note")).to_contain_text("576 visual tokens", timeout=timeout)
+                expect(reduced).not_to_contain_text("GFLOPs", timeout=timeout)  # the last answers are cleared
+                _choose(page, "#tp-vqa-method", merging, timeout)
+                page.locator("#tp-vqa-examples button[aria-label^='Thumbnail']").nth(0).click()
+                expect(reduced).to_contain_text("GFLOPs", timeout=timeout)
+                expect(caption).to_contain_text("from 576 patches", timeout=timeout)
+                expect(page.locator("#tp-vqa-orig-answer")).not_to_be_empty(timeout=timeout)
         finally:
             browser.close()
     assert outside == [], f"the page tried to reach outside localhost: {outside}"
     _keep_screenshot(tmp_path / "vqa.png", "demo_vqa.png")
+
+
+def test_vqa_scene_examples_are_test_scenes_with_questions_of_every_family() -> None:
+    from PIL import Image
+
+    from tokenprune.demo.vqa import VQA_MODELS, demo_examples, zoo_module
+    from tokenprune.zoo import scenes
+
+    examples, source = demo_examples("llava-scenes")
+    assert source == "test scenes" and len(examples) == 6
+    families = []
+    for (path, question), seed in zip(examples, scenes.split_scenes("test", 6), strict=True):
+        with Image.open(path) as image:
+            assert image.size == (336, 336)
+        (match,) = [q for q in scenes.questions_for(scenes.make_scene(seed)) if q.question == question]
+        families.append(match.family)
+    assert len(set(families)) == 6  # a question of another family on each scene
+    assert [zoo_module(name).MODEL_NAME for name in VQA_MODELS] == list(VQA_MODELS)
+    with pytest.raises(ValueError, match="valid: llava-easyvqa, llava-scenes"):
+        zoo_module("llava-unknown")
 
 
 def test_vqa_and_segmentation_inputs_are_checked_before_any_forward(tmp_path: Path) -> None:
@@ -379,9 +415,10 @@ def test_vqa_and_segmentation_inputs_are_checked_before_any_forward(tmp_path: Pa
 
     from tokenprune.demo.segmentation import SegmentationDemo
     from tokenprune.demo.vqa import MAX_QUESTION_CHARS, VQADemo
+    from tokenprune.zoo import easyvqa
 
     config = SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=2), image_token_id=4)
-    vqa = VQADemo(SimpleNamespace(config=config), processor=None)
+    vqa = VQADemo(SimpleNamespace(config=config), processor=None, module=easyvqa)
     photo = str(example_images()[0])
     with pytest.raises(demo.InputError, match="Type a question"):
         vqa.compare(photo, "  ", "aim", 0.5)

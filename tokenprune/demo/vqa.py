@@ -1,4 +1,8 @@
-"""The demo's VQA tab: the easy-VQA LLaVA model answering with all visual tokens vs with fewer.
+"""The demo's VQA tab: a LLaVA model of the zoo answering with all visual tokens vs with fewer.
+
+Models (:data:`VQA_MODELS`, those whose weights are installed): ``llava-easyvqa`` (144 visual tokens, easy-VQA)
+and ``llava-scenes`` (576, LLaVA-1.5's count, on procedural scenes: counting, relations, small objects,
+reading); the model dropdown swaps the examples, the token grid and the layer slider.
 
 Methods: every vision-language method in the registry but the control (``tokenprune.methods(kind="vlm")``, read
 when the tab is built), so methods that reduce before the LLM (merging or pruning each image's tokens), methods
@@ -18,15 +22,19 @@ of a chosen LLM layer: which original patches each visual token entering that la
 and outlined, a token of its own shows the image, dropped patches (before or inside the LLM) are dark grey: the
 drawing of the classification tab (:func:`tokenprune.demo.token_maps.render_token_map`).
 
-Examples are easy-VQA test images with their questions when the ``easy-vqa`` package is installed
-(``pip install 'tokenprune[vqa]'``), else the bundled photos with a generic question.
+Examples: for ``llava-easyvqa`` easy-VQA test images with their questions when the ``easy-vqa`` package is
+installed (``pip install 'tokenprune[vqa]'``), else the bundled photos with a generic question; for
+``llava-scenes`` test scenes (rendered from their seeds) with one question of each family.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -35,6 +43,7 @@ from PIL import Image
 import tokenprune
 from tokenprune import registry
 from tokenprune.demo.common import (
+    ALLOWED_DIRS,
     QUEUE,
     TIMING_ROUNDS,
     InputError,
@@ -48,10 +57,12 @@ from tokenprune.demo.token_maps import describe_groups, groups_at_layer, render_
 from tokenprune.measure.accuracy import example_images
 from tokenprune.methods.variants import is_control
 from tokenprune.methods.vlm import VisualTokenMethod
+from tokenprune.zoo import llava_common
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "llava-easyvqa"
+#: The zoo's VQA models the tab offers, in the dropdown's order (those whose weights are installed).
+VQA_MODELS = ("llava-easyvqa", "llava-scenes")
 BUDGET_MIN, BUDGET_DEFAULT = 0.14, 0.25
 MAX_QUESTION_CHARS = 200
 MAX_NEW_TOKENS = 4
@@ -152,13 +163,13 @@ def _gflops(model, inputs: dict) -> tuple[float, float]:
 class VQADemo:
     """The VQA tab's computations (one forward at a time)."""
 
-    def __init__(self, model, processor) -> None:
-        from tokenprune.zoo import easyvqa as llava_easyvqa
-
+    def __init__(self, model, processor, module: ModuleType) -> None:
+        """``module``: the model's zoo module (``prompt``, ``IMAGE_SIZE``, ``PATCH_SIZE``, ``MODEL_NAME``)."""
         self.model = model
         self.processor = processor
-        self.module = llava_easyvqa
-        self.grid = llava_easyvqa.IMAGE_SIZE // llava_easyvqa.PATCH_SIZE
+        self.module = module
+        self.name = module.MODEL_NAME
+        self.grid = module.IMAGE_SIZE // module.PATCH_SIZE
         self.depth = model.config.text_config.num_hidden_layers
         self._lock = threading.Lock()
 
@@ -167,7 +178,7 @@ class VQADemo:
 
     def _answer(self, inputs: dict) -> str:
         out = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        return self.module.answer_of(self.processor, out[:, inputs["input_ids"].shape[1] :])[0] or "(empty)"
+        return llava_common.answer_of(self.processor, out[:, inputs["input_ids"].shape[1] :])[0] or "(empty)"
 
     @torch.no_grad()
     def compare(self, path: str, question: str, method: str, budget: float) -> VQAResult:
@@ -227,8 +238,23 @@ class VQADemo:
         )
 
 
-def demo_examples() -> tuple[list[tuple[str, str]], str]:
-    """``(image path, question)`` examples and where they come from."""
+def zoo_module(name: str) -> ModuleType:
+    """The zoo module of one of :data:`VQA_MODELS`."""
+    if name == "llava-scenes":
+        from tokenprune.zoo import llava_scenes
+
+        return llava_scenes
+    if name == "llava-easyvqa":
+        from tokenprune.zoo import easyvqa
+
+        return easyvqa
+    raise ValueError(f"unknown VQA model {name!r}; valid: {', '.join(VQA_MODELS)}")
+
+
+def demo_examples(name: str = "llava-easyvqa") -> tuple[list[tuple[str, str]], str]:
+    """``(image path, question)`` examples for the model ``name`` and where they come from."""
+    if name == "llava-scenes":
+        return scene_examples(), "test scenes"
     try:
         from tokenprune.measure.tasks.vqa import load_questions
 
@@ -246,15 +272,52 @@ def demo_examples() -> tuple[list[tuple[str, str]], str]:
         return [(p, "what shape is in the image?") for p in photos], "bundled photos (easy-vqa is not installed)"
 
 
+def scene_examples(count: int = 6) -> list[tuple[str, str]]:
+    """The first ``count`` test scenes as PNG files (rendered from their seeds into a temporary folder), each
+    with a question of another family (count, existence, attribute, relation, position, reading, compare)."""
+    from tokenprune.zoo import scenes
+
+    folder = Path(tempfile.mkdtemp(prefix="tokenprune-scenes-"))
+    examples = []
+    for i, seed in enumerate(scenes.split_scenes("test", count)):
+        scene = scenes.make_scene(seed)
+        questions = scenes.questions_for(scene)
+        path = folder / f"scene_{seed}.png"
+        scene.image.save(path)
+        examples.append((str(path), questions[i % len(questions)].question))
+    return examples
+
+
+def load_demos() -> dict[str, VQADemo]:
+    """A :class:`VQADemo` per model of :data:`VQA_MODELS` whose weights load (a missing one is logged)."""
+    demos = {}
+    for name in VQA_MODELS:
+        try:
+            model, processor = tokenprune.load_model(name)
+        except (FileNotFoundError, ValueError, RuntimeError, ImportError) as error:
+            logger.warning("VQA tab: %s", error)
+            continue
+        demos[name] = VQADemo(model, processor, zoo_module(name))
+    return demos
+
+
+def model_description(demo: VQADemo) -> str:
+    data = "easy-VQA" if demo.name == "llava-easyvqa" else "procedural scenes (count, relations, reading, ...)"
+    return (
+        f"Model: **{demo.name}**: a small LLaVA (DINOv2-S/14 tower, {demo.depth}-layer Llama decoder) trained on "
+        f"{data}; {demo.grid}×{demo.grid} = {demo.grid**2} visual tokens per image."
+    )
+
+
 def vqa_tab() -> bool:
-    """Adds the VQA tab to the enclosing ``gr.Tabs``; False (nothing added) if the model is missing."""
-    try:
-        model, processor = tokenprune.load_model(MODEL_NAME)
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as error:
-        logger.warning("VQA tab: %s", error)
+    """Adds the VQA tab to the enclosing ``gr.Tabs``; False (nothing added) if no VQA model is installed."""
+    demos = load_demos()
+    if not demos:
         return False
-    demo = VQADemo(model, processor)
-    examples, source = demo_examples()
+    names = list(demos)
+    gallery_of = {name: demo_examples(name) for name in names}  # (examples, source) per model
+    for examples, _ in gallery_of.values():  # the server may send every model's example images
+        ALLOWED_DIRS.update(str(Path(path).resolve().parent) for path, _ in examples)
     cache: dict[str, VQAResult] = {}  # 'last': the result the layer slider redraws
 
     def blank(message: str) -> tuple:
@@ -270,11 +333,13 @@ def vqa_tab() -> bool:
         )
         return render_token_map(result.photo, groups, cell=PIXELS_PER_PATCH, tint=TINT), caption
 
-    def analyze(path: str | None, question: str, method: str, budget: float, layer: float) -> tuple:
+    def analyze(path: str | None, question: str, name: str, method: str, budget: float, layer: float) -> tuple:
         try:
             if path is None:
                 raise InputError("No image yet: pick one of the examples or upload an image.")
-            result = demo.compare(path, question, method, float(budget))
+            if name not in demos:
+                raise InputError(f"Unknown model {name!r}; choose one of {', '.join(names)}.")
+            result = demos[name].compare(path, question, method, float(budget))
         except InputError as error:
             return blank(str(error))
         except (ValueError, TypeError, NotImplementedError) as error:  # the method refuses this setting
@@ -304,13 +369,25 @@ def vqa_tab() -> bool:
         picture, caption = map_outputs(result, layer)
         return ("", f"## {result.answer_original}", original, f"## {result.answer_reduced}", reduced, picture, caption)
 
-    def on_example(method: str, budget: float, layer: float, evt: gr.SelectData) -> tuple:
-        path, question = examples[evt.index]
-        return (path, question, None, *analyze(path, question, method, budget, layer))
+    def on_example(name: str, method: str, budget: float, layer: float, evt: gr.SelectData) -> tuple:
+        path, question = gallery_of[name][0][evt.index]
+        return (path, question, None, *analyze(path, question, name, method, budget, layer))
 
-    def on_upload(path: str | None, question: str, method: str, budget: float, layer: float) -> tuple:
-        outputs = analyze(path, question, method, budget, layer)
+    def on_upload(path: str | None, question: str, name: str, method: str, budget: float, layer: float) -> tuple:
+        outputs = analyze(path, question, name, method, budget, layer)
         return (path, None if outputs[0] else gr.skip(), *outputs)
+
+    def on_model(name: str) -> tuple:
+        """Another model: its examples, description and layer range; the last answers no longer apply."""
+        demo, (examples, source) = demos[name], gallery_of[name]
+        cache.clear()
+        return (
+            model_description(demo),
+            gr.Gallery(value=list(examples), label=f"Examples: {source}", columns=len(examples)),
+            gr.Slider(0, demo.depth - 1, value=demo.depth // 2, step=1),
+            None,
+            *blank("")[1:],
+        )
 
     def on_layer(layer: float) -> tuple:
         if "last" not in cache:
@@ -321,15 +398,19 @@ def vqa_tab() -> bool:
         return gr.Slider(label=budget_control(name).label), method_note(name)
 
     methods = vqa_methods()
+    demo = demos[names[0]]
+    examples, source = gallery_of[names[0]]
     with gr.Tab(TAB_NAME, id="vqa"):
         gr.Markdown(
-            f"### Visual question answering: fewer visual tokens in the LLM\n"
-            f"Model: **{MODEL_NAME}**: a small LLaVA (DINOv2-S/14 tower, {demo.depth}-layer Llama decoder) trained "
-            f"on easy-VQA; {demo.grid}×{demo.grid} = {demo.grid**2} visual tokens per image. Methods: every "
-            "registered vision-language method; some reduce each image's tokens before the LLM, some prune inside "
-            "it, and ViT methods run inside the vision tower. The budget is `flops=` for every method with that "
-            "option: a fraction of the LLM prefill FLOPs (of the vision tower's for a method inside the tower)."
+            "### Visual question answering: fewer visual tokens in the LLM\n"
+            "Methods: every registered vision-language method; some reduce each image's tokens before the LLM, "
+            "some prune inside it, and ViT methods run inside the vision tower. The budget is `flops=` for every "
+            "method with that option: a fraction of the LLM prefill FLOPs (of the vision tower's for a method "
+            "inside the tower)."
         )
+        with gr.Row():
+            model_name = gr.Dropdown(names, value=names[0], label="Model", elem_id="tp-vqa-model", scale=1)
+            description = gr.Markdown(model_description(demo), elem_id="tp-vqa-model-note")
         current = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):
@@ -371,11 +452,12 @@ def vqa_tab() -> bool:
                     "interleaved. Answers: greedy `generate()`."
                 )
     outputs = [error, original_answer, original_stats, reduced_answer, reduced_stats, token_map, caption]
-    settings = [method, budget, layer]
+    settings = [model_name, method, budget, layer]
     gallery.select(on_example, settings, [current, question, upload, *outputs], **QUEUE)
     upload.upload(on_upload, [upload, question, *settings], [current, upload, *outputs], **QUEUE)
     run.click(analyze, [current, question, *settings], outputs, **QUEUE)
     question.submit(analyze, [current, question, *settings], outputs, **QUEUE)
     layer.change(on_layer, [layer], [token_map, caption], trigger_mode="always_last", **QUEUE)
     method.change(on_method, [method], [budget, note])  # labels only: no need to wait for a running request
+    model_name.change(on_model, [model_name], [description, gallery, layer, current, *outputs[1:]], **QUEUE)
     return True
