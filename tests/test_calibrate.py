@@ -212,7 +212,7 @@ def test_dynamic_size_model_is_calibrated_at_the_images_size():
 
 
 @pytest.mark.slow
-def test_calibrate_command_writes_a_set_file(tmp_path):
+def test_calibrate_command_writes_a_set_file(tmp_path, capsys):
     import os
     from pathlib import Path
 
@@ -231,3 +231,8 @@ def test_calibrate_command_writes_a_set_file(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["calibrated_on"] == {"dataset": "imagenette", "split": "train", "limit": 4}
     assert saved["flops_ratio"] == pytest.approx(0.5, rel=0.02)
+    printed = capsys.readouterr().out  # a table a person reads, naming the file to pass on
+    assert "| calibrated | " in printed and "| constant (`flops=`) | " in printed and str(out) in printed
+    args = parser.parse_args([*argv, "--limit", "4", "--max-evals", "2", "--out", str(out), "--json"])
+    args.func(args)
+    assert json.loads(capsys.readouterr().out)["config"] == json.loads(out.read_text())["config"]

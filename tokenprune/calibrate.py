@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -323,6 +324,7 @@ def add_calibrate_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--checkpoint", help="zoo models: calibrate this checkpoint instead of the shipped one")
     p.add_argument("--out", required=True, help="schedule JSON to write (read back with --set-file)")
+    p.add_argument("--json", action="store_true", help="print the written JSON on stdout instead of the table")
     p.set_defaults(func=run_calibrate)
     return p
 
@@ -348,8 +350,30 @@ def run_calibrate(args: argparse.Namespace) -> Calibration:
         **parse_set(args.set or []),
     )  # fmt: skip
     source = {"dataset": entry.dataset, "split": args.split, "limit": args.limit}
-    write_json({"model": args.model, "calibrated_on": source, **report.to_dict()}, args.out)
+    saved = {"model": args.model, "calibrated_on": source, **report.to_dict()}
+    write_json(saved, args.out)
+    sys.stdout.write(json.dumps(saved, indent=2) + "\n" if args.json else summary_table(report, args.out))
     return report
+
+
+def summary_table(report: Calibration, out: str | os.PathLike[str]) -> str:
+    """The calibrated schedule against the constant one, as a Markdown table (what ``tokenprune calibrate`` prints)."""
+    calibrated = report.config.get("r", report.config)
+    rows = [
+        ("constant (`flops=`)", report.constant_schedule, report.constant_flops_ratio, report.constant_divergence),
+        ("calibrated", calibrated, report.flops_ratio, report.divergence),
+    ]
+    lines = [
+        f"{report.method} at flops={report.flops}: {report.evaluations} schedules scored on {report.images} images "
+        f"(seed {report.seed}); objective: {report.objective}",
+        "",
+        f"| schedule | per layer | FLOPs ratio | {report.objective} on the calibration images |",
+        "|---|---|---|---|",
+        *(f"| {name} | {schedule} | {ratio:.3f} | {value:.4f} |" for name, schedule, ratio, value in rows),
+        "",
+        f"written: {out} (pass it as --set-file to tokenprune eval or sweep)",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def load_set_file(path: str | os.PathLike[str], method: str | None = None) -> dict[str, Any]:
