@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bench-rounds", type=int, default=2, help="side-by-side speed rounds (0: skip)")
     p.add_argument("--out", default="eval/results/imagenette_calibrated")
     p.add_argument("--resume", action="store_true", help="keep settings whose JSON is already in --out")
+    p.add_argument(
+        "--schedules",
+        default="constant,calibrated",
+        help="which schedules to run; the table also shows the others' JSON already in --out",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--heldout", type=int, help="train-only check: score on N other train images (no val)")
     args = p.parse_args(argv)
@@ -92,19 +97,27 @@ def main(argv: list[str] | None = None) -> int:
             lambda: {"setting": "none", "budget": 1.0, **evaluate_setting(model, transform, "none", {}, **common)},
         )
     ]
+    schedules = set(args.schedules.split(","))
+    if not schedules or not schedules <= {"constant", "calibrated"}:
+        raise SystemExit(f"--schedules: a comma-separated subset of constant,calibrated, got {args.schedules!r}")
+
+    def wanted(name: str, schedule: str) -> bool:  # to run, or already in --out (then in the table)
+        return schedule in schedules or (out / name).is_file()
+
     for budget in budgets:
         for method in methods:
-            rows.append(
-                run_one(
-                    out / f"{method}_constant_{budget}.json",
-                    args.resume,
-                    lambda m=method, b=budget: {
-                        "setting": "constant",
-                        "budget": b,
-                        **evaluate_setting(model, transform, m, {"flops": b}, **common),
-                    },
+            if wanted(f"{method}_constant_{budget}.json", "constant"):
+                rows.append(
+                    run_one(
+                        out / f"{method}_constant_{budget}.json",
+                        args.resume or "constant" not in schedules,
+                        lambda m=method, b=budget: {
+                            "setting": "constant",
+                            "budget": b,
+                            **evaluate_setting(model, transform, m, {"flops": b}, **common),
+                        },
+                    )
                 )
-            )
 
             def calibrated(m: str = method, b: float = budget) -> dict[str, Any]:
                 report = calibrate_report(
@@ -117,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                 result = evaluate_setting(model, transform, m, report.config, **common)
                 return {"setting": "calibrated", "budget": b, **result, "calibration": report.to_dict()}
 
-            rows.append(run_one(out / f"{method}_calibrated_{budget}.json", args.resume, calibrated))
+            name = f"{method}_calibrated_{budget}.json"
+            if wanted(name, "calibrated"):
+                rows.append(run_one(out / name, args.resume or "calibrated" not in schedules, calibrated))
     summary = summarise(rows, methods, budgets)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(table(rows, summary, args))
@@ -174,17 +189,25 @@ def summarise(rows: list[dict], methods: list[str], budgets: list[float]) -> dic
     goals = {0.5: 0.3, 0.35: 2.0, 0.25: 5.0}
     out: dict[str, Any] = {"unreduced_top1": base, "budgets": {}}
     for b in budgets:
-        calibrated = {m: top1[(m, "calibrated", b)] for m in methods}
+        calibrated = {m: top1[(m, "calibrated", b)] for m in methods if (m, "calibrated", b) in top1}
+        if not calibrated:  # only constant schedules ran at this budget
+            continue
         best = max(calibrated, key=calibrated.get)
         entry = {
             "best_calibrated": best,
             "points_lost": 100 * (base - calibrated[best]),
             "goal_points_lost": goals.get(b),
-            "calibrated_beats_constant": {m: calibrated[m] > top1[(m, "constant", b)] for m in methods},
+            "calibrated_beats_constant": {
+                m: calibrated[m] > top1[(m, "constant", b)] for m in calibrated if (m, "constant", b) in top1
+            },
         }
         if "random" in methods:
             entry["beats_random"] = {
-                setting: {m: top1[(m, setting, b)] > top1[("random", setting, b)] for m in methods if m != "random"}
+                setting: {
+                    m: top1[(m, setting, b)] > top1[("random", setting, b)]
+                    for m in methods
+                    if m != "random" and (m, setting, b) in top1 and ("random", setting, b) in top1
+                }
                 for setting in ("constant", "calibrated")
             }
         if entry["goal_points_lost"] is not None:
