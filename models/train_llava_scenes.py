@@ -90,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--evals-per-epoch", type=int, default=2)
     p.add_argument("--benchmark-steps", type=int, default=0, help="time this many steps, print, exit")
     p.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=None,
+        help="end the round after this many steps (the schedule stays that of --epochs) and export",
+    )
+    p.add_argument(
         "--finalize",
         action="store_true",
         help="stop training: write the best val weights found so far in run/last.pt to --out",
@@ -373,10 +379,11 @@ def train(args, work: Path, argv: list[str] | None) -> None:
         torch.save(state, run_dir / "last.tmp")
         os.replace(run_dir / "last.tmp", last)
 
+    end = total if args.stop_at_step is None else min(total, args.stop_at_step)
     if args.finalize:
         if not history:
             raise RuntimeError(f"--finalize needs a checkpoint with at least one val evaluation in {last}")
-        total = step
+        end = step
     if args.init is not None and not history:  # the round starts from the earlier round's model: never worse
         val = evaluate(model, val_store, val_seeds, encoded, families, ids_of)
         history.append({"step": 0, "epoch": 0.0, "loss": None, "val": val})
@@ -385,8 +392,8 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     model.train()
     model.model.vision_tower.eval()
     last_save = time.time()
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", mininterval=10)
-    while step < total:
+    bar = tqdm(total=end, initial=step, desc="train", unit="step", mininterval=10)
+    while step < end:
         epoch, offset = divmod(step, steps_per_epoch)
         order = train_seeds[:]
         random.Random(args.seed * 1000 + epoch).shuffle(order)  # epoch-seeded: the same batches after a resume
@@ -412,7 +419,7 @@ def train(args, work: Path, argv: list[str] | None) -> None:
             if step >= args.benchmark_steps:
                 return
             continue
-        if step % eval_every == 0 or step == total:
+        if step % eval_every == 0 or step == end:
             val = evaluate(model, val_store, val_seeds, encoded, families, ids_of)
             history.append({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss.item(), "val": val})
             print(json.dumps(history[-1]), flush=True)
@@ -427,7 +434,10 @@ def train(args, work: Path, argv: list[str] | None) -> None:
 
     model.load_state_dict(best["model"], strict=False)
     fold_standardization_(model, mean, std)
-    command = " ".join(["python", "models/train_llava_scenes.py", *(argv or sys.argv[1:])])
+    given = [a for a in (argv or sys.argv[1:]) if a != "--finalize"]
+    if args.finalize and args.stop_at_step is None:  # what reproduces this export: the run stopped at this step
+        given += ["--stop-at-step", str(step)]
+    command = " ".join(["python", "models/train_llava_scenes.py", *given])
     metadata = {
         "train_command": command,
         "rounds": json.dumps([*rounds, command]),
@@ -436,7 +446,8 @@ def train(args, work: Path, argv: list[str] | None) -> None:
         "val_scenes": str(len(val_seeds)),
         "val_exact_match": json.dumps({k: round(v, 4) for k, v in best["val"].items()}),
         "selected_step": str(best["step"]),
-        "total_steps": str(total),
+        "total_steps": str(step),
+        "schedule_steps": str(total),
         "history": json.dumps(history),
     }
     path = save_pretrained(model, processor, args.out, metadata, spec=L)
