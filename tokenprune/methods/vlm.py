@@ -287,9 +287,10 @@ class VisualTokenMethod(Method):
 
         floor = relative(0)
         if floor > fraction + 1e-12:
+            kind = "prunable" if self.prunes_text else "visual"
             raise ValueError(
                 f"flops budget {fraction} is below what {self.name!r} reaches on this prompt "
-                f"({visual} {'prunable' if self.prunes_text else 'visual'} tokens; lowest: {floor:.3f}); valid budgets are in [{floor:.3f}, 1]"
+                f"({visual} {kind} tokens; lowest: {floor:.3f}); valid budgets are in [{floor:.3f}, 1]"
             )
         low, high = 0, len(values) - 1  # relative(low) <= fraction < relative(high) (or high is the top)
         while high - low > 1:
