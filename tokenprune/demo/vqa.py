@@ -29,6 +29,7 @@ installed (``pip install 'tokenprune[vqa]'``), else the bundled photos with a ge
 
 from __future__ import annotations
 
+import importlib
 import logging
 import tempfile
 import threading
@@ -41,7 +42,7 @@ import torch
 from PIL import Image
 
 import tokenprune
-from tokenprune import registry
+from tokenprune import registry, zoo
 from tokenprune.demo.common import (
     ALLOWED_DIRS,
     QUEUE,
@@ -239,16 +240,10 @@ class VQADemo:
 
 
 def zoo_module(name: str) -> ModuleType:
-    """The zoo module of one of :data:`VQA_MODELS`."""
-    if name == "llava-scenes":
-        from tokenprune.zoo import llava_scenes
-
-        return llava_scenes
-    if name == "llava-easyvqa":
-        from tokenprune.zoo import easyvqa
-
-        return easyvqa
-    raise ValueError(f"unknown VQA model {name!r}; valid: {', '.join(VQA_MODELS)}")
+    """The zoo module of one of :data:`VQA_MODELS` (the module of its registered loader)."""
+    if name not in VQA_MODELS:
+        raise ValueError(f"unknown VQA model {name!r}; valid: {', '.join(VQA_MODELS)}")
+    return importlib.import_module(zoo.get_entry(name).loader.split(":")[0])
 
 
 def demo_examples(name: str = "llava-easyvqa") -> tuple[list[tuple[str, str]], str]:
@@ -302,10 +297,9 @@ def load_demos() -> dict[str, VQADemo]:
 
 
 def model_description(demo: VQADemo) -> str:
-    data = "easy-VQA" if demo.name == "llava-easyvqa" else "procedural scenes (count, relations, reading, ...)"
     return (
-        f"Model: **{demo.name}**: a small LLaVA (DINOv2-S/14 tower, {demo.depth}-layer Llama decoder) trained on "
-        f"{data}; {demo.grid}×{demo.grid} = {demo.grid**2} visual tokens per image."
+        f"Model: **{demo.name}**: {zoo.get_entry(demo.name).description}; {demo.grid}×{demo.grid} = "
+        f"{demo.grid**2} visual tokens per image."
     )
 
 
