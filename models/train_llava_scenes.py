@@ -457,20 +457,15 @@ def train(args, work: Path, argv: list[str] | None) -> None:
 def init_from_(model, directory: Path, mean: torch.Tensor, std: torch.Tensor) -> list[str]:
     """Load an earlier round's exported weights into ``model`` and undo their folded standardization for this
     round's ``mean``/``std`` (``W z + b`` with ``z = (x - mean) / std`` is the same map); returns its rounds."""
-    from safetensors import safe_open
+    from tokenprune.zoo import checkpoints
 
     path = Path(directory) / L.WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"--init {directory}: no {L.WEIGHTS_NAME} there (a directory an earlier round wrote)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        weights = {k: f.get_tensor(k).float() for k in f.keys()}
-    if meta.get("format") != L.CHECKPOINT_FORMAT:
+    meta = checkpoints.read_metadata(path)
+    if checkpoints.base_problems(meta, L.CHECKPOINT_FORMAT):
         raise ValueError(f"{path} is not a {L.CHECKPOINT_FORMAT} checkpoint: format {meta.get('format')!r}")
-    expected = set(llava_common.trained_state_dict(model, L))
-    if set(weights) != expected:
-        raise ValueError(f"{path} does not hold this model's trained weights: {sorted(set(weights) ^ expected)[:5]}")
-    model.load_state_dict(weights, strict=False)
+    checkpoints.load_trained(model, path, llava_common.trained_state_dict(model, L), error=ValueError)
     with torch.no_grad():
         linear = model.model.multi_modal_projector.linear_1
         raw = linear.weight.clone()  # (H, C): takes the raw tower output
