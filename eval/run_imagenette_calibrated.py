@@ -101,23 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     if not schedules <= {"constant", "calibrated"}:
         raise SystemExit(f"--schedules: constant, calibrated, both (comma-separated) or none; got {args.schedules!r}")
 
-    def wanted(name: str, schedule: str) -> bool:  # to run, or already in --out (then in the table)
-        return schedule in schedules or (out / name).is_file()
+    def add_row(name: str, schedule: str, compute) -> None:
+        """Run the setting (or read it back with --resume); one not run now shows if its JSON is in --out."""
+        if schedule in schedules or (out / name).is_file():
+            rows.append(run_one(out / name, args.resume or schedule not in schedules, compute))
 
     for budget in budgets:
         for method in methods:
-            if wanted(f"{method}_constant_{budget}.json", "constant"):
-                rows.append(
-                    run_one(
-                        out / f"{method}_constant_{budget}.json",
-                        args.resume or "constant" not in schedules,
-                        lambda m=method, b=budget: {
-                            "setting": "constant",
-                            "budget": b,
-                            **evaluate_setting(model, transform, m, {"flops": b}, **common),
-                        },
-                    )
-                )
+            add_row(
+                f"{method}_constant_{budget}.json",
+                "constant",
+                lambda m=method, b=budget: {
+                    "setting": "constant",
+                    "budget": b,
+                    **evaluate_setting(model, transform, m, {"flops": b}, **common),
+                },
+            )
 
             def calibrated(m: str = method, b: float = budget) -> dict[str, Any]:
                 report = calibrate_report(
@@ -130,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = evaluate_setting(model, transform, m, report.config, **common)
                 return {"setting": "calibrated", "budget": b, **result, "calibration": report.to_dict()}
 
-            name = f"{method}_calibrated_{budget}.json"
-            if wanted(name, "calibrated"):
-                rows.append(run_one(out / name, args.resume or "calibrated" not in schedules, calibrated))
+            add_row(f"{method}_calibrated_{budget}.json", "calibrated", calibrated)
     summary = summarise(rows, methods, budgets)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(table(rows, summary, args))
