@@ -166,7 +166,7 @@ def test_reference_frames_are_the_reference_codes():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("options", [{"ratio": 0.0}, {"ratio": 0.7, "window": 1}])
+@pytest.mark.parametrize("options", [{"ratio": 0.0, "kv_ratio": 0.0}, {"ratio": 0.7, "window": 1, "kv_ratio": 0.0}])
 def test_nothing_dropped_is_bit_exact_on_videos(family, options):
     model = build(family)
     patch = assert_zero_reduction_exact(model, inputs(family, ["long", "mixed"]), "dycoke", options, greedy)
@@ -332,3 +332,158 @@ def test_an_image_and_a_video_of_one_size_are_refused():
     tokenprune.apply(model, "dycoke", ratio=0.5)
     with pytest.raises(ValueError, match="different frame counts"), torch.no_grad():
         model(**qwen_inputs(ids, mask, media, "qwen2"))
+
+
+# ----------------------------------------------------------------------------- stage 2: decode-time selection
+def generate(model, x: dict, steps: int, **extra):
+    """Greedy ``generate`` with its scores and cache (``return_dict_in_generate``)."""
+    with torch.no_grad():
+        return model.generate(
+            **x,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **extra,
+        )
+
+
+def selection(patch, out):
+    """The decode selection (``DecodeKV``) of the cache ``out`` generated on."""
+    return patch.adapter.reducer.sessions[out.past_key_values].decode_kv
+
+
+def eligible_count(family: str, names: list[str], ratio: float) -> int:
+    """Video tokens entering the LLM per sample (every sample here has one 6-frame video)."""
+    m = frame_tokens(family)
+    return 2 * m + 4 * int(m * (1 - ratio) + 0.5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stage2_selects_its_share_of_each_video_and_leaves_the_prefill_alone(family):
+    model = build(family)
+    x = inputs(family, ["long", "mixed"])
+    patch = tokenprune.apply(model, "dycoke", ratio=0.5, kv_ratio=0.0)
+    plain = generate(model, x, 1)
+    patch.remove()
+    patch = tokenprune.apply(model, "dycoke", ratio=0.5, kv_ratio=0.5)
+    out = generate(model, x, 3)
+    assert torch.equal(out.scores[0], plain.scores[0])  # the prefill: stage 1 only
+    kv = selection(patch, out)
+    videos = eligible_count(family, ["long"], 0.5)
+    assert kv.eligible.sum(dim=1).tolist() == [videos, videos]  # the videos' entries only, not the image's
+    assert kv.counts.tolist() == [videos // 2] * 2
+    assert kv.selected.sum(dim=1).tolist() == [videos // 2] * 2 and not bool((kv.selected & ~kv.eligible).any())
+    state = patch.state
+    first = state.index_in[0]  # (B, N0): the prompt slots hold these input positions
+    for b in range(2):
+        video = set(video_positions(family, x, b).tolist())
+        assert [int(i) in video for i in first[b][kv.eligible[b]]] == [True] * videos
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stage2_ranks_by_the_new_tokens_attention_at_the_ranking_layer(family):
+    """ratio=0 (nothing dropped before the LLM): the first decode step's scores are the unpatched eager model's
+    attention from that token at the ranking layer, head-averaged, and the selection is their top ``keep``."""
+    model = build(family)
+    x = inputs(family, ["long", "mixed"])
+    patch = tokenprune.apply(model, "dycoke", ratio=0.0, kv_ratio=0.6)
+    out = generate(model, x, 2)  # one decode step
+    kv = selection(patch, out)
+    ranking = kv.policy.layer
+    patch.remove()
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
+    length = x["input_ids"].shape[1]
+    full = dict(x, input_ids=out.sequences[:, :-1])  # the prompt and the token the decode step fed
+    for key in ("attention_mask", "mm_token_type_ids"):  # per-token inputs: one more entry (valid / text)
+        if key in x:
+            full[key] = torch.cat([x[key], torch.full_like(x[key][:, :1], int(key == "attention_mask"))], dim=1)
+    with torch.no_grad():
+        attentions = reference(**full, output_attentions=True).attentions
+    probs = attentions[ranking][:, :, -1].float().mean(dim=1)  # (B, L + 1)
+    expected = torch.where(kv.eligible, probs[:, :length], 0.0)
+    torch.testing.assert_close(kv.scores, expected, rtol=1e-4, atol=1e-6)
+    for b in range(2):
+        top = expected[b].topk(int(kv.counts[b])).indices
+        assert sorted(top.tolist()) == kv.selected[b].nonzero().squeeze(1).tolist()
+
+
+def perturb_hooks(patch, model, which: str) -> list:
+    """Pre-hooks on the layers after the ranking layer adding noise to the keys and values of the ``which``
+    (``"skipped"`` or ``"selected"``) video entries of their cache at decode steps."""
+    reducer = patch.adapter.reducer
+    generator = torch.Generator().manual_seed(0)
+
+    def hook(layer: int):
+        def perturb(module, args, kwargs):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            session = reducer.sessions.get(cache) if cache is not None else None
+            if session is None or session.decode_kv is None or session.decode_kv.selected is None:
+                return
+            kv = session.decode_kv
+            chosen = kv.eligible & (~kv.selected if which == "skipped" else kv.selected)  # (B, P)
+            entries = cache.layers[layer]
+            for name in ("keys", "values"):
+                tensor = getattr(entries, name)  # (B, Hkv, K, D)
+                noise = torch.randn(tensor[:, :, : chosen.shape[1]].shape, generator=generator)
+                tensor[:, :, : chosen.shape[1]] += 10 * noise * chosen[:, None, :, None]
+
+        return perturb
+
+    lm = model.model.language_model
+    ranking = patch.runtime.method.decode_selection().layer
+    return [
+        wrapper.base_layer.register_forward_pre_hook(hook(i), with_kwargs=True)
+        for i, wrapper in enumerate(lm.layers)
+        if i > ranking and wrapper.capture is not None
+    ]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stage2_skipped_entries_are_not_attended_after_the_ranking_layer(family):
+    """The decode step's logits do not move when the skipped video entries' keys and values change in the later
+    layers' caches (bit-exact), and do when the selected ones change."""
+    model = build(family)
+    x = inputs(family, ["long", "mixed"])
+    patch = tokenprune.apply(model, "dycoke", ratio=0.5, kv_ratio=0.6)
+    clean = generate(model, x, 2).scores[1]
+    for which, moves in (("skipped", False), ("selected", True)):
+        handles = perturb_hooks(patch, model, which)
+        try:
+            got = generate(model, x, 2).scores[1]
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert torch.equal(got, clean) != moves, which
+
+
+@pytest.mark.parametrize("refresh, expected", [(2.0, [4, 4]), (-2.0, [1, 1])])
+def test_stage2_reselects_where_the_attention_changed(refresh, expected):
+    """kv_refresh above every cosine similarity: every step reselects; below: only the first."""
+    model = build("qwen2")
+    patch = tokenprune.apply(model, "dycoke", ratio=0.5, kv_refresh=refresh)
+    out = generate(model, inputs("qwen2", ["long", "mixed"]), 5)  # four decode steps
+    assert selection(patch, out).refreshes.tolist() == expected
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3.5", "onevision"])
+def test_stage2_beams_and_batches_equal_samples_alone(family):
+    model = build(family)
+    tokenprune.apply(model, "dycoke", ratio=0.5, kv_ratio=0.6)
+    names = ["long", "short"]
+    singles = [inputs(family, [n]) for n in names]
+    lengths = [len(prompt(family, n)) for n in names]
+    for beams in (1, 2):
+        search = functools.partial(greedy, steps=4, num_beams=beams)
+        assert_batched_generate_equals_alone(model, search, inputs(family, names), singles, lengths)
+
+
+def test_stage2_options_are_checked():
+    for bad in ({"kv_ratio": 1.5}, {"kv_ratio": -0.1}, {"kv_layer": 0}, {"kv_layer": 2.0}, {"kv_refresh": "a"}):
+        with pytest.raises((TypeError, ValueError)):
+            tokenprune.apply(build("qwen2"), "dycoke", **bad)
+    with pytest.raises(ValueError, match="valid kv_layer values are 1.."):
+        tokenprune.apply(build("qwen2"), "dycoke", kv_layer=99)
+    tokenprune.apply(build("qwen2"), "dycoke", kv_layer=99, kv_ratio=0.0).remove()  # stage 2 off: not read

@@ -1,6 +1,6 @@
 """``dycoke``: DyCoke (Tao et al., CVPR 2025), "DyCoke: Dynamic Compression of Tokens for Fast Video LLMs".
 
-DyCoke has two stages. **Stage 1, token temporal merging (TTM), is implemented here**: before the LLM, each
+DyCoke has two stages, both here. **Stage 1, token temporal merging (TTM)**: before the LLM, each
 video's frames are grouped in windows of ``window`` frames (the paper's 4); the first frame of a window (its
 pivot) keeps every token, and every other frame keeps the ``1 - ratio`` fraction of its tokens that are *least*
 cosine-similar to the token at the same place in its reference frame (the temporally redundant ones are dropped).
@@ -8,12 +8,12 @@ The reference frame is the reference code's: in a window of 4, frame 1 and frame
 frame 3 with frame 2 (the original frame 2, before its own pruning); for any window, frame ``i`` of the window is
 compared with frame ``i & (i - 1)`` (``i`` with its lowest set bit cleared), which is that rule for 4.
 
-**Stage 2, dynamic KV-cache pruning during decoding, is not implemented.** It skips, at every decode step, the
-visual KV entries that the current token attends to least at layer ``L`` (reference: ``dycoke_l=3``,
-``dycoke_p=0.7``), and may select them again at a later step. tokenprune's compact cache removes tokens for
-good at the prefill; a per-step, re-selectable mask of cached visual entries would need the decode path
-(``adapters/vlm/cache.py``, ``reducer.py``) to score the decode token's attention at layer ``L`` and build a new
-key mask for the later layers at each step, which it does not do. Nothing here pretends to.
+**Stage 2, dynamic KV-cache pruning during decoding** (:mod:`tokenprune.adapters.vlm.decode_selection`): at every
+one-token decode step the new token's attention at layer ``kv_layer - 1`` (head-averaged) ranks each video's
+cached entries; layers ``kv_layer`` on attend to the top ``1 - kv_ratio`` of them (plus every text, image and
+generated token), reselected only where the attention's cosine similarity to the previous step's falls below
+``kv_refresh``. Skipped entries stay in the cache, so a later step may select them again (the reference:
+``dycoke_l=3``, ``dycoke_p=0.7``, threshold 0.9).
 
 Kept from the reference code (github.com/KD-TAO/DyCoke, ``dycole_ttm``): the per-token cosine similarity to
 the same token of the reference frame, the reference frames of a window of 4, a fixed count kept per
@@ -24,6 +24,16 @@ frame, and ranks frame ``2j + 1`` by the similarity of the previous pair: ``simi
 count is rounded half up (``count``), not floored; kept tokens stay in their place (each keeps its own 3-axis
 M-RoPE position on Qwen-VL) instead of being concatenated; a batch runs together.
 
+Stage 2, kept from the reference (``PrunableDynamicCache.dycoke_pruning`` / ``update_cache``): the ranking by the
+last query row of layer ``dycoke_l - 1`` averaged over heads, the top ``1 - dycoke_p`` visual entries attended by
+the later layers, the cosine test against the previous step's attention, every entry kept in the cache.
+Changed: the attention row is recomputed for the new token only from its rotary-embedded query and the cached
+keys, so every layer keeps SDPA (the reference needs eager attention's weights); skipped entries are masked,
+not gathered out; a step whose attention stays similar keeps the previous selection (the reference's index list
+is reset before layer ``dycoke_l`` at every step, so such a step attends to every entry); the ranked entries are
+each video's (the reference: the one image-token span), counts rounded half up; per-sample selections in a
+batch, beams reorder them.
+
 Inputs: videos of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-OneVision (the reference's model): their
 adapters lay each video out as one span with its frame count (``span_frames``; LLaVA-OneVision's video newline
 stays, structural). An image is a single frame: it has no temporal redundancy and keeps every token (a prompt
@@ -31,7 +41,8 @@ with images only keeps all its tokens). Other families do not lay out video fram
 there.
 
 ``flops=`` (a fraction of the LLM prefill FLOPs) is solved per video prompt for ``ratio``; a prompt with images
-only cannot meet a budget (nothing there to drop) and is refused, naming the valid budgets.
+only cannot meet a budget (nothing there to drop) and is refused, naming the valid budgets. Stage 2 changes no
+prefill FLOPs (it saves attention at decode steps).
 
 Paper (arXiv 2411.15024, abstract): "achieving 1.5X inference speedup, 1.4X memory reduction against the
 baseline VLLM, while still improving the performance, with no training" (its main baseline: LLaVA-OneVision).
@@ -47,16 +58,19 @@ import torch
 import torch.nn.functional as F
 
 from tokenprune.methods.vlm import (
+    DecodeSelection,
     PreLLMContext,
     SpanReduction,
     VisualPlan,
     VisualTokenMethod,
     VLMReductionConfig,
+    check_fraction,
     count,
 )
 from tokenprune.registry import register_method
 
 DEFAULT_RATIO = 0.7  # the reference's dycoke_k: 70% of every non-pivot frame's tokens pruned
+DEFAULT_KV_RATIO = 0.7  # the reference's dycoke_p: decode steps skip 70% of the cached video entries
 
 
 @dataclass
@@ -68,16 +82,38 @@ class DyCokeConfig(VLMReductionConfig):
             pivot frames stay); default 0.7 (the reference's). Give ``ratio`` or ``flops``.
         window: Frames per window, an int >= 1; the first frame of each window keeps all its tokens (1: every
             frame is a pivot, nothing is dropped). Default 4 (the paper's).
+        kv_ratio: Stage 2: fraction of each video's cached entries a decode step skips, in [0, 1] (0: stage 2
+            off); default 0.7 (the reference's ``dycoke_p``).
+        kv_layer: Stage 2: the first layer that attends to the selection, ranked by the new token's attention at
+            the layer before (the reference's ``dycoke_l``). On a hybrid decoder (Qwen3.5) the ranking layer is the
+            first softmax-attention layer at or after ``kv_layer - 1``. Default None: 3, as the reference, or in a
+            decoder too shallow for that, its last softmax-attention layer but one.
+        kv_refresh: Stage 2: a step reselects where its attention's cosine similarity to the previous step's
+            is below this; elsewhere the previous selection stays. Default 0.9 (the reference's).
     """
 
     ratio: float | None = None
     window: int = 4
+    kv_ratio: float = DEFAULT_KV_RATIO
+    kv_layer: int | None = None
+    kv_refresh: float = 0.9
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.ratio_or_flops("ratio", DEFAULT_RATIO)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be an int >= 1 (frames per window), got {self.window!r}")
+        self.kv_ratio = check_fraction("kv_ratio", self.kv_ratio, False)
+        if self.kv_layer is not None and (
+            isinstance(self.kv_layer, bool) or not isinstance(self.kv_layer, int) or self.kv_layer < 1
+        ):
+            raise ValueError(
+                f"kv_layer must be an int >= 1 (the first layer decoding attends to the selection "
+                f"from), got {self.kv_layer!r}"
+            )
+        if isinstance(self.kv_refresh, bool) or not isinstance(self.kv_refresh, (int, float)):
+            raise TypeError(f"kv_refresh must be a number (cosine similarity threshold), got {self.kv_refresh!r}")
+        self.kv_refresh = float(self.kv_refresh)
 
 
 def reference_frames(frames: int, window: int) -> torch.Tensor:
@@ -96,10 +132,10 @@ class DyCoke(VisualTokenMethod):
     """Stage 1 of DyCoke: per window of frames, drop the tokens most similar to their reference frame's."""
 
     name = "dycoke"
-    identity = {"ratio": 0.0}
+    identity = {"ratio": 0.0, "kv_ratio": 0.0}
     # Images keep every token, and the shared matrix asks an example to reduce its image prompts: the example
     # is the identity there; tests/test_dycoke.py runs the reducing checks on videos.
-    example = {"ratio": 0.0}
+    example = {"ratio": 0.0, "kv_ratio": 0.0}
     query_rows: ClassVar[str] = "none"
     budget_parameter: ClassVar[str] = "ratio"
     #: Asks the adapter for one span per video (with its frame count) instead of one per frame.
@@ -119,6 +155,35 @@ class DyCoke(VisualTokenMethod):
                 f"{type(adapter.model).__name__}'s adapter does not lay out video frames (ratio=0 runs it unreduced)"
             )
         self._adapter = adapter
+        self._ranking_layer = self.ranking_layer(adapter)
+
+    def ranking_layer(self, adapter: Any) -> int | None:
+        """Stage 2's ranking layer on ``adapter``'s decoder: the first softmax-attention layer at or after
+        ``kv_layer - 1`` that has a softmax-attention layer after it (None: stage 2 cannot run there)."""
+        layers = [getattr(layer, "base_layer", layer) for layer in adapter.language_model.layers]
+        softmax = [i for i, layer in enumerate(layers) if hasattr(layer, adapter.decoder.attn)]
+        start = (3 if self.config.kv_layer is None else self.config.kv_layer) - 1
+        ranking = next((i for i in softmax if i >= start and i < softmax[-1]), None)
+        if ranking is None and self.config.kv_layer is None and len(softmax) > 1:
+            ranking = softmax[-2]  # a decoder shallower than the reference's layer 3: its last possible one
+        if ranking is None and self.config.kv_ratio > 0:
+            top = softmax[-2] + 1 if len(softmax) > 1 else 0
+            raise ValueError(
+                f"dycoke kv_layer={self.config.kv_layer} leaves no softmax-attention layer to rank from with one "
+                f"after it in this {len(layers)}-layer decoder; valid kv_layer values are 1..{top}"
+            )
+        return ranking
+
+    def decode_selection(self) -> DecodeSelection | None:
+        if self.config.kv_ratio <= 0.0:
+            return None
+        ranking = getattr(self, "_ranking_layer", None)
+        if ranking is None:
+            raise RuntimeError("dycoke: stage 2 runs on a model this method was checked against (check_model)")
+        return DecodeSelection(ranking, 1.0 - self.config.kv_ratio, self.config.kv_refresh)
+
+    def decode_eligible(self, tokens: int) -> bool:
+        return self.frames(tokens) > 1  # videos; an image keeps every entry at decode steps too
 
     def frames(self, tokens: int) -> int:
         """Frames of the last call's spans of ``tokens`` tokens (1: an image, or no video layout).

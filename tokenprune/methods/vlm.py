@@ -147,6 +147,24 @@ class VisualPlan:
         return totals, recycled
 
 
+@dataclass(frozen=True)
+class DecodeSelection:
+    """Decode steps attend to part of the cached visual entries, reselected as decoding goes (DyCoke stage 2;
+    :mod:`tokenprune.adapters.vlm.decode_selection` runs it).
+
+    Attributes:
+        layer: Softmax-attention layer whose attention from the new token ranks the eligible entries; the
+            softmax-attention layers after it attend to the selection (and to every non-eligible token).
+        keep: Fraction of each sample's eligible entries selected (rounded half up, :func:`count`).
+        refresh: A step reselects where its scores' cosine similarity to the previous step's is below this
+            (the first step always selects; above 1: every step).
+    """
+
+    layer: int
+    keep: float
+    refresh: float
+
+
 @dataclass
 class PreLLMConfig(VLMReductionConfig):
     """Options of methods that reduce each image's visual tokens before the LLM (how many an image keeps).
@@ -209,6 +227,15 @@ class VisualTokenMethod(Method):
     def plan_for(self, depth: int, value: float | None = None) -> VisualPlan:
         """The plan for an LLM of ``depth`` layers; ``value`` overrides :attr:`budget_parameter`."""
         raise NotImplementedError
+
+    def decode_selection(self) -> DecodeSelection | None:
+        """How decode steps attend to part of the cached visual entries (None: to every one, the default)."""
+        return None
+
+    def decode_eligible(self, tokens: int) -> bool:
+        """Whether a visual span of ``tokens`` tokens (after :meth:`merge`'s input layout) has entries that
+        :meth:`decode_selection` ranks."""
+        return True
 
     def validate(self, depth: int) -> None:
         """Raise if the config cannot work with an LLM of ``depth`` layers."""

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenprune.adapters.vlm.decode_selection import head_averaged_attention
 from tokenprune.adapters.vlm.layer import ReducingDecoderLayer
 from tokenprune.adapters.vlm.reducer import DecoderReducer
 from tokenprune.core.sequence import compact, gather_seq, top_per_row
@@ -339,16 +340,8 @@ class RevivingReducer(DecoderReducer):
             ``(B, U)`` the selection: every non-prunable token selected at this layer, plus the top
             ``targets[layer + 1]`` prunable ones.
         """
-        q = self.rope(query, query, cos, sin)[0].float()  # (B, H, 1, D)
-        k = cache.layers[layer].keys.float()  # (B, Hkv, K', D), rotary-embedded
-        batch, heads, _, dim = q.shape
-        kv_heads = k.shape[1]
-        q = q.view(batch, kv_heads, heads // kv_heads, 1, dim)
-        probs = torch.zeros(batch, k.shape[2], device=q.device)
-        for group in range(kv_heads):  # one key/value head at a time: (B, G, 1, K')
-            logits = (q[:, group] @ k[:, group, None].transpose(-1, -2)) * self.scale
-            probs += logits.masked_fill(~allowed[:, None, None], float("-inf")).softmax(dim=-1).sum(dim=1)[:, 0]
-        probs /= heads
+        q = self.rope(query, query, cos, sin)[0]  # (B, H, 1, D)
+        probs = head_averaged_attention(q, cache.layers[layer].keys, allowed, self.scale)  # (B, K')
         length = aux.length
         inside = (k_index >= 0) & (k_index < length)
         prunable = inside & aux.prunable.gather(1, k_index.clamp(0, length - 1))  # (B, K')

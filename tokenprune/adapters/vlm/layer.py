@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.capture import QKCapture
+from tokenprune.adapters.vlm.decode_selection import run_decode_layer
 
 if TYPE_CHECKING:
     from tokenprune.adapters.vlm.reducer import DecoderReducer
@@ -81,6 +82,8 @@ class ReducingDecoderLayer(nn.Module):
             if session.compact[self.layer]:
                 layer = self.layer
                 attention_mask = self.reducer.mask(session.key_valid[layer], session.key_length[layer], hidden_states)
+            if session.decode_kv is not None and self.reducer.runtime.enabled:
+                return run_decode_layer(self, hidden_states, attention_mask, kwargs, session)
             return self.base_layer(hidden_states, attention_mask=attention_mask, **kwargs)
         return self.reducer.run_prefill_layer(self, hidden_states, attention_mask, kwargs)
 

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.vlm.cache import check_cache, decode_step
+from tokenprune.adapters.vlm.decode_selection import DecodeKV, follow_reorder
 from tokenprune.adapters.vlm.flops import DecoderFlops, pruning_extra
 from tokenprune.adapters.vlm.layer import DecoderSpec, ReducingDecoderLayer
 from tokenprune.adapters.vlm.masks import build_mask, check_decoder_attention, refuse_4d_mask
@@ -67,6 +68,7 @@ from tokenprune.methods.vlm import (
     TowerSignals,
     VisualPlan,
     VisualTokenMethod,
+    count,
 )
 from tokenprune.state import LayerLog
 
@@ -272,6 +274,7 @@ class DecoderReducer:
                 "is supported for methods that prune visual tokens only (give it merge_keep=1.0)"
             )
 
+        eligible = self._decode_eligible(spans_per_sample, batch, length, device)  # (B, L) or None
         index = torch.arange(length, device=device).expand(batch, length)
         size = valid.to(x.dtype)
         fwd = ForwardInFlight(decode=False, external_length=(mask.shape[1] if mask is not None else length))
@@ -309,10 +312,26 @@ class DecoderReducer:
         fwd.state.tower_flops = tower.flops if tower is not None else [0.0] * batch
         fwd.state.text, fwd.state.rows = text, rows
         fwd.all_valid = bool(valid.all())
-        fwd.active = merge or any(self._prunes(fwd.state, layer) for layer in range(self.depth))
+        if eligible is not None:  # in the slots entering the LLM (after merging)
+            fwd.decode_eligible = eligible.gather(1, index.clamp(min=0)) & valid
+        fwd.active = (
+            merge or eligible is not None or any(self._prunes(fwd.state, layer) for layer in range(self.depth))
+        )
         self.runtime.state = fwd.state
         self.forward_in_flight = fwd
         return (), kwargs
+
+    def _decode_eligible(self, spans_per_sample, batch: int, length: int, device) -> torch.Tensor | None:
+        """``(B, L)`` visual tokens whose cached entries decode steps select among (None: no selection)."""
+        policy = self.method.decode_selection()
+        if policy is None or policy.keep >= 1.0:
+            return None
+        eligible = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        for b, spans in enumerate(spans_per_sample):
+            for _, positions in spans:
+                if self.method.decode_eligible(len(positions)):
+                    eligible[b, positions] = True
+        return eligible if bool(eligible.any()) else None
 
     def _merge(self, x, kwargs, valid, visual, structural, spans_per_sample, plans, fwd, tower):
         """Reduce visual spans before the LLM; returns the compacted sequence and the rewritten kwargs."""
@@ -406,10 +425,25 @@ class DecoderReducer:
                 [None] * depth, [0] * depth, [False] * depth, state.merged, fwd.shift, fwd.external_length, state
             )
             self.sessions[cache] = fwd.session
+            if fwd.decode_eligible is not None:
+                self._open_decode_selection(fwd, cache)
         if fwd.session is not None:
             fwd.session.key_valid[layer] = None if fwd.all_valid else state.valid
             fwd.session.key_length[layer] = state.num_tokens
             fwd.session.compact[layer] = state.version > 0
+
+    def _open_decode_selection(self, fwd: ForwardInFlight, cache: Any) -> None:
+        """Give the new session the decode steps' selection of cached visual entries (:mod:`.decode_selection`)."""
+        if any(self._prunes(fwd.state, layer) for layer in range(self.depth)):
+            raise NotImplementedError(
+                f"tokenprune: method {self.method.name!r} selects cached visual entries at decode steps; that "
+                "needs every layer to cache the same prompt tokens, so it cannot also remove tokens inside the LLM"
+            )
+        eligible = fwd.decode_eligible
+        policy = self.method.decode_selection()
+        counts = [count(policy.keep, n) for n in eligible.sum(dim=1).tolist()]
+        fwd.session.decode_kv = DecodeKV(policy, eligible, torch.tensor(counts, device=eligible.device))
+        follow_reorder(cache, fwd.session)
 
     def run_prefill_layer(
         self, wrapper: ReducingDecoderLayer, hidden_states: torch.Tensor, attention_mask: Any, kwargs: dict

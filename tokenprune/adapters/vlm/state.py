@@ -110,6 +110,8 @@ class CacheSession:
         shift: ``(B,)`` positions merged away per sample (subtracted from the caller's decode positions).
         external_length: Tokens the caller has fed so far (its view of the sequence length).
         state: The prefill's :class:`DecoderState`.
+        decode_kv: The decode steps' selection of cached visual entries
+            (:class:`~tokenprune.adapters.vlm.decode_selection.DecodeKV`), or None: they attend to every entry.
     """
 
     key_valid: list[torch.Tensor | None]
@@ -119,6 +121,7 @@ class CacheSession:
     shift: torch.Tensor
     external_length: int
     state: DecoderState
+    decode_kv: Any = None
 
 
 @dataclass
@@ -138,6 +141,7 @@ class ForwardInFlight:
     source: torch.Tensor | None = None  # (B, L) set by merging before the LLM (DecoderState.source)
     inputs: Any = None  # LLMInputs of this prefill, for methods that read them (set at the first layer)
     all_valid: bool = True  # every current token is real (no padding / fill)
+    decode_eligible: torch.Tensor | None = None  # (B, N0) cached entries decode steps select among, or None
 
     @property
     def prefill_after_removal(self) -> bool:
