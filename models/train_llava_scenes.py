@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="default: <cache>/train_llava_scenes")
     p.add_argument("--stage", choices=("cache", "train", "all"), default="all")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda where a GPU is lent (the same recipe in minutes; bfloat16 autocast on either)",
+    )
     p.add_argument("--train-images", type=int, default=24_000)
     p.add_argument(
         "--train-start", type=int, default=0, help="index of the first train scene (a later round takes new scenes)"
@@ -251,7 +256,15 @@ def build_tower():
 
 @torch.no_grad()
 def cache_scene_features(
-    tower, image_processor, seeds: list[int], directory: Path, shard: int, batch: int, bf16: bool, first: int = 0
+    tower,
+    image_processor,
+    seeds: list[int],
+    directory: Path,
+    shard: int,
+    batch: int,
+    bf16: bool,
+    first: int = 0,
+    device: torch.device | str = "cpu",
 ):
     """Writes ``directory/<index>.safetensors`` per ``shard`` scenes (``index``: the shard's first scene in its
     split, ``seeds`` starting at scene ``first``): ``layer{2,-1}`` (n, 576, 384) float16 (hidden states without
@@ -266,11 +279,11 @@ def cache_scene_features(
         feats: dict[int, list[torch.Tensor]] = {layer: [] for layer in L.VISION_FEATURE_LAYERS}
         for i in range(0, len(part), batch):
             images = [make_scene(s).image for s in part[i : i + batch]]
-            pixels = image_processor(images, return_tensors="pt")["pixel_values"]  # (b, 3, 336, 336)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pixels = image_processor(images, return_tensors="pt")["pixel_values"].to(device)  # (b, 3, 336, 336)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                 hidden = tower(pixels, output_hidden_states=True).hidden_states  # 13 x (b, 577, 384)
             for layer in feats:
-                feats[layer].append(hidden[layer][:, 1:].to(torch.float16))  # drop the class token
+                feats[layer].append(hidden[layer][:, 1:].to(torch.float16).cpu())  # drop the class token
         tensors = {f"layer{layer}": torch.cat(f) for layer, f in feats.items()}
         tensors["seeds"] = torch.tensor(part)
         path = directory / f"{first + start:06d}.safetensors"
@@ -282,11 +295,13 @@ def cache_scene_features(
 def evaluate(model, store, seeds, encoded, families, ids_of, batch_size=8) -> dict[str, float]:
     """Exact match (every answer token and ``</s>`` argmax-right), overall and per family, float32."""
     model.eval()
+    device = next(model.parameters()).device
     hits: dict[str, list[int]] = {}
     for i in range(0, len(seeds), batch_size):
         chunk = seeds[i : i + batch_size]
-        ids, positions, mask, where, targets, question = pack([encoded[s] for s in chunk], *ids_of)
-        logits = llava_logits(model, ids, positions, mask, store[chunk], where)
+        packed = pack([encoded[s] for s in chunk], *ids_of)
+        ids, positions, mask, where, targets, question = (t.to(device) for t in packed)
+        logits = llava_logits(model, ids, positions, mask, store[chunk].to(device), where)
         wrong = (logits.argmax(-1) != targets) & (question >= 0)  # (B, K)
         for r, seed in enumerate(chunk):
             for k, family in enumerate(families[seed]):
@@ -338,6 +353,8 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     rounds = []  # the commands of the earlier rounds this one continues, oldest first
     if args.init is not None:
         rounds = init_from_(model, args.init, mean, std)
+    device = torch.device(args.device)
+    model.to(device)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
@@ -356,7 +373,7 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     )
     now = {k: str(getattr(args, k)) for k in keys}
     if last.is_file() and not args.benchmark_steps:
-        state = torch.load(last, weights_only=True)
+        state = torch.load(last, weights_only=True, map_location=device)
         if not args.finalize and state["args"] != now:
             raise RuntimeError(f"{last} was written with other arguments: {state['args']}; delete it to start over")
         model.load_state_dict(state["model"], strict=False)
@@ -398,12 +415,13 @@ def train(args, work: Path, argv: list[str] | None) -> None:
         order = train_seeds[:]
         random.Random(args.seed * 1000 + epoch).shuffle(order)  # epoch-seeded: the same batches after a resume
         chunk = order[offset * args.batch_size : (offset + 1) * args.batch_size]
-        ids, positions, mask, where, targets, question = pack([encoded[s] for s in chunk], *ids_of)
-        feats = train_store[chunk]
+        packed = pack([encoded[s] for s in chunk], *ids_of)
+        ids, positions, mask, where, targets, question = (t.to(device) for t in packed)
+        feats = train_store[chunk].to(device)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(step, total, args.warmup_steps)
         t0 = time.time()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = llava_logits(model, ids, positions, mask, feats, where)
         valid = question >= 0
         loss = F.cross_entropy(logits[valid].float(), targets[valid])
@@ -432,6 +450,7 @@ def train(args, work: Path, argv: list[str] | None) -> None:
             last_save = time.time()
     bar.close()
 
+    model.to("cpu")
     model.load_state_dict(best["model"], strict=False)
     fold_standardization_(model, mean, std)
     given = [a for a in (argv or sys.argv[1:]) if a != "--finalize"]
@@ -481,14 +500,15 @@ def main(argv: list[str] | None = None) -> None:
     from llava_builders import build_image_processor
 
     if args.stage in ("cache", "all"):
-        tower, image_processor = build_tower(), build_image_processor(L.IMAGE_SIZE)
+        tower, image_processor = build_tower().to(args.device), build_image_processor(L.IMAGE_SIZE)
         for split, count, first, bf16 in (
             ("val", args.val_images, 0, False),
             ("train", args.train_images, args.train_start, True),
         ):
             seeds = split_scenes(split, count, first)
+            directory = work / "features" / split
             cache_scene_features(
-                tower, image_processor, seeds, work / "features" / split, args.shard, args.tower_batch, bf16, first
+                tower, image_processor, seeds, directory, args.shard, args.tower_batch, bf16, first, args.device
             )
     if args.stage in ("train", "all"):
         train(args, work, argv)

@@ -3,6 +3,7 @@ scene after one image prefix) computes what each question's own unpacked sequenc
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -109,3 +110,26 @@ def test_a_new_round_starts_from_the_exported_model(processor, tmp_path):
             torch.testing.assert_close(fresh.state_dict()[name], value.half().float())
     with pytest.raises(FileNotFoundError, match="llava-scenes.safetensors"):
         T.init_from_(fresh, REPO / "tokenprune" / "checkpoints" / "llava-easyvqa", mean, std)
+
+
+def test_the_whole_recipe_runs_on_a_few_scenes(tmp_path):
+    """Both stages end to end on 8 train and 4 val scenes (``--device cpu``, as a GPU run takes ``cuda``): feature
+    shards on disk, two steps, the export with the command that reproduces it, and a rerun resumes from disk."""
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    argv = [
+        *("--work-dir", str(tmp_path / "work"), "--out", str(out), "--device", "cpu", "--threads", "1"),
+        *("--train-images", "8", "--val-images", "4", "--shard", "4", "--tower-batch", "4"),
+        *("--epochs", "1", "--batch-size", "4", "--evals-per-epoch", "1", "--warmup-steps", "1"),
+    ]
+    T.main(argv)
+    assert sorted(p.name for p in (tmp_path / "work" / "features" / "train").iterdir()) == [
+        "000000.safetensors",
+        "000004.safetensors",
+    ]
+    meta = safe_open(str(out / T.L.WEIGHTS_NAME), "pt").metadata()
+    assert meta["total_steps"] == "2" and meta["train_command"].endswith(" ".join(argv))
+    assert 0.0 <= json.loads(meta["val_exact_match"])["overall"] <= 1.0
+    T.main([*argv, "--stage", "train"])  # resumes at the last step: nothing to train, the same export
+    assert safe_open(str(out / T.L.WEIGHTS_NAME), "pt").metadata()["total_steps"] == "2"
