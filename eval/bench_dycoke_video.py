@@ -44,7 +44,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "dycoke stages 1 + 2 (defaults)": ("dycoke", {}),
 }
 GOAL = 0.8
-SECTIONS = {False: [16, 24, 24], True: [2, 3, 3]}  # M-RoPE (t, h, w) sections of head_dim 64 (Qwen2-VL's), 16
+SECTIONS = {False: [8, 12, 12], True: [2, 3, 3]}  # M-RoPE (t, h, w) sections: half of head_dim 64 and 16
 
 
 def build_model(smoke: bool) -> hf.Qwen2VLForConditionalGeneration:
