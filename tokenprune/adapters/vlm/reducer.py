@@ -314,9 +314,7 @@ class DecoderReducer:
         fwd.all_valid = bool(valid.all())
         if eligible is not None:  # in the slots entering the LLM (after merging)
             fwd.decode_eligible = eligible.gather(1, index.clamp(min=0)) & valid
-        fwd.active = (
-            merge or eligible is not None or any(self._prunes(fwd.state, layer) for layer in range(self.depth))
-        )
+        fwd.active = merge or eligible is not None or any(self._prunes(fwd.state, layer) for layer in range(self.depth))
         self.runtime.state = fwd.state
         self.forward_in_flight = fwd
         return (), kwargs
