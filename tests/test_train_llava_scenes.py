@@ -133,3 +133,10 @@ def test_the_whole_recipe_runs_on_a_few_scenes(tmp_path):
     assert 0.0 <= json.loads(meta["val_exact_match"])["overall"] <= 1.0
     T.main([*argv, "--stage", "train"])  # resumes at the last step: nothing to train, the same export
     assert safe_open(str(out / T.L.WEIGHTS_NAME), "pt").metadata()["total_steps"] == "2"
+
+    import probe_llava_scenes  # the features diagnostic, on the same cached features
+
+    probe = ["--work-dir", str(tmp_path / "work"), "--train-images", "8", "--val-images", "4", "--steps", "2"]
+    probe_llava_scenes.main([*probe, "--batch-size", "8", "--threads", "1", "--out", str(tmp_path / "probe.json")])
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert result["steps"] == 2 and 0.0 <= result["val_exact_match"]["overall"] <= 1.0
