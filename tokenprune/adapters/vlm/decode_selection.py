@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokenprune.core.sequence import top_per_row
-from tokenprune.methods.vlm import DecodeSelection
+from tokenprune.methods.vlm import DecodeSelection, count
 
 if TYPE_CHECKING:
     from tokenprune.adapters.vlm.layer import ReducingDecoderLayer
@@ -79,6 +79,36 @@ class DecodeKV:
 
 
 ROWS = ("eligible", "counts", "selected", "scores", "refreshes")  # DecodeKV's per-sample fields
+
+
+def eligible_tokens(method: Any, spans_per_sample: list, batch: int, length: int, device: Any) -> torch.Tensor | None:
+    """``(B, L)`` visual tokens (of the spans ``method.decode_eligible`` accepts) whose cached entries decode steps
+    select among; None where the method selects nothing (no policy, ``keep`` 1, no such span)."""
+    policy = method.decode_selection()
+    if policy is None or policy.keep >= 1.0:
+        return None
+    eligible = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    for b, spans in enumerate(spans_per_sample):
+        for _, positions in spans:
+            if method.decode_eligible(len(positions)):
+                eligible[b, positions] = True
+    return eligible if bool(eligible.any()) else None
+
+
+def open_selection(method: Any, eligible: torch.Tensor, prunes_inside: bool) -> DecodeKV:
+    """The selection of a prefill whose entering slots ``eligible`` ``(B, N0)`` are ranked at decode steps.
+
+    Raises:
+        NotImplementedError: The plan also removes tokens inside the LLM (layers would cache different tokens).
+    """
+    if prunes_inside:
+        raise NotImplementedError(
+            f"tokenprune: method {method.name!r} selects cached visual entries at decode steps; that needs every "
+            "layer to cache the same prompt tokens, so it cannot also remove tokens inside the LLM"
+        )
+    policy = method.decode_selection()
+    counts = [count(policy.keep, n) for n in eligible.sum(dim=1).tolist()]
+    return DecodeKV(policy, eligible, torch.tensor(counts, device=eligible.device))
 
 
 def follow_reorder(cache: Any, session: CacheSession) -> None:

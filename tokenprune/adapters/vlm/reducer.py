@@ -14,10 +14,7 @@ A family adapter (:mod:`tokenprune.adapters.vlm.base`) finds the visual tokens o
   head, the layer's attention itself stays SDPA), and the top tokens per sample are kept; hidden states,
   ``position_embeddings`` (cos, sin), ``position_ids`` and the attention mask of every later layer are sliced or
   rebuilt, so later layers compute on, and cache, only the kept tokens. The removing layer itself runs whole.
-* **Recycling** (a plan with a ``recycle`` rule, e.g. SparseVLM's): at a removal the top scores *less the plan's
-  recycled count* stay, and the method's ``recycle`` merges pruned tokens into recycled tokens
-  (:class:`~tokenprune.methods.vlm.Recycling`), each written at one member's slot (it keeps that slot's rotary
-  position); ``state.size`` and ``state.source`` follow, so a recycled token counts every input position it holds.
+* **Recycling** (a plan with a ``recycle`` rule, e.g. SparseVLM's): :mod:`.recycling`.
 
 Invariants:
 
@@ -55,10 +52,11 @@ import torch
 from torch import nn
 
 from tokenprune.adapters.vlm.cache import check_cache, decode_step
-from tokenprune.adapters.vlm.decode_selection import DecodeKV, follow_reorder
+from tokenprune.adapters.vlm.decode_selection import eligible_tokens, follow_reorder, open_selection
 from tokenprune.adapters.vlm.flops import DecoderFlops, pruning_extra
 from tokenprune.adapters.vlm.layer import DecoderSpec, ReducingDecoderLayer
 from tokenprune.adapters.vlm.masks import build_mask, check_decoder_attention, refuse_4d_mask
+from tokenprune.adapters.vlm.recycling import recycle_pruned
 from tokenprune.adapters.vlm.state import CacheSession, DecoderState, ForwardInFlight, VisualInputs
 from tokenprune.core.sequence import compact, gather_positions, gather_seq, segment_positions, top_per_row
 from tokenprune.methods.vlm import (
@@ -68,7 +66,6 @@ from tokenprune.methods.vlm import (
     TowerSignals,
     VisualPlan,
     VisualTokenMethod,
-    count,
 )
 from tokenprune.state import LayerLog
 
@@ -274,7 +271,7 @@ class DecoderReducer:
                 "is supported for methods that prune visual tokens only (give it merge_keep=1.0)"
             )
 
-        eligible = self._decode_eligible(spans_per_sample, batch, length, device)  # (B, L) or None
+        eligible = eligible_tokens(self.method, spans_per_sample, batch, length, device)  # (B, L) or None
         index = torch.arange(length, device=device).expand(batch, length)
         size = valid.to(x.dtype)
         fwd = ForwardInFlight(decode=False, external_length=(mask.shape[1] if mask is not None else length))
@@ -312,24 +309,13 @@ class DecoderReducer:
         fwd.state.tower_flops = tower.flops if tower is not None else [0.0] * batch
         fwd.state.text, fwd.state.rows = text, rows
         fwd.all_valid = bool(valid.all())
+        prunes_inside = any(self._prunes(fwd.state, layer) for layer in range(self.depth))
         if eligible is not None:  # in the slots entering the LLM (after merging)
-            fwd.decode_eligible = eligible.gather(1, index.clamp(min=0)) & valid
-        fwd.active = merge or eligible is not None or any(self._prunes(fwd.state, layer) for layer in range(self.depth))
+            fwd.decode_kv = open_selection(self.method, eligible.gather(1, index.clamp(min=0)) & valid, prunes_inside)
+        fwd.active = merge or eligible is not None or prunes_inside
         self.runtime.state = fwd.state
         self.forward_in_flight = fwd
         return (), kwargs
-
-    def _decode_eligible(self, spans_per_sample, batch: int, length: int, device) -> torch.Tensor | None:
-        """``(B, L)`` visual tokens whose cached entries decode steps select among (None: no selection)."""
-        policy = self.method.decode_selection()
-        if policy is None or policy.keep >= 1.0:
-            return None
-        eligible = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        for b, spans in enumerate(spans_per_sample):
-            for _, positions in spans:
-                if self.method.decode_eligible(len(positions)):
-                    eligible[b, positions] = True
-        return eligible if bool(eligible.any()) else None
 
     def _merge(self, x, kwargs, valid, visual, structural, spans_per_sample, plans, fwd, tower):
         """Reduce visual spans before the LLM; returns the compacted sequence and the rewritten kwargs."""
@@ -423,25 +409,13 @@ class DecoderReducer:
                 [None] * depth, [0] * depth, [False] * depth, state.merged, fwd.shift, fwd.external_length, state
             )
             self.sessions[cache] = fwd.session
-            if fwd.decode_eligible is not None:
-                self._open_decode_selection(fwd, cache)
+            if fwd.decode_kv is not None:
+                fwd.session.decode_kv = fwd.decode_kv
+                follow_reorder(cache, fwd.session)
         if fwd.session is not None:
             fwd.session.key_valid[layer] = None if fwd.all_valid else state.valid
             fwd.session.key_length[layer] = state.num_tokens
             fwd.session.compact[layer] = state.version > 0
-
-    def _open_decode_selection(self, fwd: ForwardInFlight, cache: Any) -> None:
-        """Give the new session the decode steps' selection of cached visual entries (:mod:`.decode_selection`)."""
-        if any(self._prunes(fwd.state, layer) for layer in range(self.depth)):
-            raise NotImplementedError(
-                f"tokenprune: method {self.method.name!r} selects cached visual entries at decode steps; that "
-                "needs every layer to cache the same prompt tokens, so it cannot also remove tokens inside the LLM"
-            )
-        eligible = fwd.decode_eligible
-        policy = self.method.decode_selection()
-        counts = [count(policy.keep, n) for n in eligible.sum(dim=1).tolist()]
-        fwd.session.decode_kv = DecodeKV(policy, eligible, torch.tensor(counts, device=eligible.device))
-        follow_reorder(cache, fwd.session)
 
     def run_prefill_layer(
         self, wrapper: ReducingDecoderLayer, hidden_states: torch.Tensor, attention_mask: Any, kwargs: dict
@@ -506,7 +480,7 @@ class DecoderReducer:
         keep = (state.valid & ~state.prunable) | top_per_row(scores, state.prunable, selected)
         hidden = ctx.hidden
         if recycled is not None:
-            hidden, keep = self._recycle(state, ctx, scores, keep, recycled)
+            hidden, keep = recycle_pruned(self.method, state, ctx, scores, keep, recycled)
         gather, slot_valid = compact(keep)
         hidden = hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1]))
         state.index = torch.where(slot_valid, state.index.gather(1, gather), -1)
@@ -524,53 +498,3 @@ class DecoderReducer:
         state.log.append(LayerLog(layer, tokens_in, hidden.shape[1]))
         state.scored_rows.append(ctx.scored_rows)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
-
-    def _recycle(
-        self, state: DecoderState, ctx: DecoderLayerContext, scores: torch.Tensor, keep: torch.Tensor, counts: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merge pruned tokens into the method's recycled tokens, each stored at one member's slot.
-
-        Updates ``state.size`` (a recycled token holds its members' sizes) and ``state.source`` (its members'
-        input positions point to its own); returns the layer output with the recycled hidden states written at
-        their slots, and ``keep`` with those slots kept.
-        """
-        group, stored, merged = self.method.recycle(ctx, scores, keep, counts)
-        r = stored.shape[1]
-        real = stored >= 0  # (B, R)
-        slot = stored.clamp(min=0)
-        member = group >= 0  # (B, N)
-        bad = group.shape != keep.shape or merged.shape[:2] != stored.shape or r == 0
-        if not bad:
-            pruned = state.valid & state.prunable & ~keep
-            used = real.gather(1, group.clamp(0, r - 1))  # a member's recycled token is a real one
-            at_member = group.gather(1, slot) == torch.arange(r, device=stored.device)
-            bad = (
-                bool((member & ~pruned).any())
-                or bool((group >= r).any())
-                or bool((member & ~used).any())
-                or bool((real & ~at_member).any())
-                or not torch.equal(real.sum(dim=1), counts)
-            )
-        if bad:
-            raise RuntimeError(
-                f"tokenprune: method {self.method.name!r} recycle() must merge only pruned visual tokens, each "
-                "recycled token stored at one of its members, as many per sample as the plan's recycled count"
-            )
-        rows, ranks = real.nonzero(as_tuple=True)
-        slots = stored[rows, ranks]
-        hidden = ctx.hidden.clone()
-        hidden[rows, slots] = merged[rows, ranks].to(hidden.dtype)
-        held = torch.zeros(stored.shape, dtype=state.size.dtype, device=stored.device)
-        held = held.scatter_add(1, group.clamp(min=0), torch.where(member, state.size, 0))  # (B, R)
-        state.size = state.size.clone()
-        state.size[rows, slots] = held[rows, ranks]
-        # Input positions a member stood for now point to its recycled token's input position.
-        standing = state.index.gather(1, slot)  # (B, R)
-        length = state.source.shape[1]
-        remap = torch.arange(length, device=stored.device).repeat(stored.shape[0], 1)  # (B, L)
-        samples, members = member.nonzero(as_tuple=True)
-        remap[samples, state.index[samples, members]] = standing[samples, group[samples, members]]
-        state.source = torch.where(state.source >= 0, remap.gather(1, state.source.clamp(min=0)), state.source)
-        keep = keep.clone()
-        keep[rows, slots] = True
-        return hidden, keep

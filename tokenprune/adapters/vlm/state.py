@@ -141,7 +141,7 @@ class ForwardInFlight:
     source: torch.Tensor | None = None  # (B, L) set by merging before the LLM (DecoderState.source)
     inputs: Any = None  # LLMInputs of this prefill, for methods that read them (set at the first layer)
     all_valid: bool = True  # every current token is real (no padding / fill)
-    decode_eligible: torch.Tensor | None = None  # (B, N0) cached entries decode steps select among, or None
+    decode_kv: Any = None  # the decode steps' selection the session will hold (decode_selection.DecodeKV), or None
 
     @property
     def prefill_after_removal(self) -> bool:
