@@ -22,18 +22,20 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from tokenprune.zoo import scenes as S
 
-GRID = S.SIZE // 14  # 24 patches a side
+PATCH = 14
+GRID = S.SIZE // PATCH  # 24 patches a side
 SIZE_NAMES = {name for name, _, _ in S.SIZES}
 
 
 def box_patches(box: tuple[int, int, int, int]) -> list[int]:
     """Indices (row-major, 0..575) of the 14-px patches a pixel box ``(x0, y0, x1, y1)`` overlaps."""
     x0, y0, x1, y1 = box
-    cols = range(max(0, x0 // 14), min(GRID - 1, (x1 - 1) // 14) + 1)
-    rows = range(max(0, y0 // 14), min(GRID - 1, (y1 - 1) // 14) + 1)
+    cols = range(max(0, x0 // PATCH), min(GRID - 1, (x1 - 1) // PATCH) + 1)
+    rows = range(max(0, y0 // PATCH), min(GRID - 1, (y1 - 1) // PATCH) + 1)
     return [r * GRID + c for r in rows for c in cols]
 
 
@@ -59,33 +61,43 @@ def word_regions(scene: S.Scene, words: list[str]) -> list[tuple[int, list[int]]
 
 
 class AttentionGrounding:
-    """Captures one layer's attention input during the forward and scores chosen query rows against patches.
+    """Captures one layer's attention inputs during the forward and scores chosen query rows against patches.
 
-    ``with grounding.capture(): forward`` records the layer's normed hidden states (B, T, H) and rotary
-    ``(cos, sin)``; :meth:`loss` then recomputes, for the N supervised rows only, the first ``heads`` heads'
-    attention over every key the row may see (``mask``), as the layer's own softmax does.
+    ``with grounding.capture(): forward`` keeps what the layer itself computed: its query and key projections
+    (B, T, heads * d) and rotary ``(cos, sin)`` (B, T, d); :meth:`loss` then rebuilds, for the N supervised rows
+    only, the first ``heads`` heads' attention over every key the row may see (``mask``), as the layer's own
+    softmax does (SDPA returns no weights, so they are not there to take).
     """
 
     def __init__(self, layer: nn.Module, heads: int):
-        attention = layer.self_attn
-        self.attention, self.heads = attention, heads
-        config = attention.config
+        self.attention, self.heads = layer.self_attn, heads
+        config = self.attention.config
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
         if not 1 <= heads <= self.n_heads:
             raise ValueError(f"grounding heads must be 1..{self.n_heads}, got {heads}")
-        self.captured: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def _hook(self, module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.captured = (hidden, *kwargs["position_embeddings"])
+        self.captured: dict[str, torch.Tensor] = {}
 
     @contextmanager
     def capture(self):
-        handle = self.attention.register_forward_pre_hook(self._hook, with_kwargs=True)
+        def keep(name):
+            def hook(module, args, out):
+                self.captured[name] = out
+
+            return hook
+
+        def keep_rotary(module, args, kwargs):
+            self.captured["cos"], self.captured["sin"] = kwargs["position_embeddings"]
+
+        handles = [
+            self.attention.q_proj.register_forward_hook(keep("q")),
+            self.attention.k_proj.register_forward_hook(keep("k")),
+            self.attention.register_forward_pre_hook(keep_rotary, with_kwargs=True),
+        ]
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def loss(self, batch_rows: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor):
         """Mean ``-log`` attention mass on ``targets`` over the N rows and the supervised heads.
@@ -95,52 +107,33 @@ class AttentionGrounding:
             mask: (B, 1, T, T) boolean, True where a query may see a key (the packed rows' mask).
             targets: (N, T) boolean, True at the keys (image positions) the word names.
         """
-        from transformers.models.llama.modeling_llama import rotate_half
-
-        hidden, cos, sin = self.captured
-        a, d = self.attention, self.attention.head_dim
-        kv_of = torch.arange(self.heads) // (self.n_heads // self.n_kv)  # (heads,) the kv head of each query head
-        picked = hidden[batch_rows, rows]  # (N, H)
-        q = a.q_proj(picked).view(-1, self.n_heads, d)[:, : self.heads].float()  # (N, h, d)
-        c, s = cos[batch_rows, rows][:, None].float(), sin[batch_rows, rows][:, None].float()  # (N, 1, d)
-        q = q * c + rotate_half(q) * s
-        k = a.k_proj(hidden).view(*hidden.shape[:2], self.n_kv, d).float()  # (B, T, kv, d)
-        k = k * cos[:, :, None].float() + rotate_half(k) * sin[:, :, None].float()
+        c = self.captured
+        d = self.attention.head_dim
+        kv_of = torch.arange(self.heads) // (self.n_heads // self.n_kv)  # (h,) the kv head of each query head
+        q = c["q"][batch_rows, rows].view(-1, self.n_heads, d)[:, : self.heads].float()  # (N, h, d)
+        cos, sin = c["cos"].float(), c["sin"].float()  # (B, T, d)
+        q = q * cos[batch_rows, rows][:, None] + rotate_half(q) * sin[batch_rows, rows][:, None]
+        k = c["k"].view(*c["k"].shape[:2], self.n_kv, d).float()  # (B, T, kv, d)
+        k = k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]
         k = k[batch_rows][:, :, kv_of]  # (N, T, h, d)
-        logits = torch.einsum("nhd,nthd->nht", q, k) * a.scaling  # (N, h, T)
-        allowed = mask[batch_rows, 0, rows]  # (N, T)
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        logits = torch.einsum("nhd,nthd->nht", q, k) * self.attention.scaling  # (N, h, T)
+        logits = logits.masked_fill(~mask[batch_rows, 0, rows][:, None], float("-inf"))
         mass = (logits.softmax(-1) * targets[:, None]).sum(-1)  # (N, h)
         return -(mass.clamp_min(1e-6)).log().mean()
 
 
 def supervised_rows(
-    regions: list[list[tuple[int, int, list[int]]]], segments: list[list[int]], length: int, image_start: int = 1
+    regions: list[list[tuple[int, list[int]]]], length: int, image_start: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The supervised rows of a packed batch: ``(batch_rows, rows)`` (N,) and ``targets`` (N, length).
 
     Args:
-        regions: per row, ``(segment, word index in its question, patch indices)`` of each naming word.
-        segments: per row, the first position of each question segment (``pack``'s layout).
+        regions: per batch row, ``(position in the packed row, patch indices)`` of each naming word.
         length: the packed length T; ``image_start``: the position of the first image token.
     """
-    batch_rows, rows, patches = [], [], []
-    for r, (row_regions, starts) in enumerate(zip(regions, segments, strict=True)):
-        for k, word, region in row_regions:
-            batch_rows.append(r)
-            rows.append(starts[k] + word)
-            patches.append(region)
-    targets = torch.zeros(len(rows), length, dtype=torch.bool)
-    for n, region in enumerate(patches):
-        targets[n, torch.tensor(region) + image_start] = True
-    return torch.tensor(batch_rows, dtype=torch.long), torch.tensor(rows, dtype=torch.long), targets
-
-
-@contextmanager
-def maybe(grounding: AttentionGrounding | None):
-    """``grounding.capture()``, or nothing when the loss is off."""
-    if grounding is None:
-        yield
-    else:
-        with grounding.capture():
-            yield
+    flat = [(r, position, patches) for r, row in enumerate(regions) for position, patches in row]
+    targets = torch.zeros(len(flat), length, dtype=torch.bool)
+    for n, (_, _, patches) in enumerate(flat):
+        targets[n, torch.tensor(patches) + image_start] = True
+    batch_rows = torch.tensor([r for r, _, _ in flat], dtype=torch.long)
+    return batch_rows, torch.tensor([p for _, p, _ in flat], dtype=torch.long), targets

@@ -40,6 +40,7 @@ import random
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -178,14 +179,15 @@ def segment_starts(row: list[tuple[list[int], list[int]]]) -> list[int]:
     return starts
 
 
-def scene_regions(seeds: list[int], encoded: dict, tokenizer) -> dict[int, list[tuple[int, int, list[int]]]]:
-    """Per scene, ``(segment, word index, patch indices)`` of each naming word (``scene_grounding.word_regions``)."""
+def scene_regions(seeds: list[int], encoded: dict, tokenizer) -> dict[int, list[tuple[int, list[int]]]]:
+    """Per scene, ``(position in its packed row, patch indices)`` of each naming word of its questions
+    (``scene_grounding.word_regions``); a scene's row layout is fixed, so this is computed once."""
     out = {}
     for seed in tqdm(seeds, desc="word regions", unit="scene", mininterval=5):
         scene = make_scene(seed)
         out[seed] = [
-            (k, word, patches)
-            for k, (q, _) in enumerate(encoded[seed])
+            (start + word, patches)
+            for start, (q, _) in zip(segment_starts(encoded[seed]), encoded[seed], strict=True)
             for word, patches in G.word_regions(scene, tokenizer.convert_ids_to_tokens(q))
         ]
     return out
@@ -215,8 +217,8 @@ def pack(rows: list[list[tuple[list[int], list[int]]]], image_id: int, bos: int,
         ids[r, 0], ids[r, 1:PREFIX] = bos, image_id
         positions[r, :PREFIX] = torch.arange(PREFIX)
         segment[r, :PREFIX] = -1
-        at, t = PREFIX, 0
-        for k, (q, a) in enumerate(row):
+        t = 0
+        for k, ((q, a), at) in enumerate(zip(row, segment_starts(row), strict=True)):
             seg = q + a
             ids[r, at : at + len(seg)] = torch.tensor(seg)
             positions[r, at : at + len(seg)] = torch.arange(PREFIX, PREFIX + len(seg))
@@ -225,7 +227,7 @@ def pack(rows: list[list[tuple[list[int], list[int]]]], image_id: int, bos: int,
             where[r, t : t + len(a)] = torch.arange(first - 1, first - 1 + len(a))
             targets[r, t : t + len(a)] = torch.tensor(a)
             question[r, t : t + len(a)] = k
-            at, t = at + len(seg), t + len(a)
+            t += len(a)
     index = torch.arange(length)
     causal = index[None, :, None] >= index[None, None, :]  # (1, T, T): query i sees key j <= i
     same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == -1)  # (B, T, T)
@@ -384,6 +386,11 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     families = {s: [q.family for q in qs] for s, qs in questions.items()}
     regions, grounding = {}, None
     if args.grounding_weight > 0:
+        layers = model.config.text_config.num_hidden_layers
+        if not 0 <= args.grounding_layer < layers:
+            raise ValueError(
+                f"--grounding-layer must be 0..{layers - 1} (the decoder's layers), got {args.grounding_layer}"
+            )
         grounding = G.AttentionGrounding(model.model.language_model.layers[args.grounding_layer], args.grounding_heads)
         regions = scene_regions(train_seeds, encoded, tokenizer)
     train_store = FeatureStore(work / "features" / "train", train_seeds)
@@ -465,13 +472,12 @@ def train(args, work: Path, argv: list[str] | None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(step, total, args.warmup_steps)
         t0 = time.time()
-        with torch.autocast(device.type, dtype=torch.bfloat16), G.maybe(grounding):
+        with torch.autocast(device.type, dtype=torch.bfloat16), grounding.capture() if grounding else nullcontext():
             logits = llava_logits(model, ids, positions, mask, feats, where)
             valid = question >= 0
             loss = answer_loss = F.cross_entropy(logits[valid].float(), targets[valid])
             if grounding is not None:
-                starts = [segment_starts(encoded[s]) for s in chunk]
-                rows = G.supervised_rows([regions[s] for s in chunk], starts, ids.shape[1])
+                rows = G.supervised_rows([regions[s] for s in chunk], ids.shape[1])
                 align = grounding.loss(*(t.to(device) for t in rows[:2]), mask, rows[2].to(device))
                 loss = answer_loss + args.grounding_weight * align
         optimizer.zero_grad(set_to_none=True)

@@ -125,6 +125,7 @@ def test_the_whole_recipe_runs_on_a_few_scenes(tmp_path):
         *("--train-images", "8", "--val-images", "4", "--shard", "4", "--tower-batch", "4"),
         *("--epochs", "1", "--batch-size", "4", "--evals-per-epoch", "1", "--warmup-steps", "1"),
         *("--text-config", '{"num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8}'),
+        *("--grounding-weight", "0.5"),  # the word-region loss runs inside the train step
     ]
     T.main(argv)
     assert sorted(p.name for p in (tmp_path / "work" / "features" / "train").iterdir()) == [
@@ -186,9 +187,7 @@ def test_grounding_attention_equals_the_layers_own_softmax(processor):
     ids, positions, mask, where, _, _ = T.pack(rows, config.image_token_id, tokenizer.bos_token_id, 0)
     encoded = dict(zip(seeds, rows, strict=True))
     regions = T.scene_regions(seeds, encoded, tokenizer)
-    batch_rows, at, targets = G.supervised_rows(
-        [regions[s] for s in seeds], [T.segment_starts(r) for r in rows], ids.shape[1]
-    )
+    batch_rows, at, targets = G.supervised_rows([regions[s] for s in seeds], ids.shape[1])
     assert len(at) > 0 and (targets.sum(-1) > 0).all() and not targets[:, 1 + 576 :].any()
     grounding = G.AttentionGrounding(model.model.language_model.layers[1], heads=3)
     weights = {}
