@@ -40,6 +40,7 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -51,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import scene_grounding as G  # noqa: E402
+from train_common import worker_init  # noqa: E402
 from train_llava_easyvqa import fold_standardization_, llava_logits, lr_factor  # noqa: E402
 
 from tokenprune.zoo import llava_common  # noqa: E402
@@ -72,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="cpu",
         help="cpu, or cuda where a GPU is lent (the same recipe in minutes; bfloat16 autocast on either)",
     )
+    p.add_argument(
+        "--features",
+        choices=("cache", "online"),
+        default="cache",
+        help="cache: read what --stage cache wrote (CPU); online: run the tower as training goes, nothing on disk "
+        "(a GPU, with --workers rendering the scenes)",
+    )
+    p.add_argument("--workers", type=int, default=0, help="processes rendering scenes and questions (0: inline)")
     p.add_argument("--train-images", type=int, default=24_000)
     p.add_argument(
         "--train-start", type=int, default=0, help="index of the first train scene (a later round takes new scenes)"
@@ -236,13 +246,41 @@ def pack(rows: list[list[tuple[list[int], list[int]]]], image_id: int, bos: int,
     return ids, positions, mask[:, None], where, targets, question
 
 
-# ----------------------------------------------------------------------------- features on disk
-class FeatureStore:
-    """The cached features of one split, read by scene seed from the memory-mapped shards.
+# ----------------------------------------------------------------------------- tower features
+class SceneFeatures:
+    """The tower features of scenes by seed: ``features[seeds]`` -> (B, 576, 768) float32, LLaVA's concatenation
+    order (layer 2, then layer 12), standardized with ``mean``/``std`` once they are set."""
 
-    ``store[seeds]`` -> (B, 576, 768) float32, LLaVA's concatenation order (layer 2, then layer 12), standardized
-    with ``mean``/``std`` once they are set.
-    """
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+    def __getitem__(self, seeds: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stream(self, batches: list[list[int]]) -> Iterator[torch.Tensor]:
+        """``self[b]`` for every batch ``b`` in order (a source that renders scenes prepares the next ones ahead)."""
+        for seeds in batches:
+            yield self[seeds]
+
+    def statistics(self, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std (C,) over every token of ``seeds`` (float64 sums)."""
+        total = squares = 0
+        for chunk in self.stream([seeds[i : i + 64] for i in range(0, len(seeds), 64)]):
+            chunk = chunk.double().flatten(0, 1).cpu()  # (n * 576, C)
+            total = total + chunk.sum(0)
+            squares = squares + (chunk * chunk).sum(0)
+        count = len(seeds) * L.VISUAL_TOKENS
+        mean = total / count
+        return mean.float(), (squares / count - mean * mean).clamp(min=1e-12).sqrt().float()
+
+    def standardized(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return feats
+        return (feats - self.mean.to(feats.device)) / self.std.to(feats.device)
+
+
+class FeatureStore(SceneFeatures):
+    """The cached features of one split (``--stage cache``), read by scene seed from the memory-mapped shards."""
 
     def __init__(self, directory: Path, seeds: list[int]):
         from safetensors import safe_open
@@ -256,8 +294,6 @@ class FeatureStore:
         absent = [s for s in seeds if s not in self.where]
         if absent:
             raise RuntimeError(f"{len(absent)} scenes have no cached features in {directory}; run --stage cache")
-        self.mean: torch.Tensor | None = None
-        self.std: torch.Tensor | None = None
 
     def __getitem__(self, seeds: list[int]) -> torch.Tensor:
         out = []
@@ -267,19 +303,44 @@ class FeatureStore:
             out.append(
                 torch.cat([h.get_slice(f"layer{layer}")[row : row + 1] for layer in L.VISION_FEATURE_LAYERS], -1)
             )
-        feats = torch.cat(out).float()  # (B, 576, 768)
-        return feats if self.mean is None else (feats - self.mean) / self.std
+        return self.standardized(torch.cat(out).float())  # (B, 576, 768)
 
-    def statistics(self, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and std (C,) over every token of ``seeds`` (float64 sums)."""
-        total = squares = 0
-        for start in range(0, len(seeds), 64):
-            chunk = self[seeds[start : start + 64]].double().flatten(0, 1)  # (n * 576, C)
-            total = total + chunk.sum(0)
-            squares = squares + (chunk * chunk).sum(0)
-        count = len(seeds) * L.VISUAL_TOKENS
-        mean = total / count
-        return mean.float(), (squares / count - mean * mean).clamp(min=1e-12).sqrt().float()
+
+class ScenePixels(torch.utils.data.Dataset):
+    """``dataset[seed]`` -> the processed pixels (3, 336, 336) of that scene (what a DataLoader worker renders)."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __getitem__(self, seed: int) -> torch.Tensor:
+        return self.image_processor(make_scene(seed).image, return_tensors="pt")["pixel_values"][0]
+
+
+class OnlineFeatures(SceneFeatures):
+    """The tower run as training goes (``--features online``: nothing on disk, for a GPU, where rendering and
+    the tower cost less than reading a cache): ``workers`` processes render the next batches' scenes while the
+    current step runs. ``bf16``: the tower under bfloat16 autocast, as ``--stage cache`` computes train features."""
+
+    def __init__(self, tower, image_processor, bf16: bool, workers: int):
+        self.tower, self.pixels, self.bf16, self.workers = tower, ScenePixels(image_processor), bf16, workers
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        # float16 on the way, as the cache stores them: both sources give the decoder the same numbers
+        feats = torch.cat(list(tower_layers(self.tower, pixels, self.bf16).values()), -1)  # (B, 576, 768)
+        return self.standardized(feats.float())
+
+    def __getitem__(self, seeds: list[int]) -> torch.Tensor:
+        return self.features(torch.stack([self.pixels[s] for s in seeds]))
+
+    def stream(self, batches: list[list[int]]) -> Iterator[torch.Tensor]:
+        if self.workers == 0:
+            yield from super().stream(batches)
+            return
+        loader = torch.utils.data.DataLoader(
+            self.pixels, batch_sampler=batches, num_workers=self.workers, worker_init_fn=worker_init, prefetch_factor=4
+        )
+        for pixels in loader:  # (B, 3, 336, 336)
+            yield self.features(pixels)
 
 
 def build_tower():
@@ -296,6 +357,16 @@ def build_tower():
 
 
 @torch.no_grad()
+def tower_layers(tower, pixels: torch.Tensor, bf16: bool) -> dict[int, torch.Tensor]:
+    """LLaVA's feature layers of the tower for (B, 3, 336, 336) ``pixels``: {layer: (B, 576, 384) float16}, the
+    hidden states without the class token, as ``get_image_features`` selects them; ``bf16``: bfloat16 autocast."""
+    device = next(tower.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = tower(pixels.to(device), output_hidden_states=True).hidden_states  # 13 x (B, 577, 384)
+    return {layer: hidden[layer][:, 1:].half() for layer in L.VISION_FEATURE_LAYERS}
+
+
+@torch.no_grad()
 def cache_scene_features(
     tower,
     image_processor,
@@ -305,7 +376,6 @@ def cache_scene_features(
     batch: int,
     bf16: bool,
     first: int = 0,
-    device: torch.device | str = "cpu",
 ):
     """Writes ``directory/<index>.safetensors`` per ``shard`` scenes (``index``: the shard's first scene in its
     split, ``seeds`` starting at scene ``first``): ``layer{2,-1}`` (n, 576, 384) float16 (hidden states without
@@ -320,11 +390,9 @@ def cache_scene_features(
         feats: dict[int, list[torch.Tensor]] = {layer: [] for layer in L.VISION_FEATURE_LAYERS}
         for i in range(0, len(part), batch):
             images = [make_scene(s).image for s in part[i : i + batch]]
-            pixels = image_processor(images, return_tensors="pt")["pixel_values"].to(device)  # (b, 3, 336, 336)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                hidden = tower(pixels, output_hidden_states=True).hidden_states  # 13 x (b, 577, 384)
-            for layer in feats:
-                feats[layer].append(hidden[layer][:, 1:].to(torch.float16).cpu())  # drop the class token
+            pixels = image_processor(images, return_tensors="pt")["pixel_values"]  # (b, 3, 336, 336)
+            for layer, hidden in tower_layers(tower, pixels, bf16).items():
+                feats[layer].append(hidden.cpu())
         tensors = {f"layer{layer}": torch.cat(f) for layer, f in feats.items()}
         tensors["seeds"] = torch.tensor(part)
         path = directory / f"{first + start:06d}.safetensors"
@@ -338,11 +406,11 @@ def evaluate(model, store, seeds, encoded, families, ids_of, batch_size=8) -> di
     model.eval()
     device = next(model.parameters()).device
     hits: dict[str, list[int]] = {}
-    for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i : i + batch_size]
+    chunks = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
+    for chunk, feats in zip(chunks, store.stream(chunks), strict=True):
         packed = pack([encoded[s] for s in chunk], *ids_of)
         ids, positions, mask, where, targets, question = (t.to(device) for t in packed)
-        logits = llava_logits(model, ids, positions, mask, store[chunk].to(device), where)
+        logits = llava_logits(model, ids, positions, mask, feats.to(device), where)
         wrong = (logits.argmax(-1) != targets) & (question >= 0)  # (B, K)
         for r, seed in enumerate(chunk):
             for k, family in enumerate(families[seed]):
@@ -353,22 +421,31 @@ def evaluate(model, store, seeds, encoded, families, ids_of, batch_size=8) -> di
     return out
 
 
-def scene_questions(seeds: list[int], draws: int | None) -> dict[int, list[S.Question]]:
-    """The questions of each scene: test's one set (``draws=None``) or ``draws`` seeded sets, duplicates dropped."""
-    out = {}
-    for seed in tqdm(seeds, desc="questions", unit="scene", mininterval=5):
-        scene = make_scene(seed)
-        if draws is None:
-            out[seed] = questions_for(scene)
-            continue
-        seen, qs = set(), []
-        for draw in range(draws):
-            for q in questions_for(scene, random.Random(f"train-{seed}-{draw}")):
-                if q.question not in seen:
-                    seen.add(q.question)
-                    qs.append(q)
-        out[seed] = qs
-    return out
+def questions_of(seed: int, draws: int | None) -> list[S.Question]:
+    """The questions of a scene: test's one set (``draws=None``) or ``draws`` seeded sets, duplicates dropped."""
+    scene = make_scene(seed)
+    if draws is None:
+        return questions_for(scene)
+    seen, qs = set(), []
+    for draw in range(draws):
+        for q in questions_for(scene, random.Random(f"train-{seed}-{draw}")):
+            if q.question not in seen:
+                seen.add(q.question)
+                qs.append(q)
+    return qs
+
+
+def scene_questions(seeds: list[int], draws: int | None, workers: int = 0) -> dict[int, list[S.Question]]:
+    """``questions_of`` every scene (rendering it: ``workers`` processes share that work where > 0)."""
+    bar = dict(desc="questions", unit="scene", mininterval=5, total=len(seeds))
+    if workers == 0:
+        return {seed: questions_of(seed, draws) for seed in tqdm(seeds, **bar)}
+    import multiprocessing
+    from functools import partial
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        found = list(tqdm(pool.imap(partial(questions_of, draws=draws), seeds, chunksize=64), **bar))
+    return dict(zip(seeds, found, strict=True))
 
 
 def train(args, work: Path, argv: list[str] | None) -> None:
@@ -381,7 +458,8 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     ids_of = (model.config.image_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
     train_seeds = split_scenes("train", args.train_images, args.train_start)
     val_seeds = split_scenes("val", args.val_images)
-    questions = {**scene_questions(val_seeds, None), **scene_questions(train_seeds, args.draws)}
+    questions = scene_questions(val_seeds, None, args.workers)
+    questions.update(scene_questions(train_seeds, args.draws, args.workers))
     encoded = {s: [encode(tokenizer, q) for q in qs] for s, qs in questions.items()}
     families = {s: [q.family for q in qs] for s, qs in questions.items()}
     regions, grounding = {}, None
@@ -393,8 +471,18 @@ def train(args, work: Path, argv: list[str] | None) -> None:
             )
         grounding = G.AttentionGrounding(model.model.language_model.layers[args.grounding_layer], args.grounding_heads)
         regions = scene_regions(train_seeds, encoded, tokenizer)
-    train_store = FeatureStore(work / "features" / "train", train_seeds)
-    val_store = FeatureStore(work / "features" / "val", val_seeds)
+    device = torch.device(args.device)
+    model.to(device)
+    train_store: SceneFeatures
+    if args.features == "online":  # the model's own tower: the numbers the shipped model computes
+        from llava_builders import build_image_processor
+
+        tower, image_processor = model.model.vision_tower, build_image_processor(L.IMAGE_SIZE)
+        train_store = OnlineFeatures(tower, image_processor, bf16=True, workers=args.workers)
+        val_store = OnlineFeatures(tower, image_processor, bf16=False, workers=args.workers)
+    else:
+        train_store = FeatureStore(work / "features" / "train", train_seeds)
+        val_store = FeatureStore(work / "features" / "val", val_seeds)
     mean, std = train_store.statistics(train_seeds[:1000])
     for store in (train_store, val_store):
         store.mean, store.std = mean, std  # the projector trains on standardized input (folded at the end)
@@ -403,8 +491,6 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     rounds = []  # the commands of the earlier rounds this one continues, oldest first
     if args.init is not None:
         rounds = init_from_(model, args.init, mean, std)
-    device = torch.device(args.device)
-    model.to(device)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
@@ -460,15 +546,21 @@ def train(args, work: Path, argv: list[str] | None) -> None:
     model.train()
     model.model.vision_tower.eval()
     last_save = time.time()
+    orders: dict[int, list[int]] = {}
+
+    def batch_at(at: int) -> list[int]:
+        epoch, offset = divmod(at, steps_per_epoch)
+        if epoch not in orders:  # epoch-seeded: the same batches after a resume
+            orders[epoch] = train_seeds[:]
+            random.Random(args.seed * 1000 + epoch).shuffle(orders[epoch])
+        return orders[epoch][offset * args.batch_size : (offset + 1) * args.batch_size]
+
+    plan = [batch_at(at) for at in range(step, end)]  # known ahead, so an online source renders ahead
     bar = tqdm(total=end, initial=step, desc="train", unit="step", mininterval=10)
-    while step < end:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = train_seeds[:]
-        random.Random(args.seed * 1000 + epoch).shuffle(order)  # epoch-seeded: the same batches after a resume
-        chunk = order[offset * args.batch_size : (offset + 1) * args.batch_size]
+    for chunk, feats in zip(plan, train_store.stream(plan), strict=True):
         packed = pack([encoded[s] for s in chunk], *ids_of)
         ids, positions, mask, where, targets, question = (t.to(device) for t in packed)
-        feats = train_store[chunk].to(device)
+        feats = feats.to(device)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(step, total, args.warmup_steps)
         t0 = time.time()
@@ -547,6 +639,7 @@ def init_from_(model, directory: Path, mean: torch.Tensor, std: torch.Tensor) ->
     with torch.no_grad():
         linear = model.model.multi_modal_projector.linear_1
         raw = linear.weight.clone()  # (H, C): takes the raw tower output
+        mean, std = mean.to(raw.device), std.to(raw.device)
         linear.bias.add_(raw @ mean)
         linear.weight.copy_(raw * std[None, :])
     return json.loads(meta.get("rounds", json.dumps([meta.get("train_command", str(path))])))
@@ -558,7 +651,9 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work_dir or cache_dir() / "train_llava_scenes"
     from llava_builders import build_image_processor
 
-    if args.stage in ("cache", "all"):
+    if args.features == "online" and args.stage == "cache":
+        raise SystemExit("--features online computes the tower's features as training goes: there is no cache stage")
+    if args.stage in ("cache", "all") and args.features == "cache":
         tower, image_processor = build_tower().to(args.device), build_image_processor(L.IMAGE_SIZE)
         for split, count, first, bf16 in (
             ("val", args.val_images, 0, False),
@@ -566,9 +661,7 @@ def main(argv: list[str] | None = None) -> None:
         ):
             seeds = split_scenes(split, count, first)
             directory = work / "features" / split
-            cache_scene_features(
-                tower, image_processor, seeds, directory, args.shard, args.tower_batch, bf16, first, args.device
-            )
+            cache_scene_features(tower, image_processor, seeds, directory, args.shard, args.tower_batch, bf16, first)
     if args.stage in ("train", "all"):
         train(args, work, argv)
 

@@ -207,3 +207,37 @@ def test_grounding_attention_equals_the_layers_own_softmax(processor):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="grounding heads"):
         G.AttentionGrounding(model.model.language_model.layers[1], heads=5)
+
+
+def test_online_features_are_the_cached_ones(tmp_path):
+    """``--features online`` (the tower run as training goes, scenes rendered by worker processes) gives the
+    decoder the numbers ``--stage cache`` stores, in the order of the batches asked for; and a whole online run
+    trains and exports without writing any feature shard."""
+    from llava_builders import build_image_processor
+
+    tower, image_processor = T.build_tower(), build_image_processor(T.L.IMAGE_SIZE)
+    seeds = S.split_scenes("val", 3)
+    T.cache_scene_features(tower, image_processor, seeds, tmp_path / "val", shard=2, batch=2, bf16=False)
+    cached = T.FeatureStore(tmp_path / "val", seeds)
+    inline = T.OnlineFeatures(tower, image_processor, bf16=False, workers=0)
+    rendered = T.OnlineFeatures(tower, image_processor, bf16=False, workers=1)
+    batches = [seeds[2:], seeds[:2]]
+    for want, a, b in zip(batches, inline.stream(batches), rendered.stream(batches), strict=True):
+        assert torch.equal(a, cached[want]) and torch.equal(b, cached[want])
+    mean, std = cached.statistics(seeds)
+    torch.testing.assert_close(inline.statistics(seeds), (mean, std), rtol=0, atol=0)
+    inline.mean, inline.std, cached.mean, cached.std = mean, std, mean, std
+    assert torch.equal(inline[seeds], cached[seeds])
+    assert cached[seeds].flatten(0, 1).mean(0).abs().max() < 1e-4  # standardized
+
+    out = tmp_path / "out"
+    argv = [
+        *("--work-dir", str(tmp_path / "work"), "--out", str(out), "--features", "online", "--workers", "1"),
+        *("--train-images", "4", "--val-images", "2", "--epochs", "1", "--batch-size", "2", "--threads", "1"),
+        *("--evals-per-epoch", "1", "--warmup-steps", "1", "--text-config", '{"num_hidden_layers": 1}'),
+    ]
+    T.main(argv)
+    assert not (tmp_path / "work" / "features").exists()
+    assert (out / T.L.WEIGHTS_NAME).is_file()
+    with pytest.raises(SystemExit, match="no cache stage"):
+        T.main([*argv, "--stage", "cache"])
