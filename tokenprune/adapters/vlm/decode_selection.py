@@ -131,6 +131,14 @@ def follow_reorder(cache: Any, session: CacheSession) -> None:
     cache._tokenprune_follows_selection = True
 
 
+def valid_keys(session: Any, layer: int, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """(B, K) bool on ``device``: the keys of ``layer`` a decode step may attend to (all where none are padding)."""
+    valid = session.key_valid[layer]
+    if valid is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    return valid.to(device)
+
+
 def run_decode_layer(
     wrapper: ReducingDecoderLayer, hidden_states: torch.Tensor, attention_mask: Any, kwargs: dict, session: Any
 ) -> Any:
@@ -143,12 +151,9 @@ def run_decode_layer(
         if kv.selected is None:
             return wrapper.base_layer(hidden_states, attention_mask=attention_mask, **kwargs)
         keys = session.key_length[layer]
-        valid = session.key_valid[layer]
-        if valid is None:
-            valid = torch.ones(hidden_states.shape[0], keys, dtype=torch.bool, device=hidden_states.device)
+        attend = valid_keys(session, layer, hidden_states.shape[0], keys, hidden_states.device).clone()
         skipped = kv.eligible & ~kv.selected  # (B, P)
-        attend = valid.clone()
-        attend[:, : skipped.shape[1]] &= ~skipped.to(valid.device)
+        attend[:, : skipped.shape[1]] &= ~skipped.to(attend.device)
         mask = reducer.mask(attend, keys, hidden_states)
         return wrapper.base_layer(hidden_states, attention_mask=mask, **kwargs)
     wrapper.capture.active = True
@@ -161,10 +166,8 @@ def run_decode_layer(
     query = reducer.rope(queries, queries, cos, sin)[0]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     keys = cache.layers[layer].keys  # (B, Hkv, K, D), the new token's last
-    valid = session.key_valid[layer]
-    if valid is None:
-        valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
-    probs = head_averaged_attention(query, keys, valid.to(keys.device), reducer.scale)  # (B, K)
+    valid = valid_keys(session, layer, keys.shape[0], keys.shape[2], keys.device)
+    probs = head_averaged_attention(query, keys, valid, reducer.scale)  # (B, K)
     select(kv, probs[:, : kv.eligible.shape[1]])
     return out
 
