@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def batch(feats: torch.Tensor, chunk: list) -> tuple[torch.Tensor, ...]:
         words = [w for _, ws, _, _ in chunk for w in ws]
-        offsets = torch.tensor([0, *torch.tensor([len(ws) for _, ws, _, _ in chunk]).cumsum(0)[:-1].tolist()])
+        lengths = torch.tensor([len(ws) for _, ws, _, _ in chunk])
+        offsets = lengths.cumsum(0) - lengths  # where each question's words start in the flat ``words``
         rows = torch.tensor([r for r, _, _, _ in chunk])
         return feats[rows].float(), torch.tensor(words), offsets, torch.tensor([a for _, _, a, _ in chunk])
 
