@@ -383,14 +383,14 @@ def cache_scene_features(
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
+    scenes = ScenePixels(image_processor)
     starts = range(0, len(seeds), shard)
     todo = [s for s in starts if not (directory / f"{first + s:06d}.safetensors").is_file()]
     for start in tqdm(todo, desc=f"tower features -> {directory.name}", unit="shard"):
         part = seeds[start : start + shard]
         feats: dict[int, list[torch.Tensor]] = {layer: [] for layer in L.VISION_FEATURE_LAYERS}
         for i in range(0, len(part), batch):
-            images = [make_scene(s).image for s in part[i : i + batch]]
-            pixels = image_processor(images, return_tensors="pt")["pixel_values"]  # (b, 3, 336, 336)
+            pixels = torch.stack([scenes[s] for s in part[i : i + batch]])  # (b, 3, 336, 336)
             for layer, hidden in tower_layers(tower, pixels, bf16).items():
                 feats[layer].append(hidden.cpu())
         tensors = {f"layer{layer}": torch.cat(f) for layer, f in feats.items()}
